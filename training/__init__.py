@@ -1,0 +1,1 @@
+"""Train the design-notes CNN with Keras and export it to a self-describing ONNX file."""

@@ -1,0 +1,176 @@
+"""Keras -> ONNX with tf2onnx, self-describing metadata, and a parity check before writing.
+
+The file is written into a temporary folder and renamed into `models/<name>/<version>/` in
+one step, so a watching server never sees half a model and no version is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import keras
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+BATCH_DIM = "batch"
+PARITY_ATOL = 1e-5
+PARITY_MIN_IMAGES = 1000
+
+
+class ExportError(Exception):
+    """The exported graph is invalid or disagrees with Keras; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    images: int
+    max_abs_diff: float
+    argmax_mismatches: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= PARITY_ATOL and self.argmax_mismatches == 0
+
+
+def to_onnx(model: keras.Model) -> onnx.ModelProto:
+    """Convert through a tf.function with a named, batch-dynamic input signature.
+
+    tf2onnx's `from_keras` fails on Keras 3 models; the function route works and lets us
+    name the input `image` and the output `probabilities` directly.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    h, w, c = (int(d) for d in model.input_shape[1:])
+    spec = tf.TensorSpec([None, h, w, c], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])  # type: ignore[untyped-decorator]
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {OUTPUT_NAME: model(image, training=False)}
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=OPSET)
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    names = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise ExportError(f"unexpected graph inputs/outputs {names}")
+    return proto
+
+
+def check_parity(
+    model: keras.Model,
+    proto: onnx.ModelProto,
+    x: npt.NDArray[np.float32],
+) -> Parity:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    keras_out = model.predict(x, batch_size=256, verbose=0)
+    onnx_out = np.concatenate(
+        [session.run(None, {INPUT_NAME: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
+    )
+    return Parity(
+        images=len(x),
+        max_abs_diff=float(np.abs(keras_out - onnx_out).max()),
+        argmax_mismatches=int((keras_out.argmax(1) != onnx_out.argmax(1)).sum()),
+    )
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export(
+    model: keras.Model,
+    *,
+    models_dir: Path,
+    name: str,
+    metadata: dict[str, str],
+    x_check: npt.NDArray[np.float32],
+    write_extras: Callable[[Path], None] | None = None,
+) -> tuple[Path, Parity]:
+    """Write `models_dir/name/<next version>/model.onnx`; return its path and the parity figures."""
+    if len(x_check) == 0:
+        raise ExportError("the parity check needs test images")
+    started = time.perf_counter()
+    proto = to_onnx(model)
+    keras_params = int(model.count_params())
+    props = {
+        **metadata,
+        "input_layout": "NHWC",
+        "input_scale": repr(1.0 / 255.0),
+        "input_offset": "0.0",
+        "input_dtype_accepted": "uint8,float32",
+        "keras_parameters": str(keras_params),
+        "opset": str(OPSET),
+        "library_versions": json.dumps(library_versions(), sort_keys=True),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    onnx.helper.set_model_props(proto, props)
+    proto.producer_name = "cnnserve.training"
+    proto.doc_string = f"{name}: {metadata.get('architecture', 'cnn')} on {metadata.get('dataset')}"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker refused the graph: {exc}") from exc
+
+    parity = check_parity(model, proto, x_check)
+    log.info(
+        "parity on %d test images: max |keras - onnxruntime| = %.2e, argmax mismatches %d",
+        parity.images,
+        parity.max_abs_diff,
+        parity.argmax_mismatches,
+    )
+    if not parity.ok:
+        raise ExportError(
+            f"ONNX output differs from Keras on {parity.images} test images: max abs diff "
+            f"{parity.max_abs_diff:.3e} (limit {PARITY_ATOL:.0e}), "
+            f"{parity.argmax_mismatches} argmax mismatches (limit 0); nothing written"
+        )
+
+    model_dir = models_dir / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        onnx.save_model(proto, staging / "model.onnx")
+        if write_extras is not None:
+            write_extras(staging)
+        os.chmod(staging, 0o755)
+        while True:  # another exporter may take a number between our look and our rename
+            target = model_dir / str(next_version(model_dir))
+            try:
+                os.rename(staging, target)  # fails rather than replace: never overwrite
+                break
+            except OSError:
+                if not target.exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s in %.1fs", target / "model.onnx", time.perf_counter() - started)
+    return target / "model.onnx", parity
