@@ -1,0 +1,1 @@
+"""cnnserve's gRPC inference server for image CNNs exported to ONNX."""

@@ -1,0 +1,24 @@
+"""`python -m serving --model-repository models ...`: run the gRPC inference server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from serving import config, logs
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = config.load(argv)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    from serving.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin servicers, one per proto service: validate -> decode -> run -> encode."""

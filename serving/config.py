@@ -1,0 +1,156 @@
+"""Settings: command-line flags, then CNNSERVE_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CNNSERVE_"
+PROVIDERS = ("cpu", "cuda")
+LOG_FORMATS = ("text", "json")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 8002  # 0: no metrics endpoint
+    provider: str = "cpu"
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = 1
+    batching: bool = True
+    max_batch_size: int = 64  # largest batch the batcher forms from concurrent requests
+    max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 = take what is queued
+    max_request_batch: int = 1024  # largest batch one request may carry
+    max_message_mb: int = 64
+    max_image_pixels: int = 16_000_000  # per decoded image in Classify
+    max_versions: int = 2  # newest versions kept loaded per model
+    poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
+    grace_seconds: float = 10.0  # drain time on SIGTERM
+    max_connection_age_s: float = 300.0  # so clients reconnect and spread over replicas
+    warmup: bool = True
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
+
+
+_HELP: dict[str, str] = {
+    "model_repository": "folder laid out as <name>/<version>/model.onnx",
+    "host": "address to listen on",
+    "port": "gRPC port",
+    "metrics_port": "Prometheus /metrics HTTP port (0 turns it off)",
+    "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning",
+    "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core)",
+    "inter_op_threads": "ONNX Runtime threads across operators",
+    "batching": "dynamic batching of concurrent requests (--no-batching turns it off)",
+    "max_batch_size": "largest batch formed from concurrent requests",
+    "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",
+    "max_request_batch": "largest batch a single request may carry",
+    "max_message_mb": "largest gRPC message, in MiB, received or sent",
+    "max_image_pixels": "largest decoded image (width x height) Classify accepts",
+    "max_versions": "how many of the newest versions of each model stay loaded",
+    "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
+    "grace_seconds": "how long in-flight calls may drain on SIGTERM",
+    "max_connection_age_s": "connections are recycled after this age so load spreads (0: never)",
+    "warmup": "run every batch size once at load (--no-warmup turns it off)",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json",
+}
+_CHOICES: dict[str, Sequence[str]] = {
+    "provider": PROVIDERS,
+    "log_format": LOG_FORMATS,
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _converter(kind: Any) -> Any:
+    return {"Path": Path, "int": int, "float": float, "str": str, "bool": _parse_bool}[kind]
+
+
+def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the ONNX models of a model repository over gRPC. Every flag can also "
+        "be set as an environment variable: --max-batch-size is CNNSERVE_MAX_BATCH_SIZE.",
+    )
+    defaults = Settings()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP[f.name]} (default {default}; env {ENV_PREFIX}{f.name.upper()})"
+        if f.type == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(
+                flag,
+                dest=f.name,
+                type=_converter(f.type),
+                choices=_CHOICES.get(f.name),
+                help=help_text,
+                metavar=f.name.upper() if f.name not in _CHOICES else None,
+            )
+    return p
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message names the flag or variable."""
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        var = ENV_PREFIX + f.name.upper()
+        if var in env:
+            try:
+                values[f.name] = _converter(f.type)(env[var])
+            except ValueError as exc:
+                raise ConfigError(f"{var}={env[var]!r}: {exc}") from None
+            if f.name in _CHOICES and values[f.name] not in _CHOICES[f.name]:
+                raise ConfigError(f"{var}={env[var]!r}: allowed {', '.join(_CHOICES[f.name])}")
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(
+            f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}={getattr(s, name)!r}: {why}"
+        )
+
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(s, name) <= 65535:
+            raise bad(name, "expected a port number 0..65535")
+    for name in ("max_batch_size", "max_request_batch", "max_message_mb", "max_versions"):
+        if getattr(s, name) < 1:
+            raise bad(name, "expected a whole number >= 1")
+    for name in ("intra_op_threads", "inter_op_threads", "max_image_pixels"):
+        if getattr(s, name) < 0:
+            raise bad(name, "expected a whole number >= 0")
+    for name in ("max_queue_delay_ms", "poll_seconds", "grace_seconds", "max_connection_age_s"):
+        if getattr(s, name) < 0:
+            raise bad(name, "expected a number >= 0")

@@ -1,0 +1,43 @@
+"""Errors of the data plane, free of gRPC: the API layer maps each kind to a status code."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Kind(Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+class ServingError(Exception):
+    kind = Kind.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServingError):
+    kind = Kind.INVALID_ARGUMENT
+
+
+class NotFound(ServingError):
+    kind = Kind.NOT_FOUND
+
+
+class Unavailable(ServingError):
+    kind = Kind.UNAVAILABLE
+
+
+class ResourceExhausted(ServingError):
+    kind = Kind.RESOURCE_EXHAUSTED
+
+
+class Internal(ServingError):
+    kind = Kind.INTERNAL

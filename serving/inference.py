@@ -1,0 +1,103 @@
+"""The data plane both APIs share: validate -> prepare -> batch -> run -> top-k.
+
+A feature or a fix here lands once for our own API and the Open Inference Protocol.
+Knows nothing of gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from serving import images
+from serving.errors import InvalidArgument
+from serving.repository import ModelRepository, ServedVersion
+
+F32 = npt.NDArray[np.float32]
+ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_batch: int = 1024
+    max_image_pixels: int = 16_000_000
+
+
+@dataclass(frozen=True)
+class TopK:
+    indices: npt.NDArray[np.int64]  # [N, k], best first
+    scores: F32  # [N, k]
+
+
+def top_k(probabilities: F32, k: int) -> TopK:
+    k = max(1, min(k, probabilities.shape[1]))
+    if k == 1:
+        idx = probabilities.argmax(axis=1)[:, None]
+    else:
+        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
+        idx = np.take_along_axis(part, order, axis=1)
+    return TopK(idx.astype(np.int64), np.take_along_axis(probabilities, idx, axis=1))
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, limits: Limits) -> None:
+        self.repository = repository
+        self.limits = limits
+
+    def resolve(self, model: str, version: int = 0) -> ServedVersion:
+        if not model:
+            known = ", ".join(self.repository.model_names()) or "none"
+            raise InvalidArgument(f"no model named in the request; available models: {known}")
+        if version < 0:
+            raise InvalidArgument(f"version must be >= 0 (0: newest), got {version}")
+        return self.repository.get(model, version)
+
+    def check_batch(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> None:
+        h, w, c = served.runtime.info.input_shape
+        expected = f"[N, {h}, {w}, {c}]"
+        if pixels.dtype not in ACCEPTED_DTYPES:
+            raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (h, w, c):
+            raise InvalidArgument(
+                f"images of shape {list(pixels.shape)} do not fit model {served.name!r} v"
+                f"{served.version}: expected {expected} (NHWC)"
+            )
+        n = pixels.shape[0]
+        if n == 0:
+            raise InvalidArgument(f"empty batch: expected {expected} with N >= 1")
+        if n > self.limits.max_request_batch:
+            raise InvalidArgument(
+                f"batch of {n} images is over the limit of {self.limits.max_request_batch} per request"
+            )
+
+    async def predict(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> F32:
+        self.check_batch(served, pixels)
+        x = served.runtime.prepare(pixels)
+        if x.dtype == np.float32 and not np.isfinite(x).all():
+            raise InvalidArgument("float32 images contain NaN or infinite values")
+        return await served.infer(x)
+
+    def decode_images(
+        self, served: ServedVersion, encoded: list[bytes | npt.NDArray[np.uint8]]
+    ) -> npt.NDArray[np.uint8]:
+        """Encoded images or raw pixel arrays -> one uint8 NHWC batch at the model's size."""
+        if not encoded:
+            raise InvalidArgument("no images in the request")
+        if len(encoded) > self.limits.max_request_batch:
+            raise InvalidArgument(
+                f"{len(encoded)} images is over the limit of {self.limits.max_request_batch} per request"
+            )
+        shape = served.runtime.info.input_shape
+        batch = np.empty((len(encoded), *shape), dtype=np.uint8)
+        for i, item in enumerate(encoded):
+            if isinstance(item, bytes):
+                img = images.open_encoded(item, i, self.limits.max_image_pixels)
+            else:
+                if item.size > self.limits.max_image_pixels * 4:
+                    raise InvalidArgument(f"image {i}: {item.size:,} values, over the pixel limit")
+                img = images.from_pixels(item, i)
+            batch[i] = images.fit(img, shape)
+        return batch

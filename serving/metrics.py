@@ -1,0 +1,155 @@
+"""Prometheus collectors and the /metrics HTTP endpoint on its own port.
+
+Label values are bounded: model names come from the repository (an unknown name is
+counted as "_unknown"), methods from the proto services, codes from grpc.StatusCode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client import (
+    gc_collector as _gc,
+)
+from prometheus_client import (
+    platform_collector as _platform,
+)
+from prometheus_client import (
+    process_collector as _process,
+)
+
+from serving.batching import Observer
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cnnserve"
+# 50 us .. 10 s: sub-millisecond resolution for batch-1 calls, seconds for big batches.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNKNOWN_MODEL = "_unknown"
+STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
+
+
+class Metrics:
+    """All collectors, in a registry of their own (so tests can run several servers)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        _process.ProcessCollector(registry=r)
+        _platform.PlatformCollector(registry=r)
+        _gc.GCCollector(registry=r)
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "RPCs answered, by model, version, method and gRPC status code.",
+            ["model", "version", "method", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Whole RPC time in the server, from decode to encoded response.",
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            f"{PREFIX}_queue_duration_seconds",
+            "Time a request waited in the batcher before its batch ran.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            f"{PREFIX}_compute_duration_seconds",
+            "ONNX Runtime time per batch run.",
+            ["model", "version", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Images per ONNX Runtime run (after dynamic batching).",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            f"{PREFIX}_inflight_requests",
+            "RPCs being handled right now.",
+            ["method"],
+            registry=r,
+        )
+        self.model_state = Gauge(
+            f"{PREFIX}_model_state",
+            "1 for the state each model version is in (LOADING, READY, FAILED, UNLOADED).",
+            ["model", "version", "state"],
+            registry=r,
+        )
+        self.load_seconds = Gauge(
+            f"{PREFIX}_model_load_duration_seconds",
+            "Seconds the last load (session + warm-up) of a version took.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.last_load = Gauge(
+            f"{PREFIX}_model_last_load_timestamp_seconds",
+            "Unix time of the last load attempt of a version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "1 per loaded version, labelled with the execution provider that runs it.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+
+    def observer_for(self, model: str, version: int, provider: str) -> Observer:
+        v = str(version)
+        batch = self.batch_size.labels(model, v)
+        compute = self.compute_seconds.labels(model, v, provider)
+        queue = self.queue_seconds.labels(model, v)
+        self.model_info.labels(model, v, provider).set(1)
+
+        def observe(size: int, waits: list[float], seconds: float) -> None:
+            batch.observe(size)
+            compute.observe(seconds)
+            for w in waits:
+                queue.observe(w)
+
+        return observe
+
+    def set_state(self, model: str, version: int, state: str, seconds: float, now: float) -> None:
+        v = str(version)
+        for s in STATES:
+            self.model_state.labels(model, v, s).set(1 if s == state else 0)
+        if state in ("READY", "FAILED"):
+            self.load_seconds.labels(model, v).set(seconds)
+            self.last_load.labels(model, v).set(now)
+        if state in ("UNLOADED", "FAILED"):
+            for labels in list(self.model_info._metrics):  # drop the provider series of this version
+                if labels[:2] == (model, v):
+                    self.model_info.remove(*labels)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics endpoint in a thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -1,0 +1,294 @@
+"""The model repository on disk: `<root>/<name>/<version>/model.onnx`.
+
+Discovers models and versions, loads the newest `max_versions` of each off the event loop,
+refuses files that fail to load or warm up (remembering them until the file changes), and
+unloads versions that fall out of the window or vanish, once their in-flight calls drain.
+A version that fails never replaces one that serves: routing always picks the newest READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from serving.batching import Batcher, Observer, run_unbatched
+from serving.errors import NotFound, Unavailable
+from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+F32 = npt.NDArray[np.float32]
+
+
+class State(Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_delay_s: float = 0.0
+
+
+@dataclass
+class ServedVersion:
+    """One loaded version: its runtime, and the single path requests take to it."""
+
+    name: str
+    version: int
+    runtime: ModelRuntime
+    batcher: Batcher | None
+    executor: Executor
+    observer: Observer | None = None
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def infer(self, x: F32) -> F32:
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            if self.batcher is not None and len(x) <= self.batcher.max_batch_size:
+                return await self.batcher.submit(x)
+            return await run_unbatched(self.runtime.run, self.executor, x, self.observer)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def drain_and_close(self, timeout: float) -> None:
+        if self.inflight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("%s v%d: %d calls still running at unload", self.name, self.version, self.inflight)
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: State
+    reason: str = ""
+    signature: tuple[float, int] = (0.0, 0)  # mtime, size of the file this status is about
+
+
+StateListener = Callable[[str, int, State, float], None]
+
+
+class ModelRepository:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        runtime_options: RuntimeOptions,
+        batching: BatchingOptions,
+        executor: Executor,
+        max_versions: int = 2,
+        observer_for: Callable[[str, int, str], Observer] | None = None,
+        on_state: StateListener | None = None,
+    ) -> None:
+        self.root = root
+        self.runtime_options = runtime_options
+        self.batching = batching
+        self.executor = executor
+        self.max_versions = max_versions
+        self._observer_for = observer_for
+        self._on_state = on_state
+        self._served: dict[str, dict[int, ServedVersion]] = {}
+        self._status: dict[str, dict[int, VersionStatus]] = {}
+        self._scan_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self.scanned_once = False
+
+    # ------------------------------------------------------------ routing
+
+    def model_names(self) -> list[str]:
+        return sorted(self._status)
+
+    def get(self, name: str, version: int = 0) -> ServedVersion:
+        """The version to run: the newest READY one when `version` is 0."""
+        if name not in self._status:
+            known = ", ".join(self.model_names()) or "none"
+            raise NotFound(f"model {name!r} not found; available models: {known}")
+        served = self._served.get(name, {})
+        if version == 0:
+            if served:
+                return served[max(served)]
+            raise Unavailable(f"model {name!r} has no version ready yet ({self._describe(name)})")
+        if version in served:
+            return served[version]
+        status = self._status[name].get(version)
+        if status is not None and status.state is State.LOADING:
+            raise Unavailable(f"model {name!r} version {version} is still loading")
+        ready = ", ".join(str(v) for v in sorted(served)) or "none"
+        raise NotFound(
+            f"model {name!r} has no version {version} loaded; ready versions: {ready}"
+            + (f" (version {version} {status.state.value.lower()}: {status.reason})" if status else "")
+        )
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(self._served.get(name, {}))
+
+    def statuses(self) -> dict[str, list[VersionStatus]]:
+        return {n: [s[v] for v in sorted(s)] for n, s in sorted(self._status.items())}
+
+    def is_ready(self, name: str, version: int = 0) -> bool:
+        served = self._served.get(name, {})
+        return bool(served) if version == 0 else version in served
+
+    def _describe(self, name: str) -> str:
+        parts = [f"v{s.version} {s.state.value.lower()}" for s in self.statuses().get(name, [])]
+        return ", ".join(parts) or "no versions on disk"
+
+    # ------------------------------------------------------------ scanning
+
+    def _discover(self) -> dict[str, dict[int, Path]] | None:
+        try:
+            model_dirs = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError as exc:
+            log.error("model repository %s unreadable (%s); keeping what is loaded", self.root, exc)
+            return None
+        found: dict[str, dict[int, Path]] = {}
+        for model_dir in sorted(model_dirs):
+            versions: dict[int, Path] = {}
+            try:
+                entries = list(model_dir.iterdir())
+            except OSError as exc:
+                log.error("model folder %s unreadable (%s)", model_dir, exc)
+                continue
+            for entry in entries:
+                if entry.name.isdigit() and int(entry.name) > 0 and (entry / MODEL_FILE).is_file():
+                    versions[int(entry.name)] = entry / MODEL_FILE
+            if versions:
+                found[model_dir.name] = versions
+        return found
+
+    async def scan(self) -> None:
+        """Bring the loaded set in line with the disk. Safe to call at any time."""
+        async with self._scan_lock:
+            found = await asyncio.to_thread(self._discover)
+            if found is None:
+                return
+            for name in set(self._status) - set(found):
+                for version in list(self._served.get(name, {})):
+                    self._unload(name, version, "removed from the repository")
+                del self._status[name]
+                self._served.pop(name, None)
+            for name, versions in found.items():
+                await self._sync_model(name, versions)
+            self.scanned_once = True
+
+    async def _sync_model(self, name: str, versions: dict[int, Path]) -> None:
+        statuses = self._status.setdefault(name, {})
+        served = self._served.setdefault(name, {})
+        for version in [v for v in statuses if v not in versions]:
+            if version in served:
+                self._unload(name, version, "removed from the repository")
+            del statuses[version]
+        signatures = {v: _signature(p) for v, p in versions.items()}
+        # A version that failed stays refused until its file changes.
+        candidates = [
+            v
+            for v in sorted(versions, reverse=True)
+            if not (
+                statuses.get(v) is not None
+                and statuses[v].state is State.FAILED
+                and statuses[v].signature == signatures[v]
+            )
+        ][: self.max_versions]
+        for version in sorted(candidates, reverse=True):
+            if version not in served:
+                await self._load(name, version, versions[version], signatures[version])
+        keep = set(candidates)
+        for version in list(served):
+            if version not in keep and len(served) > 1 and max(served) > version:
+                self._unload(name, version, f"outside the newest {self.max_versions} versions")
+
+    async def _load(self, name: str, version: int, path: Path, signature: tuple[float, int]) -> None:
+        status = VersionStatus(version, State.LOADING, signature=signature)
+        self._status[name][version] = status
+        self._notify(name, version, State.LOADING, 0.0)
+        started = time.perf_counter()
+        try:
+            runtime = await asyncio.to_thread(ModelRuntime, path, self.runtime_options)
+        except ModelLoadError as exc:
+            status.state, status.reason = State.FAILED, str(exc)
+            log.error("model %s v%d refused: %s", name, version, exc)
+            self._notify(name, version, State.FAILED, time.perf_counter() - started)
+            return
+        except Exception as exc:  # anything else is still a refusal, never a crash
+            status.state, status.reason = State.FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("model %s v%d refused", name, version)
+            self._notify(name, version, State.FAILED, time.perf_counter() - started)
+            return
+        observer = self._observer_for(name, version, runtime.provider) if self._observer_for else None
+        batcher = None
+        if self.batching.enabled:
+            batcher = Batcher(
+                runtime.run,
+                self.executor,
+                max_batch_size=self.batching.max_batch_size,
+                max_delay_s=self.batching.max_delay_s,
+                observer=observer,
+            )
+        self._served[name][version] = ServedVersion(
+            name, version, runtime, batcher, self.executor, observer
+        )
+        status.state, status.reason = State.READY, ""
+        log.info(
+            "model %s v%d ready in %.2fs on %s (input %s, %d classes, dataset %s)",
+            name,
+            version,
+            runtime.load_seconds,
+            runtime.provider,
+            "x".join(map(str, runtime.info.input_shape)),
+            runtime.info.num_classes,
+            runtime.info.dataset or "?",
+        )
+        self._notify(name, version, State.READY, runtime.load_seconds)
+
+    def _unload(self, name: str, version: int, reason: str) -> None:
+        served = self._served[name].pop(version)
+        status = self._status[name].get(version)
+        if status is not None:
+            status.state, status.reason = State.UNLOADED, reason
+        log.info("model %s v%d unloaded: %s", name, version, reason)
+        self._notify(name, version, State.UNLOADED, 0.0)
+        task = asyncio.get_running_loop().create_task(served.drain_and_close(timeout=30.0))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _notify(self, name: str, version: int, state: State, seconds: float) -> None:
+        if self._on_state is not None:
+            self._on_state(name, version, state, seconds)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        for name, served in self._served.items():
+            for version in list(served):
+                await served.pop(version).drain_and_close(timeout)
+        if self._background:
+            await asyncio.wait(self._background, timeout=timeout)
+
+
+def _signature(path: Path) -> tuple[float, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0.0, 0)
+    return (st.st_mtime, st.st_size)

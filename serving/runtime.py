@@ -1,0 +1,191 @@
+"""One ONNX Runtime session: execution provider, threads, input contract, warm-up, run.
+
+Knows nothing of gRPC. `run` is synchronous and thread-safe (ONNX Runtime sessions may be
+run from several threads, and release the GIL while they compute).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from serving.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+MAX_OPSET = 21  # the newest default-domain opset this server is tested with
+MIN_OPSET = 7
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ModelLoadError(Exception):
+    """The file cannot be served: unreadable, wrong contract, unsupported opset, failed warm-up."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    provider: str = "cpu"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server and its clients need to know, read from the file itself."""
+
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, int, int]  # H, W, C
+    num_classes: int
+    class_names: list[str]
+    input_scale: float
+    input_offset: float
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> str:
+        return self.properties.get("dataset", "")
+
+    @property
+    def test_accuracy(self) -> float:
+        try:
+            return float(self.properties.get("test_accuracy", "nan"))
+        except ValueError:
+            return float("nan")
+
+
+def resolve_providers(requested: str) -> list[str]:
+    """The provider list for a session; CUDA falls back to CPU when it cannot run here."""
+    if requested not in PROVIDER_NAMES:
+        raise ValueError(f"unknown provider {requested!r}; allowed {', '.join(PROVIDER_NAMES)}")
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning(
+            "provider cuda requested but this onnxruntime offers only %s "
+            "(install onnxruntime-gpu on a machine with a GPU); falling back to cpu",
+            ", ".join(available),
+        )
+    return ["CPUExecutionProvider"]
+
+
+def _read_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise ModelLoadError(
+            f"{path}: expected one input and at least one output, found "
+            f"{len(inputs)} inputs and {len(outputs)} outputs"
+        )
+    inp, out = inputs[0], outputs[0]
+    if inp.type != "tensor(float)":
+        raise ModelLoadError(f"{path}: input {inp.name!r} is {inp.type}, expected tensor(float)")
+    shape = inp.shape
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise ModelLoadError(f"{path}: input {inp.name!r} has shape {shape}, expected [N, H, W, C]")
+    out_shape = out.shape
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        raise ModelLoadError(f"{path}: output {out.name!r} has shape {out_shape}, expected [N, K]")
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    num_classes = int(out_shape[1])
+    try:
+        names = json.loads(props.get("class_names", "[]"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: metadata class_names is not JSON ({exc})") from exc
+    if not isinstance(names, list) or len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    try:
+        scale = float(props.get("input_scale", 1.0 / 255.0))
+        offset = float(props.get("input_offset", 0.0))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad input_scale/input_offset metadata ({exc})") from exc
+    return ModelInfo(
+        input_name=inp.name,
+        output_name=out.name,
+        input_shape=(int(shape[1]), int(shape[2]), int(shape[3])),
+        num_classes=num_classes,
+        class_names=[str(n) for n in names],
+        input_scale=scale,
+        input_offset=offset,
+        properties=props,
+    )
+
+
+def check_opset(path: Path) -> int:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX file ({exc})") from exc
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    opset = opsets.get("ai.onnx", 0)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(f"{path}: opset {opset} unsupported (this server runs {MIN_OPSET}..{MAX_OPSET})")
+    return opset
+
+
+class ModelRuntime:
+    """A loaded, warmed-up session and the contract of its input."""
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        started = time.perf_counter()
+        self.path = path
+        self.opset = check_opset(path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=so, providers=resolve_providers(options.provider)
+            )
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.info = _read_info(self.session, path)
+        self.provider = self.session.get_providers()[0]
+        self._run_options = ort.RunOptions()
+        self._output_names = [self.info.output_name]
+        if options.warmup_batch_sizes:
+            self.warm_up(options.warmup_batch_sizes)
+        self.load_seconds = time.perf_counter() - started
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run each batch size once so that no first request pays for allocation."""
+        h, w, c = self.info.input_shape
+        for n in batch_sizes:
+            try:
+                out = self.run(np.zeros((n, h, w, c), dtype=np.float32))
+            except Exception as exc:
+                raise ModelLoadError(f"{self.path}: warm-up with batch {n} failed ({exc})") from exc
+            if out.shape != (n, self.info.num_classes) or not np.isfinite(out).all():
+                raise ModelLoadError(
+                    f"{self.path}: warm-up with batch {n} gave shape {out.shape} "
+                    f"(expected {(n, self.info.num_classes)}) or non-finite values"
+                )
+
+    def prepare(self, pixels: npt.NDArray[np.generic]) -> F32:
+        """uint8 pixels -> scaled float32 model input; float32 passes through unchanged."""
+        if pixels.dtype == np.float32:
+            return pixels  # type: ignore[return-value]
+        if pixels.dtype == np.uint8:
+            x = pixels.astype(np.float32)
+            x *= np.float32(self.info.input_scale)
+            if self.info.input_offset:
+                x += np.float32(self.info.input_offset)
+            return x
+        raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
+
+    def run(self, x: F32) -> F32:
+        out: F32 = self.session.run(self._output_names, {self.info.input_name: x}, self._run_options)[0]
+        return out

@@ -1,0 +1,207 @@
+"""Assembles the grpc.aio server: servicers, health, reflection, limits, reload, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from serving.api.cnnserve import CnnServeServicer
+from serving.config import Settings
+from serving.inference import DataPlane, Limits
+from serving.metrics import Metrics
+from serving.pb.cnnserve.v1 import cnnserve_pb2
+from serving.repository import BatchingOptions, ModelRepository, State
+from serving.runtime import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [cnnserve_pb2.DESCRIPTOR.services_by_name["CnnServe"].full_name]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def warmup_sizes(settings: Settings) -> tuple[int, ...]:
+    """Every batch size the batcher can form (all of them up to 64, then powers of two)."""
+    if not settings.warmup:
+        return ()
+    if not settings.batching:
+        return (1,)
+    top = settings.max_batch_size
+    if top <= 64:
+        return tuple(range(1, top + 1))
+    sizes = {1 << i for i in range(top.bit_length()) if 1 << i <= top}
+    return tuple(sorted(sizes | {top}))
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = HealthServicer()
+        self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ort")
+        self.repository = ModelRepository(
+            settings.model_repository,
+            runtime_options=RuntimeOptions(
+                provider=settings.provider,
+                intra_op_threads=settings.intra_op_threads,
+                inter_op_threads=settings.inter_op_threads,
+                warmup_batch_sizes=warmup_sizes(settings),
+            ),
+            batching=BatchingOptions(
+                enabled=settings.batching,
+                max_batch_size=settings.max_batch_size,
+                max_delay_s=settings.max_queue_delay_ms / 1000.0,
+            ),
+            executor=self.executor,
+            max_versions=settings.max_versions,
+            observer_for=self.metrics.observer_for,
+            on_state=self._on_state,
+        )
+        self.plane = DataPlane(
+            self.repository,
+            Limits(settings.max_request_batch, settings.max_image_pixels),
+        )
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._health_tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ health
+
+    def _on_state(self, name: str, version: int, state: State, seconds: float) -> None:
+        self.metrics.set_state(name, version, state.value, seconds, time.time())
+        self._set_health(name, SERVING if self.repository.is_ready(name) else NOT_SERVING)
+        self._refresh_overall()
+
+    def _set_health(self, service: str, status: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.health.set(service, status))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    def _refresh_overall(self) -> None:
+        ready = self.repository.scanned_once and any(
+            self.repository.is_ready(n) for n in self.repository.model_names()
+        )
+        status = SERVING if ready and not self._stopping.is_set() else NOT_SERVING
+        for service in ["", *SERVICE_NAMES]:
+            self._set_health(service, status)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _options(self) -> list[tuple[str, int]]:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000)),
+            ]
+        return options
+
+    async def start(self) -> None:
+        s = self.settings
+        server = grpc.aio.server(options=self._options())
+        from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
+
+        cnnserve_pb2_grpc.add_CnnServeServicer_to_server(CnnServeServicer(self.plane, self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self._refresh_overall()
+        await server.start()
+        self.grpc_server = server
+        if s.metrics_port:
+            self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
+        log.info(
+            "listening on %s:%d (gRPC); repository %s; provider %s; batching %s (max %d, delay %.2f ms)",
+            s.host,
+            self.port,
+            s.model_repository,
+            s.provider,
+            "on" if s.batching else "off",
+            s.max_batch_size,
+            s.max_queue_delay_ms,
+        )
+        await self.repository.scan()
+        self._refresh_overall()
+        if s.poll_seconds > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._poll(), name="poll"))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            try:
+                await self.repository.scan()
+            except Exception:
+                log.exception("repository scan failed")
+            self._refresh_overall()
+
+    async def reload(self) -> None:
+        log.info("reloading the model repository")
+        await self.repository.scan()
+        self._refresh_overall()
+
+    async def stop(self) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period, free everything."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("shutting down: draining in-flight calls (grace %.1fs)", self.settings.grace_seconds)
+        started = time.perf_counter()
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.settings.grace_seconds)
+        await self.repository.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+        log.info("stopped in %.2fs", time.perf_counter() - started)
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+
+async def serve(settings: Settings) -> int:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    await server.start()
+    await stop_requested.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(sig)
+    await server.stop()
+    return 0

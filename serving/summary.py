@@ -1,0 +1,211 @@
+"""Parameter summary read from the ONNX graph that serves, in Keras's terms.
+
+The graph is walked in order; weight-carrying and shape-changing operators become layers
+(Conv -> Conv2D, MaxPool -> MaxPooling2D, Reshape/Flatten to 2-D -> Flatten, MatMul/Gemm
+(+ bias Add) -> Dense), activations attach to the layer before them, and layout plumbing
+(the NHWC<->NCHW transposes tf2onnx inserts) is skipped. Shapes are tracked in NHWC, as
+Keras prints them, so the counts and shapes equal `model.summary()` for the design-notes CNN.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ACTIVATIONS = {"Relu": "relu", "Softmax": "softmax", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    parameters: int
+    formula: str
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    padding: str = ""
+    activation: str = ""
+
+
+@dataclass
+class ParameterSummary:
+    input_shape: tuple[int, int, int]
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+    @property
+    def trainable(self) -> int:
+        return self.total  # the exported graphs hold no frozen (non-trainable) weights
+
+    @property
+    def dense_neuron_parameters(self) -> int:
+        h, w, c = self.input_shape
+        return h * w * c + 1
+
+    @property
+    def dense_neuron_formula(self) -> str:
+        h, w, c = self.input_shape
+        return f"{h}*{w}*{c} + 1 = {self.dense_neuron_parameters:,}"
+
+    def table(self) -> str:
+        rows = [("Layer", "Kind", "Output shape", "Params", "How")]
+        for layer in self.layers:
+            rows.append(
+                (
+                    layer.name,
+                    layer.kind,
+                    "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
+                    f"{layer.parameters:,}",
+                    layer.formula,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append("-" * len(lines[0]))
+        lines.append(f"Total params: {self.total:,} (trainable {self.trainable:,})")
+        lines.append(
+            f"One dense neuron over the raw {'x'.join(map(str, self.input_shape))} input: "
+            f"{self.dense_neuron_formula} weights"
+        )
+        return "\n".join(lines)
+
+
+def _layer_name(node: onnx.NodeProto) -> str:
+    """tf2onnx names nodes `<model>/<layer>_<n>/<op>`; the layer is the second part."""
+    parts = node.name.split("/")
+    if len(parts) >= 3:
+        return re.sub(r"_\d+$", "", parts[1])
+    return node.name or node.op_type
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int = 1) -> int:
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _spatial(
+    node: onnx.NodeProto, h: int, w: int, kh: int, kw: int
+) -> tuple[int, int, tuple[int, int], str]:
+    a = _attrs(node)
+    strides = tuple(a.get("strides", [1, 1]))  # type: ignore[arg-type]
+    sh, sw = int(strides[0]), int(strides[1])
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return -(-h // sh), -(-w // sw), (sh, sw), "same"
+    pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]  # type: ignore[attr-defined]
+    ph, pw = pads[0] + pads[2], pads[1] + pads[3]
+    oh, ow = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
+    if ph == 0 and pw == 0:
+        padding = "valid"
+    elif (oh, ow) == (-(-h // sh), -(-w // sw)):
+        padding = "same"
+    else:
+        padding = f"pads {pads}"
+    return oh, ow, (sh, sw), padding
+
+
+def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    dims = graph.input[0].type.tensor_type.shape.dim
+    h, w, c = (int(d.dim_value) for d in dims[1:4])
+    summary = ParameterSummary(input_shape=(h, w, c))
+    shape: tuple[int, ...] = (h, w, c)
+    last: Layer | None = None
+
+    for node in graph.node:
+        op = node.op_type
+        if op == "Conv":
+            weight = inits.get(node.input[1])
+            if weight is None:
+                continue
+            cout, cin_per_group, kh, kw = (int(d) for d in weight.dims)
+            bias = len(node.input) > 2 and node.input[2] in inits
+            oh, ow, strides, padding = _spatial(node, shape[0], shape[1], kh, kw)
+            groups = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
+            params = cout * cin_per_group * kh * kw + (cout if bias else 0)
+            formula = (
+                f"({kh}*{kw}*{cin_per_group} + 1) * {cout} = {params:,}"
+                if bias
+                else f"{kh}*{kw}*{cin_per_group} * {cout} = {params:,}"
+            )
+            if groups > 1:
+                formula += f" ({groups} groups)"
+            shape = (oh, ow, cout)
+            last = Layer(_layer_name(node), "Conv2D", shape, params, formula, (kh, kw), strides, padding)
+            summary.layers.append(last)
+        elif op in ("MaxPool", "AveragePool"):
+            a = _attrs(node)
+            kh, kw = (int(k) for k in a["kernel_shape"])  # type: ignore[attr-defined]
+            oh, ow, strides, padding = _spatial(node, shape[0], shape[1], kh, kw)
+            shape = (oh, ow, shape[2])
+            kind = "MaxPooling2D" if op == "MaxPool" else "AveragePooling2D"
+            last = Layer(_layer_name(node), kind, shape, 0, "0 (no weights)", (kh, kw), strides, padding)
+            summary.layers.append(last)
+        elif op in ("GlobalAveragePool", "GlobalMaxPool"):
+            shape = (shape[-1],)
+            kind = "GlobalAveragePooling2D" if op == "GlobalAveragePool" else "GlobalMaxPooling2D"
+            last = Layer(_layer_name(node), kind, shape, 0, "0 (no weights)")
+            summary.layers.append(last)
+        elif op in ("Flatten", "Reshape") and len(shape) == 3 and _flattens(node, inits):
+            shape = (int(np.prod(shape)),)
+            last = Layer(_layer_name(node), "Flatten", shape, 0, "0 (reshape only)")
+            summary.layers.append(last)
+        elif op in ("MatMul", "Gemm"):
+            weight = inits.get(node.input[1])
+            if weight is None or len(weight.dims) != 2:
+                continue
+            n_in, n_out = (int(d) for d in weight.dims)
+            if op == "Gemm" and int(_attrs(node).get("transB", 0)):  # type: ignore[call-overload]
+                n_in, n_out = n_out, n_in
+            bias = op == "Gemm" and len(node.input) > 2 and node.input[2] in inits
+            params = n_in * n_out + (n_out if bias else 0)
+            shape = (n_out,)
+            last = Layer(_layer_name(node), "Dense", shape, params, _dense_formula(n_in, n_out, bias))
+            summary.layers.append(last)
+        elif op == "Add" and last is not None and last.kind == "Dense" and "+ 1" not in last.formula:
+            if any(i in inits and _numel(inits[i]) == shape[-1] for i in node.input):
+                n_out = shape[-1]
+                n_in = (last.parameters) // n_out
+                last.parameters += n_out
+                last.formula = _dense_formula(n_in, n_out, True)
+        elif op in ACTIVATIONS and last is not None and not last.activation:
+            last.activation = ACTIVATIONS[op]
+    return summary
+
+
+def _dense_formula(n_in: int, n_out: int, bias: bool) -> str:
+    params = n_in * n_out + (n_out if bias else 0)
+    if bias:
+        return f"({n_in} + 1) * {n_out} = {params:,}"
+    return f"{n_in} * {n_out} = {params:,}"
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if t.dims else 1
+
+
+def _flattens(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """A Reshape flattens unless its target is a constant of rank other than 2 (layout moves)."""
+    if node.op_type == "Flatten":
+        return True
+    target = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if target is None:
+        return True  # computed from the input's shape: Keras's Flatten does exactly this
+    return len(numpy_helper.to_array(target)) == 2
