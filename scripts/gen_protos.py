@@ -47,7 +47,8 @@ def generate(out: Path) -> list[Path]:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text)
             written.append(rel)
-        for folder in {out / r.parent for r in written}:
+        for start in {out / r.parent for r in written}:
+            folder = start
             while folder != out.parent and folder.is_relative_to(out):
                 (folder / "__init__.py").touch()
                 folder = folder.parent

@@ -28,10 +28,14 @@ def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
         name = pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else str(t.dtype)
-        raise InvalidArgument(f"{what}: dtype {name} not accepted; expected DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32")
+        raise InvalidArgument(
+            f"{what}: dtype {name} not accepted; expected DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32"
+        )
     shape = tuple(t.shape)
     if not shape or len(shape) > MAX_RANK:
-        raise InvalidArgument(f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}")
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}"
+        )
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * dtype.itemsize
@@ -141,9 +145,13 @@ def metadata_response(
         name=served.name,
         version=served.version,
         ready_versions=ready_versions,
-        inputs=[pb.TensorSpec(name=info.input_name, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, h, w, c])],
+        inputs=[
+            pb.TensorSpec(name=info.input_name, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, h, w, c])
+        ],
         outputs=[
-            pb.TensorSpec(name=info.output_name, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, info.num_classes])
+            pb.TensorSpec(
+                name=info.output_name, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, info.num_classes]
+            )
         ],
         accepted_dtypes=[pb.DATA_TYPE_UINT8, pb.DATA_TYPE_FLOAT32],
         input_layout=info.properties.get("input_layout", "NHWC"),

@@ -32,7 +32,9 @@ def open_encoded(data: bytes, index: int, max_pixels: int) -> Image.Image:
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidArgument(f"image {index}: cannot decode ({len(data):,} bytes): {exc}") from None
+        raise InvalidArgument(
+            f"image {index}: cannot decode ({len(data):,} bytes): {exc}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"image {index}: refused as a decompression bomb: {exc}") from None
     return image

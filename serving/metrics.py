@@ -137,7 +137,9 @@ class Metrics:
             self.load_seconds.labels(model, v).set(seconds)
             self.last_load.labels(model, v).set(now)
         if state in ("UNLOADED", "FAILED"):
-            for labels in list(self.model_info._metrics):  # drop the provider series of this version
+            for labels in list(
+                self.model_info._metrics
+            ):  # drop the provider series of this version
                 if labels[:2] == (model, v):
                     self.model_info.remove(*labels)
 

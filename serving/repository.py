@@ -75,7 +75,12 @@ class ServedVersion:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except TimeoutError:
-                log.warning("%s v%d: %d calls still running at unload", self.name, self.version, self.inflight)
+                log.warning(
+                    "%s v%d: %d calls still running at unload",
+                    self.name,
+                    self.version,
+                    self.inflight,
+                )
         if self.batcher is not None:
             await self.batcher.close()
 
@@ -139,7 +144,11 @@ class ModelRepository:
         ready = ", ".join(str(v) for v in sorted(served)) or "none"
         raise NotFound(
             f"model {name!r} has no version {version} loaded; ready versions: {ready}"
-            + (f" (version {version} {status.state.value.lower()}: {status.reason})" if status else "")
+            + (
+                f" (version {version} {status.state.value.lower()}: {status.reason})"
+                if status
+                else ""
+            )
         )
 
     def ready_versions(self, name: str) -> list[int]:
@@ -160,7 +169,9 @@ class ModelRepository:
 
     def _discover(self) -> dict[str, dict[int, Path]] | None:
         try:
-            model_dirs = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            model_dirs = [
+                p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            ]
         except OSError as exc:
             log.error("model repository %s unreadable (%s); keeping what is loaded", self.root, exc)
             return None
@@ -220,7 +231,9 @@ class ModelRepository:
             if version not in keep and len(served) > 1 and max(served) > version:
                 self._unload(name, version, f"outside the newest {self.max_versions} versions")
 
-    async def _load(self, name: str, version: int, path: Path, signature: tuple[float, int]) -> None:
+    async def _load(
+        self, name: str, version: int, path: Path, signature: tuple[float, int]
+    ) -> None:
         status = VersionStatus(version, State.LOADING, signature=signature)
         self._status[name][version] = status
         self._notify(name, version, State.LOADING, 0.0)
@@ -237,7 +250,9 @@ class ModelRepository:
             log.exception("model %s v%d refused", name, version)
             self._notify(name, version, State.FAILED, time.perf_counter() - started)
             return
-        observer = self._observer_for(name, version, runtime.provider) if self._observer_for else None
+        observer = (
+            self._observer_for(name, version, runtime.provider) if self._observer_for else None
+        )
         batcher = None
         if self.batching.enabled:
             batcher = Batcher(
@@ -279,7 +294,7 @@ class ModelRepository:
             self._on_state(name, version, state, seconds)
 
     async def close(self, timeout: float = 5.0) -> None:
-        for name, served in self._served.items():
+        for served in self._served.values():
             for version in list(served):
                 await served.pop(version).drain_and_close(timeout)
         if self._background:

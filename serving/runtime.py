@@ -130,7 +130,9 @@ def check_opset(path: Path) -> int:
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     opset = opsets.get("ai.onnx", 0)
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ModelLoadError(f"{path}: opset {opset} unsupported (this server runs {MIN_OPSET}..{MAX_OPSET})")
+        raise ModelLoadError(
+            f"{path}: opset {opset} unsupported (this server runs {MIN_OPSET}..{MAX_OPSET})"
+        )
     return opset
 
 
@@ -187,5 +189,7 @@ class ModelRuntime:
         raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
 
     def run(self, x: F32) -> F32:
-        out: F32 = self.session.run(self._output_names, {self.info.input_name: x}, self._run_options)[0]
+        out: F32 = self.session.run(
+            self._output_names, {self.info.input_name: x}, self._run_options
+        )[0]
         return out

@@ -48,7 +48,9 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.health = HealthServicer()
-        self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ort")
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ort"
+        )
         self.repository = ModelRepository(
             settings.model_repository,
             runtime_options=RuntimeOptions(
@@ -119,10 +121,16 @@ class Server:
         server = grpc.aio.server(options=self._options())
         from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
 
-        cnnserve_pb2_grpc.add_CnnServeServicer_to_server(CnnServeServicer(self.plane, self.metrics), server)
+        cnnserve_pb2_grpc.add_CnnServeServicer_to_server(
+            CnnServeServicer(self.plane, self.metrics), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
@@ -168,7 +176,9 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        log.info("shutting down: draining in-flight calls (grace %.1fs)", self.settings.grace_seconds)
+        log.info(
+            "shutting down: draining in-flight calls (grace %.1fs)", self.settings.grace_seconds
+        )
         started = time.perf_counter()
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:

@@ -69,7 +69,9 @@ class ParameterSummary:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         lines.append("-" * len(lines[0]))
         lines.append(f"Total params: {self.total:,} (trainable {self.trainable:,})")
@@ -100,7 +102,7 @@ def _spatial(
     node: onnx.NodeProto, h: int, w: int, kh: int, kw: int
 ) -> tuple[int, int, tuple[int, int], str]:
     a = _attrs(node)
-    strides = tuple(a.get("strides", [1, 1]))  # type: ignore[arg-type]
+    strides: tuple[int, ...] = tuple(a.get("strides", [1, 1]))  # type: ignore[arg-type]
     sh, sw = int(strides[0]), int(strides[1])
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
@@ -148,7 +150,9 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
             if groups > 1:
                 formula += f" ({groups} groups)"
             shape = (oh, ow, cout)
-            last = Layer(_layer_name(node), "Conv2D", shape, params, formula, (kh, kw), strides, padding)
+            last = Layer(
+                _layer_name(node), "Conv2D", shape, params, formula, (kh, kw), strides, padding
+            )
             summary.layers.append(last)
         elif op in ("MaxPool", "AveragePool"):
             a = _attrs(node)
@@ -156,7 +160,9 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
             oh, ow, strides, padding = _spatial(node, shape[0], shape[1], kh, kw)
             shape = (oh, ow, shape[2])
             kind = "MaxPooling2D" if op == "MaxPool" else "AveragePooling2D"
-            last = Layer(_layer_name(node), kind, shape, 0, "0 (no weights)", (kh, kw), strides, padding)
+            last = Layer(
+                _layer_name(node), kind, shape, 0, "0 (no weights)", (kh, kw), strides, padding
+            )
             summary.layers.append(last)
         elif op in ("GlobalAveragePool", "GlobalMaxPool"):
             shape = (shape[-1],)
@@ -177,9 +183,13 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
             bias = op == "Gemm" and len(node.input) > 2 and node.input[2] in inits
             params = n_in * n_out + (n_out if bias else 0)
             shape = (n_out,)
-            last = Layer(_layer_name(node), "Dense", shape, params, _dense_formula(n_in, n_out, bias))
+            last = Layer(
+                _layer_name(node), "Dense", shape, params, _dense_formula(n_in, n_out, bias)
+            )
             summary.layers.append(last)
-        elif op == "Add" and last is not None and last.kind == "Dense" and "+ 1" not in last.formula:
+        elif (
+            op == "Add" and last is not None and last.kind == "Dense" and "+ 1" not in last.formula
+        ):
             if any(i in inits and _numel(inits[i]) == shape[-1] for i in node.input):
                 n_out = shape[-1]
                 n_in = (last.parameters) // n_out

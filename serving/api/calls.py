@@ -72,7 +72,9 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s %s failed", method, call.model)
-                await context.abort(code, f"internal error in {method}: {type(exc).__name__}: {exc}")
+                await context.abort(
+                    code, f"internal error in {method}: {type(exc).__name__}: {exc}"
+                )
                 raise
             finally:
                 inflight.dec()

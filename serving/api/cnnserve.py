@@ -29,7 +29,9 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         return served
 
     @rpc("Predict")
-    async def Predict(self, request: pb.PredictRequest, context: Ctx, call: Call) -> pb.PredictResponse:
+    async def Predict(
+        self, request: pb.PredictRequest, context: Ctx, call: Call
+    ) -> pb.PredictResponse:
         served = self._resolve(call, request.model, request.version)
         pixels = codec.decode_tensor(request.images)
         probabilities = await self.plane.predict(served, pixels)
@@ -37,7 +39,9 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         return codec.predict_response(served, probabilities, top, request.omit_probabilities)
 
     @rpc("Classify")
-    async def Classify(self, request: pb.ClassifyRequest, context: Ctx, call: Call) -> pb.ClassifyResponse:
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: Ctx, call: Call
+    ) -> pb.ClassifyResponse:
         served = self._resolve(call, request.model, request.version)
         items = codec.decode_classify_images(request)
         # Decoding images is CPU work: keep it off the event loop.
@@ -58,7 +62,9 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         return codec.summary_response(served, summary)
 
     @rpc("ListModels")
-    async def ListModels(self, request: pb.ListModelsRequest, context: Ctx, call: Call) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Ctx, call: Call
+    ) -> pb.ListModelsResponse:
         return codec.list_models_response(self.plane.repository)
 
     @rpc("GetModelMetadata")

@@ -1,0 +1,74 @@
+# cnnserve: train the design-notes CNN, export it to ONNX, serve it over gRPC.
+# Everything runs from the project's own virtual environment (.venv), made by `make setup`.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+CONSTRAINTS := requirements/constraints.txt
+
+DATASET ?= mnist
+EPOCHS ?= 10
+BATCH_SIZE ?= 64
+MODELS ?= models
+TRAIN_ARGS ?=
+PORT ?= 50051
+METRICS_PORT ?= 8002
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train serve demo test test-fast lint format protos constraints clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@echo "  variables: DATASET=$(DATASET) EPOCHS=$(EPOCHS) BATCH_SIZE=$(BATCH_SIZE) MODELS=$(MODELS) PORT=$(PORT)"
+
+setup: $(VENV)/.installed ## create .venv with the serve, train and dev extras (idempotent)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[serve,train,dev]'
+	@touch $@
+
+train: setup ## train and export: make train DATASET=fashion_mnist EPOCHS=10
+	$(PY) -m training --dataset $(DATASET) --epochs $(EPOCHS) --batch-size $(BATCH_SIZE) \
+		--models-dir $(MODELS) $(TRAIN_ARGS)
+
+# A model folder that does not exist yet is made by training (order-only: never retrains).
+$(MODELS)/%:
+	$(MAKE) --no-print-directory train DATASET=$*
+
+serve: setup | $(MODELS)/$(DATASET) ## serve $(MODELS) on PORT (trains DATASET first when no model exists)
+	$(PY) -m serving --model-repository $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
+
+demo: setup | $(MODELS)/$(DATASET) ## start a server, classify real test images, print the summary, stop
+	$(PY) scripts/demo.py --models-dir $(MODELS) --model $(DATASET)
+
+test: setup ## the whole test suite (trains small real models once per run)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## unit tests only
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: setup ## regenerate serving/pb from protos/
+	$(PY) scripts/gen_protos.py
+
+constraints: setup ## re-pin requirements/constraints.txt from the current .venv
+	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -v '^cnnserve'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean: ## remove caches (keeps .venv and models)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

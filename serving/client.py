@@ -1,0 +1,260 @@
+"""Python client for cnnserve, and the `python -m serving.client` command line.
+
+client = Client("localhost:50051")
+result = client.predict("mnist", images)         # numpy uint8/float32 [N, H, W, C]
+labels = client.classify("mnist", ["digit.png"])  # files or bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MiB = 1024 * 1024
+# Spread calls over every address a name resolves to (e.g. a headless Kubernetes Service).
+ROUND_ROBIN = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model: str
+    version: int
+    probabilities: npt.NDArray[np.float32] | None
+    labels: list[list[tuple[str, float]]]  # per image: (label, score), best first
+    indices: list[list[int]]
+
+
+def _classifications(
+    items: Sequence[pb.Classification],
+) -> tuple[list[list[tuple[str, float]]], list[list[int]]]:
+    labels = [[(s.label, s.score) for s in c.top] for c in items]
+    indices = [[s.index for s in c.top] for c in items]
+    return labels, indices
+
+
+class Client:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        max_message_mb: int = 64,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_mb * MiB),
+                ("grpc.max_send_message_length", max_message_mb * MiB),
+                ("grpc.service_config", ROUND_ROBIN),
+            ],
+        )
+        self.stub = pb_grpc.CnnServeStub(self._channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def predict(
+        self,
+        model: str,
+        images: npt.NDArray[np.uint8] | npt.NDArray[np.float32],
+        *,
+        version: int = 0,
+        top_k: int = 1,
+        omit_probabilities: bool = False,
+    ) -> Prediction:
+        array = np.ascontiguousarray(images)
+        if array.dtype == np.uint8:
+            dtype = pb.DATA_TYPE_UINT8
+        elif array.dtype == np.float32:
+            dtype = pb.DATA_TYPE_FLOAT32
+        else:
+            raise TypeError(f"images must be uint8 or float32, not {array.dtype}")
+        request = pb.PredictRequest(
+            model=model,
+            version=version,
+            images=pb.Tensor(
+                dtype=dtype,
+                shape=array.shape,
+                data=array.astype(array.dtype.newbyteorder("<")).tobytes(),
+            ),
+            top_k=top_k,
+            omit_probabilities=omit_probabilities,
+        )
+        response = self.stub.Predict(request, timeout=self.timeout)
+        probabilities = None
+        if response.HasField("probabilities"):
+            t = response.probabilities
+            probabilities = np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape))
+        labels, indices = _classifications(response.classifications)
+        return Prediction(response.model, response.version, probabilities, labels, indices)
+
+    def classify(
+        self,
+        model: str,
+        images: Sequence[str | Path | bytes],
+        *,
+        version: int = 0,
+        top_k: int = 1,
+    ) -> Prediction:
+        items = [
+            pb.Image(encoded=img if isinstance(img, bytes) else Path(img).read_bytes())
+            for img in images
+        ]
+        response = self.stub.Classify(
+            pb.ClassifyRequest(model=model, version=version, images=items, top_k=top_k),
+            timeout=self.timeout,
+        )
+        labels, indices = _classifications(response.classifications)
+        return Prediction(response.model, response.version, None, labels, indices)
+
+    def summary(self, model: str, version: int = 0) -> pb.GetParameterSummaryResponse:
+        response: pb.GetParameterSummaryResponse = self.stub.GetParameterSummary(
+            pb.GetParameterSummaryRequest(model=model, version=version), timeout=self.timeout
+        )
+        return response
+
+    def metadata(self, model: str, version: int = 0) -> pb.GetModelMetadataResponse:
+        response: pb.GetModelMetadataResponse = self.stub.GetModelMetadata(
+            pb.GetModelMetadataRequest(model=model, version=version), timeout=self.timeout
+        )
+        return response
+
+    def list_models(self) -> pb.ListModelsResponse:
+        response: pb.ListModelsResponse = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout
+        )
+        return response
+
+    def health(self, service: str = "") -> str:
+        response = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def format_summary(s: pb.GetParameterSummaryResponse) -> str:
+    rows = [("Layer", "Kind", "Output shape", "Params", "How")]
+    for layer in s.layers:
+        rows.append(
+            (
+                layer.name,
+                layer.kind,
+                "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
+                f"{layer.parameters:,}",
+                layer.formula,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    rule = "-" * max(len(line) for line in lines)
+    shape = "x".join(map(str, s.input_shape))
+    return "\n".join(
+        [
+            f"{s.model} v{s.version}, input {shape}",
+            lines[0],
+            rule,
+            *lines[1:],
+            rule,
+            f"Total params: {s.total_parameters:,} (trainable {s.trainable_parameters:,}, "
+            f"non-trainable {s.non_trainable_parameters:,})",
+            f"One dense neuron over the raw {shape} input would need {s.dense_neuron_formula} weights",
+        ]
+    )
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m serving.client", description="Call a cnnserve server."
+    )
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default {DEFAULT_TARGET})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("classify", help="classify image files (PNG, JPEG, ...)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--version", type=int, default=0)
+    c.add_argument("--top-k", type=int, default=1)
+    c.add_argument("files", nargs="+", type=Path)
+    s = sub.add_parser("summary", help="the parameter summary of a model")
+    s.add_argument("--model", required=True)
+    s.add_argument("--version", type=int, default=0)
+    m = sub.add_parser("metadata", help="a model's metadata")
+    m.add_argument("--model", required=True)
+    m.add_argument("--version", type=int, default=0)
+    sub.add_parser("list", help="models and their versions")
+    h = sub.add_parser("health", help="health of the server or one model; exit 0 when SERVING")
+    h.add_argument("--service", default="", help="a model name, or empty for the whole server")
+    args = p.parse_args(argv)
+
+    if args.command == "classify":
+        for f in args.files:
+            if not f.is_file():
+                print(f"error: {f}: no such file", file=sys.stderr)
+                return 2
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            if args.command == "classify":
+                result = client.classify(
+                    args.model, args.files, version=args.version, top_k=args.top_k
+                )
+                for f, top in zip(args.files, result.labels, strict=True):
+                    best = ", ".join(f"{label} ({score:.3f})" for label, score in top)
+                    print(f"{f}: {best}")
+            elif args.command == "summary":
+                print(format_summary(client.summary(args.model, args.version)))
+            elif args.command == "metadata":
+                md = client.metadata(args.model, args.version)
+                print(f"{md.name} v{md.version} (ready: {', '.join(map(str, md.ready_versions))})")
+                for spec in md.inputs:
+                    print(
+                        f"  input  {spec.name}: float32 {list(spec.shape)} ({md.input_layout}, uint8 x {md.input_scale:.6g})"
+                    )
+                for spec in md.outputs:
+                    print(f"  output {spec.name}: float32 {list(spec.shape)}")
+                print(f"  dataset {md.dataset}, test accuracy {md.test_accuracy:.4f}")
+                print(f"  classes {', '.join(md.class_names)}")
+                print(f"  execution provider {md.execution_provider}")
+            elif args.command == "list":
+                for model in client.list_models().models:
+                    versions = ", ".join(
+                        f"v{v.version} {v.state}" + (f" ({v.reason})" if v.reason else "")
+                        for v in model.versions
+                    )
+                    print(f"{model.name}: default v{model.default_version}; {versions}")
+            elif args.command == "health":
+                status = client.health(args.service)
+                print(f"{args.service or 'server'}: {status}")
+                return 0 if status == "SERVING" else 1
+    except grpc.RpcError as exc:
+        code = exc.code()
+        print(f"error: {code.name if code else 'UNKNOWN'}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(_cli())
+
+
+if __name__ == "__main__":
+    main()

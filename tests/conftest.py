@@ -1,0 +1,46 @@
+"""Shared fixtures. Real models are trained once per test session by our own training code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ServerProcess, train_model
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with `fashion/1/model.onnx`: the design-notes CNN trained for real on
+    5,000 Fashion-MNIST images for one epoch (the Debian package, or the Keras cache)."""
+    repo = tmp_path_factory.mktemp("repo") / "models"
+    train_model(
+        repo,
+        "--dataset",
+        "fashion_mnist",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "5000",
+        "--test-limit",
+        "2000",
+        "--name",
+        "fashion",
+        "--no-download",
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def fashion_model(trained_repo: Path) -> Path:
+    return trained_repo / "fashion" / "1" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One shared, read-only server over the trained repository (tests must not change it)."""
+    with ServerProcess(trained_repo) as proc:
+        yield proc
