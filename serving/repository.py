@@ -197,8 +197,8 @@ class ModelRepository:
             if found is None:
                 return
             for name in set(self._status) - set(found):
-                for version in list(self._served.get(name, {})):
-                    self._unload(name, version, "removed from the repository")
+                for version in list(self._status[name]):
+                    self._forget(name, version)
                 del self._status[name]
                 self._served.pop(name, None)
             for name, versions in found.items():
@@ -209,8 +209,7 @@ class ModelRepository:
         statuses = self._status.setdefault(name, {})
         served = self._served.setdefault(name, {})
         for version in [v for v in statuses if v not in versions]:
-            if version in served:
-                self._unload(name, version, "removed from the repository")
+            self._forget(name, version)
             del statuses[version]
         signatures = {v: _signature(p) for v, p in versions.items()}
         # A version that failed stays refused until its file changes.
@@ -240,15 +239,21 @@ class ModelRepository:
         started = time.perf_counter()
         try:
             runtime = await asyncio.to_thread(ModelRuntime, path, self.runtime_options)
-        except ModelLoadError as exc:
-            status.state, status.reason = State.FAILED, str(exc)
-            log.error("model %s v%d refused: %s", name, version, exc)
-            self._notify(name, version, State.FAILED, time.perf_counter() - started)
-            return
-        except Exception as exc:  # anything else is still a refusal, never a crash
-            status.state, status.reason = State.FAILED, f"{type(exc).__name__}: {exc}"
-            log.exception("model %s v%d refused", name, version)
-            self._notify(name, version, State.FAILED, time.perf_counter() - started)
+        except Exception as exc:  # a ModelLoadError or anything else: a refusal, never a crash
+            seconds = time.perf_counter() - started
+            status.state = State.FAILED
+            expected = isinstance(exc, ModelLoadError)
+            status.reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+            log.error(
+                "model %s v%d refused after %.2fs: %s",
+                name,
+                version,
+                seconds,
+                status.reason,
+                exc_info=not expected,
+                extra=_event("model_refused", name, version, seconds, reason=status.reason),
+            )
+            self._notify(name, version, State.FAILED, seconds)
             return
         observer = (
             self._observer_for(name, version, runtime.provider) if self._observer_for else None
@@ -275,6 +280,9 @@ class ModelRepository:
             "x".join(map(str, runtime.info.input_shape)),
             runtime.info.num_classes,
             runtime.info.dataset or "?",
+            extra=_event(
+                "model_ready", name, version, runtime.load_seconds, provider=runtime.provider
+            ),
         )
         self._notify(name, version, State.READY, runtime.load_seconds)
 
@@ -283,11 +291,31 @@ class ModelRepository:
         status = self._status[name].get(version)
         if status is not None:
             status.state, status.reason = State.UNLOADED, reason
-        log.info("model %s v%d unloaded: %s", name, version, reason)
+        log.info(
+            "model %s v%d unloaded: %s",
+            name,
+            version,
+            reason,
+            extra=_event("model_unloaded", name, version, reason=reason),
+        )
         self._notify(name, version, State.UNLOADED, 0.0)
         task = asyncio.get_running_loop().create_task(served.drain_and_close(timeout=30.0))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _forget(self, name: str, version: int) -> None:
+        """A version whose file is gone: unload it if it serves; a refused one stops counting as
+        FAILED (metrics and health would otherwise report a failure that no longer exists)."""
+        if version in self._served.get(name, {}):
+            self._unload(name, version, "removed from the repository")
+        elif self._status[name][version].state is State.FAILED:
+            log.info(
+                "model %s v%d (refused) removed from the repository",
+                name,
+                version,
+                extra=_event("model_forgotten", name, version),
+            )
+            self._notify(name, version, State.UNLOADED, 0.0)
 
     def _notify(self, name: str, version: int, state: State, seconds: float) -> None:
         if self._on_state is not None:
@@ -299,6 +327,16 @@ class ModelRepository:
                 await served.pop(version).drain_and_close(timeout)
         if self._background:
             await asyncio.wait(self._background, timeout=timeout)
+
+
+def _event(
+    event: str, name: str, version: int, seconds: float | None = None, **fields: str
+) -> dict[str, object]:
+    """Structured fields of a model event (the JSON log format writes them out)."""
+    extra: dict[str, object] = {"event": event, "model": name, "version": version, **fields}
+    if seconds is not None:
+        extra["seconds"] = round(seconds, 3)
+    return extra
 
 
 def _signature(path: Path) -> tuple[float, int]:

@@ -151,6 +151,7 @@ class Server:
             "on" if s.batching else "off",
             s.max_batch_size,
             s.max_queue_delay_ms,
+            extra={"event": "server_started", "port": self.port, "metrics_port": self.metrics_port},
         )
         await self.repository.scan()
         self._refresh_overall()
@@ -177,7 +178,9 @@ class Server:
             return
         self._stopping.set()
         log.info(
-            "shutting down: draining in-flight calls (grace %.1fs)", self.settings.grace_seconds
+            "shutting down: draining in-flight calls (grace %.1fs)",
+            self.settings.grace_seconds,
+            extra={"event": "server_stopping"},
         )
         started = time.perf_counter()
         await self.health.enter_graceful_shutdown()
@@ -188,7 +191,8 @@ class Server:
         await self.repository.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
-        log.info("stopped in %.2fs", time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        log.info("stopped in %.2fs", seconds, extra={"event": "server_stopped", "seconds": seconds})
 
     async def wait(self) -> None:
         await self._stopping.wait()
