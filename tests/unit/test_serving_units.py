@@ -115,7 +115,7 @@ def test_runtime_contract_and_fallback(tmp_path: Path, caplog: pytest.LogCapture
 def test_runtime_refuses_corrupt_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)
-    with pytest.raises(ModelLoadError, match="bad.onnx"):
+    with pytest.raises(ModelLoadError, match=r"bad\.onnx"):
         ModelRuntime(bad, RuntimeOptions())
 
 

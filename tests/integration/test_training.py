@@ -1,0 +1,110 @@
+"""`python -m training` for real: Fashion-MNIST subset -> verified ONNX -> accuracy in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from tests.support import PYTHON, ROOT
+from training import datasets
+
+
+def test_trained_model_is_far_above_chance_in_onnxruntime(fashion_model: Path) -> None:
+    ds = datasets.load("fashion_mnist", allow_download=False)
+    x, y = ds.x_test[:2000], ds.y_test[:2000]
+    session = ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {"image": x.astype(np.float32) * np.float32(1 / 255)})[0]
+    accuracy = float((probabilities.argmax(axis=1) == y).mean())
+    assert accuracy >= 0.70, accuracy
+
+
+def test_artifact_and_report(fashion_model: Path) -> None:
+    onnx.checker.check_model(str(fashion_model))
+    props = {p.key: p.value for p in onnx.load(str(fashion_model)).metadata_props}
+    assert props["dataset"] == "fashion_mnist" and props["keras_parameters"] == "93322"
+    assert props["train_images"] == "5000" and props["test_images"] == "2000"
+    assert "dataset-fashion-mnist" in props["data_source"] or "Keras cache" in props["data_source"]
+    assert json.loads(props["class_names"])[0] == "T-shirt/top"
+    folder = fashion_model.parent
+    report = json.loads((folder / "report.json").read_text())
+    assert abs(report["test_accuracy"] - float(props["test_accuracy"])) < 1e-6
+    assert len(report["epoch_seconds"]) == 1
+    history = json.loads((folder / "history.json").read_text())
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Trainable params: 93,322" in (folder / "summary.txt").read_text()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "training", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_bad_input_is_explained(tmp_path: Path) -> None:
+    done = run_cli("--dataset", "imagenet")
+    assert (
+        done.returncode == 2
+        and "invalid choice: 'imagenet' (choose from 'mnist', 'fashion_mnist', 'cifar10')"
+        in done.stderr
+    )
+    done = run_cli("--epochs", "0")
+    assert (
+        done.returncode == 2 and "--epochs: expected a positive whole number, got 0" in done.stderr
+    )
+    done = run_cli("--validation-split", "1.5")
+    assert done.returncode == 2 and "expected a number in [0, 1)" in done.stderr
+    done = run_cli(
+        "--dataset", "mnist", "--data-dir", str(tmp_path / "missing"), "--models-dir", str(tmp_path)
+    )
+    assert (
+        done.returncode == 2
+        and f"--data-dir {tmp_path / 'missing'}: not a directory" in done.stderr
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    for name in (
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
+        (tmp_path / "data" / name).write_bytes(b"")
+    done = run_cli(
+        "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--models-dir", str(tmp_path)
+    )
+    assert done.returncode == 2 and "train-images-idx3-ubyte.gz" in done.stderr
+    assert not (tmp_path / "mnist").exists()  # nothing written to the repository
+
+
+def test_demo_runs_end_to_end(trained_repo: Path) -> None:
+    done = subprocess.run(
+        [
+            PYTHON,
+            "scripts/demo.py",
+            "--models-dir",
+            str(trained_repo),
+            "--model",
+            "fashion",
+            "--images",
+            "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "accuracy over these images:" in done.stdout
+    assert "Total params: 93,322" in done.stdout
+    assert "server stopped (exit 0)" in done.stdout
