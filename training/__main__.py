@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="keep the training order")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
+        "--early-stopping",
+        type=int,
+        default=defaults.early_stopping,
+        metavar="PATIENCE",
+        help="stop after this many epochs without a better validation accuracy and keep the "
+        "best epoch's weights (0: off)",
+    )
+    p.add_argument(
         "--train-limit", type=_positive_int, help="use a random subset of training images"
     )
     p.add_argument("--test-limit", type=_positive_int, help="use a random subset of test images")
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_split=args.validation_split,
         shuffle=not args.no_shuffle,
         seed=args.seed,
+        early_stopping=args.early_stopping,
         verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
     )
     try:
@@ -110,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ds = datasets.subset(ds, args.train_limit, args.test_limit, seed=args.seed)
     print(f"dataset: {ds.describe()}")
     result = train(ds, config)
-    print(f"test accuracy: {result.test_accuracy:.4f} ({len(ds.x_test):,} test images)")
+    print(
+        f"test accuracy: {result.test_accuracy:.4f} ({len(ds.x_test):,} test images; weights of "
+        f"epoch {result.best_epoch} of {len(result.epoch_seconds)})"
+    )
     name = args.name or (ds.name if args.arch == "cnn" else f"{ds.name}_{args.arch}")
     metadata = {
         "name": name,
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": str(len(ds.x_test)),
         "train_images": str(len(ds.x_train)),
         "epochs": str(config.epochs),
+        "best_epoch": str(result.best_epoch),
     }
     try:
         path, parity = export(
