@@ -17,9 +17,10 @@ PORT ?= 50051
 METRICS_PORT ?= 8002
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train serve demo test test-fast lint format protos constraints clean
+.PHONY: help setup train serve demo test test-fast lint format protos constraints clean compose-up compose-down dashboard-snapshot
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -47,6 +48,9 @@ serve: setup | $(MODELS)/$(DATASET) ## serve $(MODELS) on PORT (trains DATASET f
 demo: setup | $(MODELS)/$(DATASET) ## start a server, classify real test images, print the summary, stop
 	$(PY) scripts/demo.py --models-dir $(MODELS) --model $(DATASET)
 
+dashboard-snapshot: setup | $(MODELS)/$(DATASET) ## ~20 s of mixed load on a server over $(MODELS), key panels drawn to docs/dashboard.png
+	$(PY) scripts/dashboard_snapshot.py --models-dir $(MODELS) --out docs/dashboard.png
+
 test: setup ## the whole test suite (trains small real models once per run)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -64,6 +68,13 @@ format: setup ## apply ruff's fixes and formatting
 
 protos: setup ## regenerate serving/pb from protos/
 	$(PY) scripts/gen_protos.py
+
+compose-up: | $(MODELS)/$(DATASET) ## Docker: server + Prometheus + Grafana over $(MODELS) (trains DATASET first when missing)
+	CNNSERVE_MODELS="$(abspath $(MODELS))" $(COMPOSE) up --build --detach
+	@echo "gRPC localhost:50051, metrics http://localhost:8002/metrics, Prometheus http://localhost:9090, Grafana http://localhost:3000"
+
+compose-down: ## stop and remove the compose stack
+	$(COMPOSE) down
 
 constraints: setup ## re-pin requirements/constraints.txt from the current .venv
 	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -v '^cnnserve'; } > $(CONSTRAINTS).new

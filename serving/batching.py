@@ -124,9 +124,12 @@ class Batcher:
                         p.future.set_exception(RuntimeError("model unloaded"))
                 raise
             except Exception as exc:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                else:
+                    # One caller's input may be what failed: each runs alone, so only it fails.
+                    await self._run_each(batch)
                 continue
             if self._observer is not None:
                 self._observer(len(x), waits, time.perf_counter() - started)
@@ -136,6 +139,28 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(y[offset : offset + n])
                 offset += n
+
+    async def _run_each(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for p in batch:
+            if p.future.done():
+                continue
+            started = time.perf_counter()
+            try:
+                y = await loop.run_in_executor(self._executor, self._run, p.x)
+            except asyncio.CancelledError:
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(RuntimeError("model unloaded"))
+                raise
+            except Exception as exc:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+                continue
+            if self._observer is not None:
+                self._observer(len(p.x), [started - p.enqueued], time.perf_counter() - started)
+            if not p.future.done():
+                p.future.set_result(y)
 
 
 async def run_unbatched(

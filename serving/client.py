@@ -8,10 +8,12 @@ labels = client.classify("mnist", ["digit.png"])  # files or bytes
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -25,6 +27,52 @@ DEFAULT_TARGET = "localhost:50051"
 MiB = 1024 * 1024
 # Spread calls over every address a name resolves to (e.g. a headless Kubernetes Service).
 ROUND_ROBIN = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+TOKEN_ENV = "CNNSERVE_AUTH_TOKEN"  # the CLI's token when --token-file is not given
+Pem = bytes | str | Path  # PEM bytes, or the path of a PEM file
+
+
+def _pem(source: Pem | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    """Adds `authorization: Bearer <token>` to every call (works on plaintext channels too,
+    where gRPC refuses call credentials; send tokens over TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> _CallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
 
 
 @dataclass(frozen=True)
@@ -52,21 +100,40 @@ class Client:
         timeout: float | None = 30.0,
         max_message_mb: int = 64,
         channel: grpc.Channel | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
+        token: str | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_mb * MiB),
-                ("grpc.max_send_message_length", max_message_mb * MiB),
-                ("grpc.service_config", ROUND_ROBIN),
-            ],
-        )
+        """TLS when `tls` is set or any certificate is given: `root_certificates` (the CA that
+        signed the server's certificate; the system's roots when None), `client_cert` and
+        `client_key` for mutual TLS. `token`: sent as `authorization: Bearer <token>`."""
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("mutual TLS needs both client_cert and client_key")
+        options = [
+            ("grpc.max_receive_message_length", max_message_mb * MiB),
+            ("grpc.max_send_message_length", max_message_mb * MiB),
+            ("grpc.service_config", ROUND_ROBIN),
+        ]
+        if channel is None:
+            if tls or root_certificates is not None or client_cert is not None:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(root_certificates),
+                    private_key=_pem(client_key),
+                    certificate_chain=_pem(client_cert),
+                )
+                channel = grpc.secure_channel(target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        self._raw_channel = channel
+        self._channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self.stub = pb_grpc.CnnServeStub(self._channel)
         self.health_stub = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -189,6 +256,15 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    p.add_argument("--ca-cert", type=Path, help="PEM CA of the server's certificate (implies TLS)")
+    p.add_argument("--client-cert", type=Path, help="PEM client certificate, for mutual TLS")
+    p.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the bearer token to send (default: ${TOKEN_ENV} when set)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="classify image files (PNG, JPEG, ...)")
     c.add_argument("--model", required=True)
@@ -206,13 +282,31 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--service", default="", help="a model name, or empty for the whole server")
     args = p.parse_args(argv)
 
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    for f in (args.ca_cert, args.client_cert, args.client_key, args.token_file):
+        if f is not None and not f.is_file():
+            print(f"error: {f}: no such file", file=sys.stderr)
+            return 2
+    if (args.client_cert is None) != (args.client_key is None):
+        print("error: --client-cert and --client-key go together", file=sys.stderr)
+        return 2
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
     if args.command == "classify":
         for f in args.files:
             if not f.is_file():
                 print(f"error: {f}: no such file", file=sys.stderr)
                 return 2
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            token=token,
+        ) as client:
             if args.command == "classify":
                 result = client.classify(
                     args.model, args.files, version=args.version, top_k=args.top_k

@@ -12,9 +12,11 @@ import numpy as np
 import numpy.typing as npt
 
 from serving.errors import InvalidArgument
-from serving.inference import TopK
+from serving.inference import Duration, TopK, VersionStats, top_k
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-from serving.repository import ModelRepository, ServedVersion
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from serving.pb.inference import model_config_pb2 as v2config
+from serving.repository import MODEL_FILE, ModelRepository, ServedVersion, State
 from serving.summary import ParameterSummary
 
 DTYPES: dict[int, np.dtype[np.generic]] = {
@@ -22,6 +24,20 @@ DTYPES: dict[int, np.dtype[np.generic]] = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
 }
 MAX_RANK = 8
+MAX_ELEMENTS = 1 << 40  # far beyond any message; keeps numpy's sizes in range
+
+
+def check_shape(shape: tuple[int, ...], what: str) -> None:
+    """Rank 1..MAX_RANK, no negative dimension, and no dimension numpy cannot represent (a
+    tensor of zero elements may still name one: [0, 2**62] carries no bytes at all)."""
+    if not shape or len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
 
 
 def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]:
@@ -32,12 +48,7 @@ def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]
             f"{what}: dtype {name} not accepted; expected DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32"
         )
     shape = tuple(t.shape)
-    if not shape or len(shape) > MAX_RANK:
-        raise InvalidArgument(
-            f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}"
-        )
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
+    check_shape(shape, what)
     expected = math.prod(shape) * dtype.itemsize
     if len(t.data) != expected:
         raise InvalidArgument(
@@ -180,3 +191,293 @@ def list_models_response(repository: ModelRepository) -> pb.ListModelsResponse:
             )
         )
     return pb.ListModelsResponse(models=models)
+
+
+# ==================================================================================================
+# Open Inference Protocol (KServe v2) and its Triton extensions
+#
+# Tensors are typed by datatype names ("FP32", "UINT8", "BYTES"). An input arrives either as raw
+# little-endian bytes (`raw_input_contents`, one entry per input, decoded with `np.frombuffer`
+# after the same length checks as above) or as the typed repeated field of its datatype
+# (`contents.fp32_contents`, `contents.uint_contents`). Outputs always leave as raw bytes.
+# ==================================================================================================
+
+V2_PLATFORM = "onnxruntime_onnx"
+V2_BACKEND = "onnxruntime"
+V2_DTYPES: dict[str, np.dtype[np.generic]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("<u1")}
+V2_CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+V2_ACCEPTED = " or ".join(V2_DTYPES)
+CLASSIFICATION = "classification"  # Triton's parameter of a requested output: top-k classes
+TRITON_STATES = {
+    State.LOADING: "LOADING",
+    State.READY: "READY",
+    State.FAILED: "UNAVAILABLE",
+    State.UNLOADED: "UNAVAILABLE",
+}
+
+
+def parse_v2_version(text: str) -> int:
+    """A protocol version string -> our version number ("" -> 0: the newest ready one)."""
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidArgument(
+            f"model version {text!r} is not a version number (1, 2, ...); leave it empty for the newest"
+        )
+    return int(text)
+
+
+def decode_v2_input(
+    request: v2.ModelInferRequest, served: ServedVersion
+) -> npt.NDArray[np.generic]:
+    """The request's one input tensor (raw bytes or typed contents) as an array."""
+    info = served.runtime.info
+    if len(request.inputs) != 1:
+        raise InvalidArgument(
+            f"model {served.name!r} takes 1 input ({info.input_name!r}); "
+            f"the request has {len(request.inputs)}"
+        )
+    t = request.inputs[0]
+    if t.name != info.input_name:
+        raise InvalidArgument(
+            f"unknown input {t.name!r} for model {served.name!r}; its input is {info.input_name!r}"
+        )
+    what = f"input {t.name!r}"
+    dtype = V2_DTYPES.get(t.datatype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"{what}: datatype {t.datatype!r} not accepted; expected {V2_ACCEPTED}"
+        )
+    shape = tuple(t.shape)
+    check_shape(shape, what)
+    count = math.prod(shape)
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidArgument(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries for "
+                f"{len(request.inputs)} inputs; expected one per input"
+            )
+        if t.HasField("contents"):
+            raise InvalidArgument(f"{what}: contents must be empty when raw_input_contents is used")
+        data = request.raw_input_contents[0]
+        expected = count * dtype.itemsize
+        if len(data) != expected:
+            raise InvalidArgument(
+                f"{what}: shape {list(shape)} of {t.datatype} needs {expected:,} bytes, "
+                f"received {len(data):,}"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    field = V2_CONTENTS[t.datatype]
+    values = getattr(t.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} of {t.datatype} needs {count:,} values in "
+            f"contents.{field} (or raw_input_contents), received {len(values):,}"
+        )
+    if t.datatype == "UINT8":
+        wide = np.fromiter(values, dtype=np.uint32, count=count)
+        if count and int(wide.max()) > 255:
+            raise InvalidArgument(f"{what}: UINT8 contents hold values above 255")
+        return wide.astype(np.uint8).reshape(shape)
+    return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
+
+
+def v2_requested_outputs(request: v2.ModelInferRequest, served: ServedVersion) -> list[int]:
+    """One entry per output to return, in the order asked: its top-k class count, or 0 for the
+    probabilities themselves. No outputs asked for: the model's output, as probabilities."""
+    info = served.runtime.info
+    if not request.outputs:
+        return [0]
+    if len(request.outputs) > 1:
+        names = ", ".join(repr(o.name) for o in request.outputs)
+        raise InvalidArgument(
+            f"{len(request.outputs)} outputs requested ({names}); model {served.name!r} has one: "
+            f"{info.output_name!r}"
+        )
+    wanted = request.outputs[0]
+    if wanted.name != info.output_name:
+        raise InvalidArgument(
+            f"unknown output {wanted.name!r} requested from model {served.name!r}; "
+            f"its output is {info.output_name!r}"
+        )
+    if CLASSIFICATION not in wanted.parameters:
+        return [0]
+    param = wanted.parameters[CLASSIFICATION]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(
+            f"output {wanted.name!r}: parameter {CLASSIFICATION!r} must be an integer "
+            f"(how many classes to return), got {kind or 'no value'}"
+        )
+    k = int(getattr(param, kind))
+    if k < 1:
+        raise InvalidArgument(f"output {wanted.name!r}: parameter {CLASSIFICATION!r} must be >= 1")
+    return [k]
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """BYTES elements in the protocol's raw form: each one a 4-byte little-endian length, then it."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+def v2_infer_response(
+    served: ServedVersion,
+    request_id: str,
+    probabilities: npt.NDArray[np.float32],
+    outputs: list[int],
+) -> v2.ModelInferResponse:
+    """Probabilities as FP32, or (classification) a BYTES tensor [N, k] of Triton's
+    "score:index:label" strings, best first."""
+    info = served.runtime.info
+    response = v2.ModelInferResponse(
+        model_name=served.name, model_version=str(served.version), id=request_id
+    )
+    for k in outputs:
+        if k == 0:
+            response.outputs.add(name=info.output_name, datatype="FP32", shape=probabilities.shape)
+            data = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+        else:
+            top = top_k(probabilities, k)
+            names = info.class_names
+            items = [
+                f"{score:f}:{i}:{names[i] if i < len(names) else i}".encode()
+                for row_idx, row_scores in zip(
+                    top.indices.tolist(), top.scores.tolist(), strict=True
+                )
+                for i, score in zip(row_idx, row_scores, strict=True)
+            ]
+            response.outputs.add(name=info.output_name, datatype="BYTES", shape=top.indices.shape)
+            data = _bytes_tensor(items)
+        response.raw_output_contents.append(data)
+    return response
+
+
+def v2_model_metadata(served: ServedVersion, versions: list[int]) -> v2.ModelMetadataResponse:
+    """The model contract; -1 marks the batch dimension. Inputs are declared FP32 (what the model
+    takes); UINT8 pixels are accepted too and scaled by the server (see the model config)."""
+    info = served.runtime.info
+    h, w, c = info.input_shape
+    tensor = v2.ModelMetadataResponse.TensorMetadata
+    return v2.ModelMetadataResponse(
+        name=served.name,
+        versions=[str(v) for v in versions],
+        platform=V2_PLATFORM,
+        inputs=[tensor(name=info.input_name, datatype="FP32", shape=[-1, h, w, c])],
+        outputs=[tensor(name=info.output_name, datatype="FP32", shape=[-1, info.num_classes])],
+    )
+
+
+def v2_model_config(
+    served: ServedVersion, repository: ModelRepository, max_batch_size: int
+) -> v2.ModelConfigResponse:
+    """The model's configuration in Triton's terms: dims without the batch dimension,
+    max_batch_size = the largest batch one request may carry, dynamic batching when it is on."""
+    info = served.runtime.info
+    h, w, c = info.input_shape
+    batching = repository.batching
+    gpu = served.runtime.provider.startswith("CUDA")
+    parameters = {
+        **info.properties,
+        "accepted_input_datatypes": ",".join(V2_DTYPES),
+        "uint8_input_scaling": f"x * {info.input_scale!r} + {info.input_offset!r}",
+        "execution_provider": served.runtime.provider,
+    }
+    if batching.enabled:
+        parameters["dynamic_batching_max_batch_size"] = str(batching.max_batch_size)
+    config = v2config.ModelConfig(
+        name=served.name,
+        platform=V2_PLATFORM,
+        backend=V2_BACKEND,
+        version_policy=v2config.ModelVersionPolicy(
+            latest=v2config.ModelVersionPolicy.Latest(num_versions=repository.max_versions)
+        ),
+        max_batch_size=max_batch_size,
+        input=[
+            v2config.ModelInput(
+                name=info.input_name,
+                data_type=v2config.TYPE_FP32,
+                format=v2config.ModelInput.FORMAT_NHWC,
+                dims=[h, w, c],
+            )
+        ],
+        output=[
+            v2config.ModelOutput(
+                name=info.output_name, data_type=v2config.TYPE_FP32, dims=[info.num_classes]
+            )
+        ],
+        instance_group=[
+            v2config.ModelInstanceGroup(
+                name=served.name,
+                kind=v2config.ModelInstanceGroup.KIND_GPU
+                if gpu
+                else v2config.ModelInstanceGroup.KIND_CPU,
+                count=1,
+            )
+        ],
+        default_model_filename=MODEL_FILE,
+        parameters={k: v2config.ModelParameter(string_value=v) for k, v in parameters.items()},
+    )
+    if batching.enabled:
+        config.dynamic_batching.SetInParent()
+        config.dynamic_batching.max_queue_delay_microseconds = round(batching.max_delay_s * 1e6)
+    return v2.ModelConfigResponse(config=config)
+
+
+def v2_model_statistics(name: str, version: int, s: VersionStats) -> v2.ModelStatistics:
+    """What the data plane counted. cnnserve times the whole ONNX Runtime run (input and output
+    handling included) as compute_infer; compute_input and compute_output carry the same count
+    and no time of their own (Triton clients such as perf_analyzer require the three counts to
+    be equal)."""
+
+    def duration(d: Duration) -> v2.StatisticDuration:
+        return v2.StatisticDuration(count=d.count, ns=d.ns)
+
+    def untimed(d: Duration) -> v2.StatisticDuration:
+        return v2.StatisticDuration(count=d.count, ns=0)
+
+    return v2.ModelStatistics(
+        name=name,
+        version=str(version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=v2.InferStatistics(
+            success=duration(s.success),
+            fail=duration(s.fail),
+            queue=duration(s.queue),
+            compute_input=untimed(s.compute_infer),
+            compute_infer=duration(s.compute_infer),
+            compute_output=untimed(s.compute_infer),
+        ),
+        batch_stats=[
+            v2.InferBatchStatistics(
+                batch_size=size,
+                compute_input=untimed(d),
+                compute_infer=duration(d),
+                compute_output=untimed(d),
+            )
+            for size, d in sorted(s.batches.items())
+        ],
+    )
+
+
+def v2_repository_index(
+    repository: ModelRepository, ready_only: bool
+) -> v2.RepositoryIndexResponse:
+    """One entry per model version on disk, in Triton's state words; our own state and its
+    reason go into `reason` when the version does not serve."""
+    index = v2.RepositoryIndexResponse.ModelIndex
+    models = []
+    for name, statuses in repository.statuses().items():
+        for s in statuses:
+            if ready_only and s.state is not State.READY:
+                continue
+            reason = ""
+            if s.state in (State.FAILED, State.UNLOADED):
+                reason = s.state.value.lower() + (f": {s.reason}" if s.reason else "")
+            models.append(
+                index(
+                    name=name, version=str(s.version), state=TRITON_STATES[s.state], reason=reason
+                )
+            )
+    return v2.RepositoryIndexResponse(models=models)

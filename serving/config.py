@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ class Settings:
     warmup: bool = True
     log_level: str = "info"
     log_format: str = "text"
+    tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC port
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a cert it signed
+    auth_token_file: Path | None = None  # a file holding the bearer token callers must send
+    # The token itself, from CNNSERVE_AUTH_TOKEN only (a flag would show it in `ps`).
+    auth_token: str = field(default="", repr=False, metadata={"env_only": True})
 
     @property
     def max_message_bytes(self) -> int:
@@ -56,7 +62,8 @@ _HELP: dict[str, str] = {
     "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",
     "max_request_batch": "largest batch a single request may carry",
     "max_message_mb": "largest gRPC message, in MiB, received or sent",
-    "max_image_pixels": "largest decoded image (width x height) Classify accepts",
+    "max_image_pixels": "largest decoded image (width x height) Classify accepts; also Pillow's "
+    "decompression-bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
     "max_versions": "how many of the newest versions of each model stay loaded",
     "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
     "grace_seconds": "how long in-flight calls may drain on SIGTERM",
@@ -64,6 +71,12 @@ _HELP: dict[str, str] = {
     "warmup": "run every batch size once at load (--no-warmup turns it off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
+    "tls_cert": "PEM certificate (chain) of the server: serve gRPC over TLS (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA certificates: require clients to present a certificate they signed (mTLS)",
+    "auth_token_file": "file holding a bearer token every call must carry as `authorization: Bearer "
+    "<token>` (health and reflection stay open); or put the token itself in CNNSERVE_AUTH_TOKEN",
+    "auth_token": "bearer token (environment only)",
 }
 _CHOICES: dict[str, Sequence[str]] = {
     "provider": PROVIDERS,
@@ -81,8 +94,19 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _converter(kind: Any) -> Any:
-    return {"Path": Path, "int": int, "float": float, "str": str, "bool": _parse_bool}[kind]
+    return {
+        "Path": Path,
+        "Path | None": _optional_path,
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": _parse_bool,
+    }[kind]
 
 
 def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
@@ -93,6 +117,8 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
     )
     defaults = Settings()
     for f in fields(Settings):
+        if f.metadata.get("env_only"):
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = f"{_HELP[f.name]} (default {default}; env {ENV_PREFIX}{f.name.upper()})"
@@ -119,7 +145,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = build_parser().parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        flag_value = getattr(args, f.name)
+        flag_value = getattr(args, f.name, None)
         if flag_value is not None:
             values[f.name] = flag_value
             continue
@@ -154,3 +180,43 @@ def validate(s: Settings) -> None:
     for name in ("max_queue_delay_ms", "poll_seconds", "grace_seconds", "max_connection_age_s"):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        path = getattr(s, name)
+        if path is not None and not path.is_file():
+            raise bad(name, "no such file")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise bad(
+            "tls_cert" if s.tls_cert is None else "tls_key",
+            "TLS needs both --tls-cert and --tls-key",
+        )
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise bad("tls_client_ca", "client certificates need TLS: set --tls-cert and --tls-key too")
+    if s.auth_token_file is not None and s.auth_token:
+        raise ConfigError(
+            f"--auth-token-file / {ENV_PREFIX}AUTH_TOKEN_FILE and {ENV_PREFIX}AUTH_TOKEN are both "
+            "set: give the token one way"
+        )
+    read_auth_token(s)
+
+
+def read_auth_token(s: Settings) -> str | None:
+    """The bearer token callers must send, or None when token auth is off. The file holds the
+    token alone (surrounding whitespace, a trailing newline included, is ignored)."""
+    if s.auth_token_file is None:
+        token = s.auth_token.strip()
+        where = f"{ENV_PREFIX}AUTH_TOKEN"
+    else:
+        try:
+            token = s.auth_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"--auth-token-file {s.auth_token_file}: cannot read it ({exc})"
+            ) from None
+        where = f"--auth-token-file {s.auth_token_file}"
+    if s.auth_token_file is None and not s.auth_token:
+        return None
+    if not token:
+        raise ConfigError(f"{where}: the token is empty")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"{where}: the token must be printable ASCII without spaces")
+    return token

@@ -14,6 +14,19 @@ from serving.errors import InvalidArgument
 U8 = npt.NDArray[np.uint8]
 
 
+# Formats a client may send. Pillow opens many more (EPS, for one, runs Ghostscript on load):
+# untrusted bytes only ever reach these decoders.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+
+def configure(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb check agree with our limit: it warns above
+    MAX_IMAGE_PIXELS (which `open_encoded` turns into a refusal) and fails above twice that.
+    0 keeps Pillow's default (about 89 megapixels)."""
+    if max_pixels > 0:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def open_encoded(data: bytes, index: int, max_pixels: int) -> Image.Image:
     """Open PNG/JPEG/... bytes, refusing empty, corrupt and oversized (decompression-bomb) images."""
     if not data:
@@ -21,7 +34,7 @@ def open_encoded(data: bytes, index: int, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if max_pixels and width * height > max_pixels:
                 raise InvalidArgument(
@@ -31,12 +44,17 @@ def open_encoded(data: bytes, index: int, max_pixels: int) -> Image.Image:
             image.load()
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidArgument(f"image {index}: refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidArgument(
+            f"image {index}: cannot decode ({len(data):,} bytes): not an image in a supported "
+            f"format ({', '.join(FORMATS)})"
+        ) from None
+    except Exception as exc:  # whatever a decoder raises on hostile bytes is a bad image
         raise InvalidArgument(
             f"image {index}: cannot decode ({len(data):,} bytes): {exc}"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidArgument(f"image {index}: refused as a decompression bomb: {exc}") from None
     return image
 
 
@@ -53,7 +71,7 @@ def from_pixels(pixels: U8, index: int) -> Image.Image:
     )
 
 
-def fit(image: Image.Image, shape: tuple[int, int, int]) -> U8:
+def fit(image: Image.Image, shape: tuple[int, int, int], index: int = 0) -> U8:
     """Convert to the model's channels (L or RGB) and size; returns uint8 [H, W, C]."""
     h, w, c = shape
     if image.mode in ("RGBA", "LA", "P", "PA"):
@@ -61,8 +79,13 @@ def fit(image: Image.Image, shape: tuple[int, int, int]) -> U8:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("L" if c == 1 else "RGB")
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    try:
+        image = image.convert("L" if c == 1 else "RGB")
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+    except ValueError as exc:  # a mode Pillow cannot convert (LAB, ...), an empty image
+        raise InvalidArgument(
+            f"image {index}: cannot convert mode {image.mode} {image.size} to the model's input: {exc}"
+        ) from None
     array = np.asarray(image, dtype=np.uint8)
     return array.reshape(h, w, c)

@@ -6,12 +6,14 @@ Knows nothing of gRPC or protobuf.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from serving import images
+from serving.batching import Observer
 from serving.errors import InvalidArgument
 from serving.repository import ModelRepository, ServedVersion
 
@@ -42,10 +44,74 @@ def top_k(probabilities: F32, k: int) -> TopK:
     return TopK(idx.astype(np.int64), np.take_along_axis(probabilities, idx, axis=1))
 
 
+@dataclass
+class Duration:
+    """How often something happened, and how long it took in all."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, times: int = 1) -> None:
+        self.count += times
+        self.ns += round(seconds * 1e9) * times
+
+
+@dataclass
+class VersionStats:
+    """Cumulative counts of one model version, as the server measured them (both APIs)."""
+
+    inference_count: int = 0  # images of successful requests
+    execution_count: int = 0  # ONNX Runtime runs, after dynamic batching
+    last_inference_ms: int = 0  # Unix time of the last answered request, in ms
+    success: Duration = field(default_factory=Duration)  # requests, time in the data plane
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)  # per request: wait in the batcher
+    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's run
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> runs
+
+
+class Statistics:
+    """Per-version request and execution counters, kept on the event loop (no locks needed)."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[tuple[str, int], VersionStats] = {}
+
+    def get(self, name: str, version: int) -> VersionStats:
+        return self._by_version.setdefault((name, version), VersionStats())
+
+    def observer(self, name: str, version: int, then: Observer | None = None) -> Observer:
+        """The batcher's per-run callback for this version (chained before `then`)."""
+        stats = self.get(name, version)
+
+        def observe(size: int, waits: list[float], seconds: float) -> None:
+            stats.execution_count += 1
+            stats.batches.setdefault(size, Duration()).add(seconds)
+            # Every request of the batch waited for, and is charged, the whole run.
+            stats.compute_infer.add(seconds, len(waits))
+            for wait in waits:
+                stats.queue.add(wait)
+            if then is not None:
+                then(size, waits, seconds)
+
+        return observe
+
+    def finished(self, served: ServedVersion, images: int, seconds: float, ok: bool) -> None:
+        stats = self.get(served.name, served.version)
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        if ok:
+            stats.inference_count += images
+            stats.success.add(seconds)
+        else:
+            stats.fail.add(seconds)
+
+
 class DataPlane:
-    def __init__(self, repository: ModelRepository, limits: Limits) -> None:
+    def __init__(
+        self, repository: ModelRepository, limits: Limits, stats: Statistics | None = None
+    ) -> None:
         self.repository = repository
         self.limits = limits
+        self.stats = stats or Statistics()
 
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
         if not model:
@@ -74,11 +140,18 @@ class DataPlane:
             )
 
     async def predict(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> F32:
-        self.check_batch(served, pixels)
-        x = served.runtime.prepare(pixels)
-        if x.dtype == np.float32 and not np.isfinite(x).all():
-            raise InvalidArgument("float32 images contain NaN or infinite values")
-        return await served.infer(x)
+        started = time.perf_counter()
+        try:
+            self.check_batch(served, pixels)
+            x = served.runtime.prepare(pixels)
+            if x.dtype == np.float32 and not np.isfinite(x).all():
+                raise InvalidArgument("float32 images contain NaN or infinite values")
+            out = await served.infer(x)
+        except BaseException:  # counted as failed, whatever it was (cancellation included)
+            self.stats.finished(served, 0, time.perf_counter() - started, ok=False)
+            raise
+        self.stats.finished(served, len(out), time.perf_counter() - started, ok=True)
+        return out
 
     def decode_images(
         self, served: ServedVersion, encoded: list[bytes | npt.NDArray[np.uint8]]
@@ -99,5 +172,5 @@ class DataPlane:
                 if item.size > self.limits.max_image_pixels * 4:
                     raise InvalidArgument(f"image {i}: {item.size:,} values, over the pixel limit")
                 img = images.from_pixels(item, i)
-            batch[i] = images.fit(img, shape)
+            batch[i] = images.fit(img, shape, i)
         return batch

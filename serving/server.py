@@ -9,23 +9,33 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from serving import images
+from serving.api.calls import RequestDecoding
 from serving.api.cnnserve import CnnServeServicer
-from serving.config import Settings
-from serving.inference import DataPlane, Limits
+from serving.api.inference import GRPCInferenceServiceServicer
+from serving.auth import TokenAuthInterceptor
+from serving.batching import Observer
+from serving.config import Settings, read_auth_token
+from serving.inference import DataPlane, Limits, Statistics
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2
+from serving.pb.inference import grpc_predict_v2_pb2
 from serving.repository import BatchingOptions, ModelRepository, State
 from serving.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [cnnserve_pb2.DESCRIPTOR.services_by_name["CnnServe"].full_name]
+SERVICE_NAMES = [
+    cnnserve_pb2.DESCRIPTOR.services_by_name["CnnServe"].full_name,
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -47,6 +57,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.stats = Statistics()
         self.health = HealthServicer()
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ort"
@@ -66,12 +77,14 @@ class Server:
             ),
             executor=self.executor,
             max_versions=settings.max_versions,
-            observer_for=self.metrics.observer_for,
+            observer_for=self._observer_for,
             on_state=self._on_state,
         )
+        images.configure(settings.max_image_pixels)  # Pillow's bomb check, the same limit
         self.plane = DataPlane(
             self.repository,
             Limits(settings.max_request_batch, settings.max_image_pixels),
+            self.stats,
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
@@ -92,11 +105,24 @@ class Server:
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
 
-    def _refresh_overall(self) -> None:
-        ready = self.repository.scanned_once and any(
-            self.repository.is_ready(n) for n in self.repository.model_names()
+    def _observer_for(self, model: str, version: int, provider: str) -> Observer:
+        """Each batch run feeds the data plane's statistics, then the Prometheus metrics."""
+        return self.stats.observer(
+            model, version, self.metrics.observer_for(model, version, provider)
         )
-        status = SERVING if ready and not self._stopping.is_set() else NOT_SERVING
+
+    def is_ready(self) -> bool:
+        """Ready for inferencing: the repository was scanned, at least one model is ready, and
+        the server is not shutting down. The overall health status and the Open Inference
+        Protocol's ServerReady both answer this."""
+        return (
+            self.repository.scanned_once
+            and any(self.repository.is_ready(n) for n in self.repository.model_names())
+            and not self._stopping.is_set()
+        )
+
+    def _refresh_overall(self) -> None:
+        status = SERVING if self.is_ready() else NOT_SERVING
         for service in ["", *SERVICE_NAMES]:
             self._set_health(service, status)
 
@@ -116,13 +142,48 @@ class Server:
             ]
         return options
 
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """Token auth first (an unauthenticated request is never parsed), then the guard that
+        turns unparsable requests into INVALID_ARGUMENT."""
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        token = read_auth_token(self.settings)
+        if token is not None:
+            interceptors.append(TokenAuthInterceptor(token, self.metrics))
+        interceptors.append(RequestDecoding(self.metrics))
+        return interceptors
+
+    @property
+    def transport(self) -> str:
+        s = self.settings
+        if s.tls_cert is None:
+            return "plaintext"
+        return "mutual TLS" if s.tls_client_ca is not None else "TLS"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS when a certificate is configured; mutual TLS (a client certificate signed by
+        --tls-client-ca is required) when a client CA is too."""
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
     async def start(self) -> None:
         s = self.settings
-        server = grpc.aio.server(options=self._options())
+        server = grpc.aio.server(options=self._options(), interceptors=self._interceptors())
         from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
 
         cnnserve_pb2_grpc.add_CnnServeServicer_to_server(
             CnnServeServicer(self.plane, self.metrics), server
+        )
+        from serving.pb.inference import grpc_predict_v2_pb2_grpc
+
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            GRPCInferenceServiceServicer(self.plane, self.metrics, self.is_ready), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -134,7 +195,11 @@ class Server:
             server,
         )
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
-        self.port = server.add_insecure_port(address)
+        credentials = self._credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self._refresh_overall()
@@ -143,9 +208,12 @@ class Server:
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         log.info(
-            "listening on %s:%d (gRPC); repository %s; provider %s; batching %s (max %d, delay %.2f ms)",
+            "listening on %s:%d (gRPC, %s, token auth %s); repository %s; provider %s; "
+            "batching %s (max %d, delay %.2f ms)",
             s.host,
             self.port,
+            self.transport,
+            "on" if read_auth_token(s) is not None else "off",
             s.model_repository,
             s.provider,
             "on" if s.batching else "off",

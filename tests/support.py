@@ -51,6 +51,12 @@ class ServerProcess:
     metrics_port: int = 0
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
+    credentials: grpc.ChannelCredentials | None = None  # how to connect to a TLS server
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
 
     @property
     def target(self) -> str:
@@ -87,7 +93,7 @@ class ServerProcess:
 
     def wait_health(self, service: str = "", timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:

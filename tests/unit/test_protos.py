@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import sys
+import subprocess
 from pathlib import Path
 
-from tests.support import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import gen_protos  # noqa: E402
+from tests.support import PYTHON, ROOT
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    written = gen_protos.generate(tmp_path)
+    # protoc runs in its own process: inside a pytest process that has already imported
+    # TensorFlow (whose bundled protobuf symbols clash with grpc_tools') it can crash.
+    script = (
+        "import sys; sys.path.insert(0, 'scripts'); import gen_protos; from pathlib import Path; "
+        f"print('\\n'.join(map(str, gen_protos.generate(Path({str(tmp_path)!r})))))"
+    )
+    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    written = [Path(line) for line in done.stdout.splitlines() if line]
     assert written, "no .proto files found"
     stale = [
         str(rel)

@@ -1,0 +1,1004 @@
+"""Serving benchmark: cnnserve over gRPC against its two limits, measured in one run.
+
+    make bench                                   # or: .venv/bin/python bench/serving_bench.py
+    .venv/bin/python bench/serving_bench.py --models models --model mnist --duration 5
+    .venv/bin/python bench/serving_bench.py --smoke --out /tmp/bench   # seconds, for the tests
+
+What runs, one after the other (never two at once, so each has the machine to itself):
+1. start-up: `python -m serving` over a repository of the one model, timed from process start
+   to the health service's SERVING (polled), and its resident memory (VmRSS) once idle;
+2. the server over the whole models folder, loaded by `h2load` (nghttp2's native HTTP/2 load
+   generator, so the client is not the bottleneck) posting pre-encoded gRPC frames to our
+   `cnnserve.v1.CnnServe/Predict` and to the Open Inference Protocol's
+   `inference.GRPCInferenceService/ModelInfer`: batch 1 at concurrency 1, 4, 16, 64 and batch 32
+   at concurrency 1, 4 (concurrency C = C connections with one request in flight each);
+3. a do-nothing grpc.aio server (bench/echo_server.py) answering the same request with the same
+   response bytes, under the same load: the floor of the Python gRPC stack;
+4. ONNX Runtime in this process on the same model file with the same thread settings: batch 1
+   with one session and with two sessions side by side, batch 32 with one.
+
+h2load does not read grpc-status trailers, so every run is checked against the server's own
+count: `cnnserve_requests_total{code="OK"}` must grow by exactly the number of requests sent, or
+the benchmark fails. Server CPU comes from /proc/<pid>/stat (utime + stime, all threads), the
+load generator's from its rusage. Outputs (bench/results/ by default): results.csv, report.md,
+report.png, the server logs and h2load's per-request logs; `--publish` copies the report and
+the plot to bench/REPORT.md and bench/report.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import config
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from serving.runtime import ModelRuntime, RuntimeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_MB = 1024 * 1024
+
+PREDICT = "/cnnserve.v1.CnnServe/Predict"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+APIS = {"cnnserve": PREDICT, "v2": MODEL_INFER}
+METHOD_NAME = {PREDICT: "Predict", MODEL_INFER: "ModelInfer"}
+
+
+class BenchError(SystemExit):
+    """A run that cannot be trusted: the benchmark stops, loudly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"\nBENCHMARK FAILED: {message}\n")
+
+
+# ================================================================================== processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A child process we measure through /proc."""
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        self.cmd = list(cmd)
+        self.log_path = log_path
+        self.started = time.perf_counter()
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (every thread), in seconds."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        parts = stat[stat.rindex(")") + 2 :].split()
+        return (int(parts[11]) + int(parts[12])) / CLK_TCK
+
+    def memory_mb(self, key: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return math.nan
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(
+                f"{self.cmd[:4]} exited with {self.proc.returncode}:\n{self.logs()[-3000:]}"
+            )
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_serving(target: str, proc: Process, timeout: float, interval: float = 0.005) -> float:
+    """Poll the health service until SERVING; returns seconds since the process started."""
+    deadline = time.perf_counter() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.perf_counter() < deadline:
+            proc.check_alive()
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - proc.started
+            except grpc.RpcError:
+                pass
+            time.sleep(interval)
+    raise BenchError(f"server not SERVING within {timeout:.0f}s:\n{proc.logs()[-3000:]}")
+
+
+def start_server(
+    repository: Path, server_args: Sequence[str], log_path: Path, root: Path = ROOT
+) -> tuple[Process, int, int]:
+    """`python -m serving` run from `root` (another checkout's `serving` package, for A/B)."""
+    port, metrics_port = free_port(), free_port()
+    cmd = [
+        PYTHON, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", str(metrics_port), "--poll-seconds", "0",
+        "--log-level", "warning", *server_args,
+    ]  # fmt: skip
+    return Process(cmd, log_path, cwd=root), port, metrics_port
+
+
+def start_echo(response: bytes, workdir: Path) -> tuple[Process, int]:
+    response_path = workdir / "echo-response.bin"
+    response_path.write_bytes(response)
+    port = free_port()
+    cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port), "--response",
+           str(response_path)]  # fmt: skip
+    proc = Process(cmd, workdir / "echo-server.log")
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline:
+        proc.check_alive()
+        if f"port {port}" in proc.logs():
+            return proc, port
+        time.sleep(0.02)
+    raise BenchError("echo server did not start")
+
+
+# ================================================================================== metrics
+
+
+def scrape(metrics_port: int) -> dict[tuple[str, ...], float]:
+    """The samples the checks read: requests by (method, code), batch-size sum and count."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key: tuple[str, ...]
+            if s.name == "cnnserve_requests_total":
+                key = ("requests", s.labels["method"], s.labels["code"])
+            elif s.name in ("cnnserve_batch_size_sum", "cnnserve_batch_size_count"):
+                key = (s.name,)
+            else:
+                continue
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def delta(
+    after: dict[tuple[str, ...], float], before: dict[tuple[str, ...], float]
+) -> dict[tuple[str, ...], float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+# ================================================================================== payloads
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message: compressed-flag 0, 4-byte big-endian length, body."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def request_bytes(api: str, model: str, input_name: str, x: np.ndarray) -> bytes:
+    if api == "cnnserve":
+        return pb.PredictRequest(
+            model=model,
+            images=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=x.shape, data=x.tobytes()),
+        ).SerializeToString()
+    request = v2.ModelInferRequest(model_name=model)
+    request.inputs.add(name=input_name, datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+def real_response(target: str, method: str, body: bytes) -> bytes:
+    """The server's serialized answer to `body` (what the echo server will send back)."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(method, None, None)  # bytes in, bytes out
+        response: bytes = call(body, timeout=30)
+    return response
+
+
+# ================================================================================== results
+
+
+@dataclass
+class Point:
+    target: str  # cnnserve | v2 | echo | in-process | in-process x2
+    batch: int
+    concurrency: int
+    requests: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    mean_batch: float = math.nan  # images per ONNX Runtime run, from the server's histogram
+    server_cpu_us_per_image: float = math.nan
+    server_cores: float = math.nan  # average CPU cores the server (or in-process ORT) used
+    loadgen_cores: float = math.nan
+    loadgen_cpu_us_per_request: float = math.nan
+    rss_mb_max: float = math.nan
+    vs_in_process: float = math.nan
+    vs_echo: float = math.nan
+
+
+@dataclass
+class Report:
+    started: str
+    settings: dict[str, object]
+    points: list[Point] = field(default_factory=list)
+    startup_s: list[float] = field(default_factory=list)
+    idle_rss_one_model_mb: float = math.nan
+    idle_rss_mb: float = math.nan
+    load_rss_mb: float = math.nan
+    load_hwm_mb: float = math.nan
+    loadavg_start: str = ""
+    loadavg_end: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else math.nan
+
+
+# ================================================================================== load generator
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    succeeded: int
+    seconds: float
+    latencies_ms: list[float]
+    cpu_s: float  # user + system of h2load
+    output: str
+
+
+def h2load(
+    url: str,
+    payload: Path,
+    requests: int,
+    concurrency: int,
+    log_path: Path,
+    *,
+    sample: Process | None = None,
+) -> tuple[LoadResult, float]:
+    """Closed loop: `concurrency` connections, each with one request in flight, until
+    `requests` are answered. Returns the result and the largest VmRSS of `sample` seen."""
+    cmd = [
+        "h2load", "-n", str(requests), "-c", str(concurrency), "-m", "1", "-t", "1",
+        "-d", str(payload), "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "--log-file", str(log_path), url,
+    ]  # fmt: skip
+    out_path = log_path.with_suffix(".out")
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        rss = 0.0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if sample is not None:
+                rss = max(rss, sample.memory_mb())
+            time.sleep(0.05)
+    text = out_path.read_text()
+    if proc.returncode != 0:
+        raise BenchError(f"h2load exited with {proc.returncode}: {' '.join(cmd)}\n{text}")
+    finished = re.search(r"finished in ([\d.]+)(s|ms|us)", text)
+    counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", text)
+    if not finished or not counts:
+        raise BenchError(f"cannot read h2load's output:\n{text}")
+    scale = {"s": 1.0, "ms": 1e-3, "us": 1e-6}[finished.group(2)]
+    latencies = [
+        int(line.split("\t")[2]) / 1000.0
+        for line in log_path.read_text().splitlines()
+        if line.count("\t") >= 2
+    ]
+    result = LoadResult(
+        requests=int(counts.group(2)),
+        succeeded=int(counts.group(3)),
+        seconds=float(finished.group(1)) * scale,
+        latencies_ms=latencies,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        output=text,
+    )
+    if result.succeeded != requests or result.requests != requests:
+        raise BenchError(
+            f"h2load: {result.succeeded} of {requests} requests got HTTP 200 ({url}):\n{text}"
+        )
+    return result, rss
+
+
+# ================================================================================== runs
+
+
+@dataclass
+class Options:
+    duration: float
+    warmup: float
+    out: Path
+
+
+class Runner:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.logs = options.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def load(
+        self,
+        target: str,
+        *,
+        url: str,
+        payload: Path,
+        batch: int,
+        concurrency: int,
+        proc: Process,
+        metrics_port: int | None,
+    ) -> Point:
+        """Warm up (which also sizes the measured run), then measure one point."""
+        tag = f"{target}-b{batch}-c{concurrency}"
+        warm_n = max(concurrency * 4, 40 if batch == 1 else 8)
+        warm, _ = self._run(url, payload, warm_n, concurrency, tag + "-warmup", proc=proc,
+                            metrics_port=metrics_port)  # fmt: skip
+        rate = warm.requests / max(warm.seconds, 1e-3)
+        if self.options.warmup > warm.seconds:  # warm up for at least --warmup seconds
+            extra = int(rate * (self.options.warmup - warm.seconds))
+            if extra > concurrency:
+                warm, _ = self._run(url, payload, extra, concurrency, tag + "-warmup2", proc=proc,
+                                    metrics_port=metrics_port)  # fmt: skip
+                rate = warm.requests / max(warm.seconds, 1e-3)
+        n = max(concurrency * 10, int(rate * self.options.duration))
+        before_cpu = proc.cpu_seconds()
+        before = scrape(metrics_port) if metrics_port else {}
+        result, rss = self._run(url, payload, n, concurrency, tag, proc=proc, metrics_port=None,
+                                sample=proc)  # fmt: skip
+        cpu = proc.cpu_seconds() - before_cpu
+        point = Point(target, batch, concurrency)
+        if metrics_port:
+            d = delta(scrape(metrics_port), before)
+            self._check(d, url, n)
+            if d.get(("cnnserve_batch_size_count",)):
+                point.mean_batch = (
+                    d[("cnnserve_batch_size_sum",)] / d[("cnnserve_batch_size_count",)]
+                )
+        images = result.requests * batch
+        point.requests = result.requests
+        point.seconds = result.seconds
+        point.images_per_s = images / result.seconds
+        point.p50_ms = percentile(result.latencies_ms, 50)
+        point.p99_ms = percentile(result.latencies_ms, 99)
+        point.server_cpu_us_per_image = cpu / images * 1e6
+        point.server_cores = cpu / result.seconds
+        point.loadgen_cores = result.cpu_s / result.seconds
+        point.loadgen_cpu_us_per_request = result.cpu_s / result.requests * 1e6
+        point.rss_mb_max = rss
+        print(
+            f"  {tag:<22} {point.images_per_s:>9,.0f} img/s  p50 {point.p50_ms:6.2f} ms  "
+            f"p99 {point.p99_ms:6.2f} ms  server {point.server_cores:.2f} cores  "
+            f"h2load {point.loadgen_cores:.2f} cores  batch {point.mean_batch:.1f}",
+            flush=True,
+        )
+        return point
+
+    def _run(
+        self,
+        url: str,
+        payload: Path,
+        n: int,
+        concurrency: int,
+        tag: str,
+        *,
+        proc: Process,
+        metrics_port: int | None,
+        sample: Process | None = None,
+    ) -> tuple[LoadResult, float]:
+        before = scrape(metrics_port) if metrics_port else {}
+        result = h2load(
+            url, payload, n, concurrency, self.logs / f"h2load-{tag}.log", sample=sample
+        )
+        proc.check_alive()
+        if metrics_port:
+            self._check(delta(scrape(metrics_port), before), url, n)
+        return result
+
+    @staticmethod
+    def _check(d: dict[tuple[str, ...], float], url: str, sent: int) -> None:
+        """Every request sent must be counted OK by the server, and nothing else."""
+        method = METHOD_NAME[url[url.index("/", len("http://")) :]]
+        ok = d.get(("requests", method, "OK"), 0.0)
+        other = {
+            k: v for k, v in d.items() if k[0] == "requests" and k != ("requests", method, "OK")
+        }
+        if ok != sent or other:
+            raise BenchError(
+                f"{url}: sent {sent} requests, the server counted {ok:.0f} {method} OK"
+                + (f" and also {other}" if other else "")
+                + " (cnnserve_requests_total): answers were not all successful"
+            )
+
+
+def in_process(
+    model_path: Path, options: RuntimeOptions, x: np.ndarray, *, sessions: int, seconds: float
+) -> Point:
+    """ONNX Runtime alone: `sessions` threads, each running its own session in a loop."""
+    batch = len(x)
+    runtimes = [
+        ModelRuntime(model_path, RuntimeOptions(
+            provider=options.provider, intra_op_threads=options.intra_op_threads,
+            inter_op_threads=options.inter_op_threads, warmup_batch_sizes=(batch,)))
+        for _ in range(sessions)
+    ]  # fmt: skip
+    latencies: list[list[float]] = [[] for _ in runtimes]
+    start = threading.Barrier(len(runtimes) + 1)
+    stop = threading.Event()
+
+    def loop(rt: ModelRuntime, lat: list[float]) -> None:
+        for _ in range(20):
+            rt.run(x)
+        start.wait()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            rt.run(x)
+            lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=loop, args=(rt, lat)) for rt, lat in zip(runtimes, latencies, strict=True)]  # fmt: skip
+    for t in threads:
+        t.start()
+    start.wait()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    all_ms = [v * 1000 for lat in latencies for v in lat]
+    runs = len(all_ms)
+    target = "in-process" if sessions == 1 else f"in-process x{sessions}"
+    point = Point(target, batch, sessions, requests=runs, seconds=elapsed)
+    point.images_per_s = runs * batch / elapsed
+    point.p50_ms, point.p99_ms = percentile(all_ms, 50), percentile(all_ms, 99)
+    point.server_cpu_us_per_image = cpu / (runs * batch) * 1e6
+    point.server_cores = cpu / elapsed
+    point.mean_batch = batch
+    print(
+        f"  {target + f'-b{batch}':<22} {point.images_per_s:>9,.0f} img/s  "
+        f"p50 {point.p50_ms:6.3f} ms  p99 {point.p99_ms:6.3f} ms  {point.server_cores:.2f} cores",
+        flush=True,
+    )
+    return point
+
+
+@contextlib.contextmanager
+def one_model_repository(models: Path, model: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
+        repo = Path(tmp) / "models"
+        repo.mkdir()
+        (repo / model).symlink_to((models / model).resolve())
+        yield repo
+
+
+def measure_startup(
+    models: Path,
+    model: str,
+    server_args: Sequence[str],
+    *,
+    repeats: int,
+    logs: Path,
+    report: Report,
+    root: Path = ROOT,
+) -> None:
+    with one_model_repository(models, model) as repo:
+        for i in range(repeats):
+            proc, port, _ = start_server(repo, server_args, logs / f"startup-{i}.log", root)
+            try:
+                seconds = wait_serving(f"127.0.0.1:{port}", proc, timeout=60)
+                report.startup_s.append(seconds)
+                if i == repeats - 1:
+                    time.sleep(1.0)
+                    report.idle_rss_one_model_mb = proc.memory_mb()
+            finally:
+                proc.stop()
+    print(
+        f"start-up to SERVING with one model: {', '.join(f'{s:.2f}' for s in report.startup_s)} s; "
+        f"idle RSS {report.idle_rss_one_model_mb:.0f} MB",
+        flush=True,
+    )
+
+
+def wait_quiet(limit: float, max_wait: float) -> None:
+    if max_wait <= 0:
+        return
+    deadline = time.monotonic() + max_wait
+    while float(loadavg().split()[0]) >= limit and time.monotonic() < deadline:
+        print(f"load average {loadavg()}: waiting for it to fall below {limit}", flush=True)
+        time.sleep(20)
+
+
+# ================================================================================== report
+
+
+def add_ratios(points: list[Point]) -> None:
+    ceiling: dict[int, float] = {}
+    for p in points:
+        if p.target.startswith("in-process"):
+            ceiling[p.batch] = max(ceiling.get(p.batch, 0.0), p.images_per_s)
+    echo = {(p.batch, p.concurrency): p.images_per_s for p in points if p.target == "echo"}
+    for p in points:
+        if p.target.startswith("in-process"):
+            continue
+        if p.batch in ceiling:
+            p.vs_in_process = p.images_per_s / ceiling[p.batch]
+        if (p.batch, p.concurrency) in echo and p.target != "echo":
+            p.vs_echo = p.images_per_s / echo[(p.batch, p.concurrency)]
+
+
+def write_csv(points: list[Point], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f.name for f in fields(Point)])
+        for p in points:
+            writer.writerow(
+                [round(v, 4) if isinstance(v, float) else v for v in asdict(p).values()]
+            )
+
+
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    return "-" if math.isnan(value) else format(value, spec) + suffix
+
+
+def markdown_table(points: list[Point]) -> str:
+    head = (
+        "| target | batch | conc. | images/s | p50 ms | p99 ms | mean server batch | "
+        "server CPU µs/image | server cores | h2load cores | vs in-process | vs echo |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for p in points:
+        conc = f"{p.concurrency} sess." if p.target.startswith("in-process") else str(p.concurrency)
+        rows.append(
+            f"| {p.target} | {p.batch} | {conc} | {p.images_per_s:,.0f} | {_fmt(p.p50_ms, '.2f')} | "
+            f"{_fmt(p.p99_ms, '.2f')} | {_fmt(p.mean_batch, '.1f')} | "
+            f"{_fmt(p.server_cpu_us_per_image, '.0f')} | {_fmt(p.server_cores, '.2f')} | "
+            f"{_fmt(p.loadgen_cores, '.2f')} | {_fmt(p.vs_in_process * 100, '.0f', '%')} | "
+            f"{_fmt(p.vs_echo * 100, '.0f', '%')} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _find(points: list[Point], target: str, batch: int, conc: int) -> Point | None:
+    return next(
+        (p for p in points if p.target == target and p.batch == batch and p.concurrency == conc),
+        None,
+    )
+
+
+def targets(report: Report, apis: Sequence[str]) -> list[str]:
+    """The issue's targets, each as one line: met or not, with the figures."""
+    lines = []
+    pts = report.points
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    for api in apis:
+        p = _find(pts, api, 32, 4)
+        if p is not None:
+            lines.append(
+                f"- {api}, batch 32 at concurrency 4 ≥ 75% of in-process ORT: "
+                f"{p.vs_in_process:.0%} — {mark(p.vs_in_process >= 0.75)}"
+            )
+        p = _find(pts, api, 1, 16)
+        if p is not None:
+            ok = p.vs_echo >= 0.80 and p.p99_ms < 10
+            lines.append(
+                f"- {api}, batch 1 at concurrency 16 ≥ 80% of echo, p99 < 10 ms: "
+                f"{p.vs_echo:.0%} of echo, p99 {p.p99_ms:.2f} ms — {mark(ok)}"
+            )
+        p, e = _find(pts, api, 1, 1), _find(pts, "echo", 1, 1)
+        if p is not None and e is not None:
+            lines.append(
+                f"- {api}, batch 1 at concurrency 1, p50 ≤ echo p50 + 0.2 ms: "
+                f"{p.p50_ms:.3f} ms vs echo {e.p50_ms:.3f} ms (+{p.p50_ms - e.p50_ms:.3f}) — "
+                f"{mark(p.p50_ms <= e.p50_ms + 0.2)}"
+            )
+    if report.startup_s:
+        s = statistics.median(report.startup_s)
+        lines.append(
+            f"- ready within 3 s of process start (one model): median {s:.2f} s "
+            f"(max {max(report.startup_s):.2f}) — {mark(s < 3)}"
+        )
+    if not math.isnan(report.idle_rss_one_model_mb):
+        lines.append(
+            f"- idle RSS < 250 MB (one model): {report.idle_rss_one_model_mb:.0f} MB — "
+            f"{mark(report.idle_rss_one_model_mb < 250)}"
+        )
+    return lines
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({p.batch for p in points})
+    fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
+    styles = {"cnnserve": "o-", "v2": "s-", "echo": "^--"}
+    for row, batch in zip(axes, batches, strict=True):
+        for target, style in styles.items():
+            series = sorted(
+                (p for p in points if p.target == target and p.batch == batch),
+                key=lambda p: p.concurrency,
+            )
+            if not series:
+                continue
+            conc = [p.concurrency for p in series]
+            row[0].plot(conc, [p.images_per_s for p in series], style, label=target)
+            row[1].plot(conc, [p.p99_ms for p in series], style, label=target)
+        for p in points:
+            if p.target.startswith("in-process") and p.batch == batch:
+                row[0].axhline(p.images_per_s, linestyle=":", color="grey")
+                row[0].annotate(
+                    f"{p.target} ({p.images_per_s:,.0f})",
+                    (1, p.images_per_s),
+                    fontsize=8,
+                    color="grey",
+                    va="bottom",
+                )
+        for ax, ylabel in zip(row, ["images/s", "p99 latency (ms)"], strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency (requests in flight)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"batch {batch}: {ylabel.split(' ')[0]}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        row[0].set_ylim(bottom=0)
+        row[1].set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: Report, apis: Sequence[str], command: str, path: Path) -> str:
+    pts = report.points
+    loadgen = [p.loadgen_cores for p in pts if not math.isnan(p.loadgen_cores)]
+    s = report.settings
+    text = [
+        "# Serving benchmark",
+        "",
+        f"Run {report.started} on {s['machine']}; load average at start {report.loadavg_start}, "
+        f"at end {report.loadavg_end}. Command: `{command}`",
+        "",
+        f"Model `{s['model']}` ({s['input_shape']}, float32 requests of {s['request_bytes']}) from "
+        f"`{s['models']}`; server flags: `{s['server_args'] or '(defaults)'}` "
+        f"(intra-op threads {s['intra_op_threads']}, inter-op {s['inter_op_threads']}, batching "
+        f"{s['batching']}, max batch {s['max_batch_size']}, max delay {s['max_queue_delay_ms']} ms). "
+        f"Load: h2load, closed loop, one connection per request in flight, {s['duration']} s "
+        "per point after a warm-up; latencies are h2load's per-request times, end of response "
+        'included. Every run was checked against the server\'s `cnnserve_requests_total{code="OK"}`.',
+        "",
+        markdown_table(pts),
+        "`vs in-process`: images/s over the best in-process ORT figure at the same batch size "
+        "(batch 1: the better of one and two sessions). `vs echo`: over the do-nothing grpc.aio "
+        "server at the same batch and concurrency. `server CPU`: the server process's utime + "
+        "stime over the run, all threads; for in-process rows, this process's ORT threads.",
+        "",
+        "## Targets",
+        "",
+        *targets(report, apis),
+        "",
+        "## Start-up, memory, load generator",
+        "",
+        f"- start-up to SERVING, one model, {len(report.startup_s)} starts: "
+        + ", ".join(f"{v:.2f} s" for v in report.startup_s),
+        f"- VmRSS: one model idle {report.idle_rss_one_model_mb:.0f} MB; the benchmark server "
+        f"({s['models_served']}) idle {report.idle_rss_mb:.0f} MB, under load up to "
+        f"{report.load_rss_mb:.0f} MB (VmHWM {report.load_hwm_mb:.0f} MB)",
+        f"- h2load used {min(loadgen, default=math.nan):.2f}..{max(loadgen, default=math.nan):.2f} "
+        "CPU cores (one thread; its per-request CPU is in results.csv). On this "
+        f"{os.cpu_count()}-core machine it shares the CPUs with the server.",
+        *[f"- {n}" for n in report.notes],
+        "",
+        "![throughput and p99 against concurrency](report.png)",
+        "",
+    ]
+    body = "\n".join(text)
+    path.write_text(body)
+    return body
+
+
+# ================================================================================== main
+
+
+def pick_model(models: Path, wanted: str | None) -> str:
+    names = sorted(p.name for p in models.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if wanted:
+        if wanted not in names:
+            raise BenchError(
+                f"no model {wanted!r} in {models} (found {', '.join(names) or 'none'})"
+            )
+        return wanted
+    if not names:
+        raise BenchError(f"no models in {models}: train one first (make train)")
+    return "mnist" if "mnist" in names else names[0]
+
+
+def newest_version(models: Path, model: str) -> Path:
+    versions = [int(p.name) for p in (models / model).iterdir() if p.name.isdigit()]
+    if not versions:
+        raise BenchError(f"{models / model}: no version folders")
+    return models / model / str(max(versions)) / "model.onnx"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    default_models = (
+        Path("/tmp/shared-models") if Path("/tmp/shared-models").is_dir() else Path("models")
+    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=default_models,
+        help=f"model repository to serve (default {default_models})",
+    )
+    p.add_argument("--model", help="model to load (default: mnist when present, else the first)")
+    p.add_argument("--apis", default="cnnserve,v2", help="comma-separated: cnnserve, v2")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured point")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per point")
+    p.add_argument("--batch1", default="1,4,16,64", help="concurrencies at batch 1")
+    p.add_argument("--batch32", default="1,4", help="concurrencies at batch 32")
+    p.add_argument("--startups", type=int, default=3, help="start-up measurements")
+    p.add_argument("--server-args", default="", help="extra flags for python -m serving")
+    p.add_argument("--no-echo", action="store_true", help="skip the echo server")
+    p.add_argument("--no-in-process", action="store_true", help="skip in-process ORT")
+    p.add_argument(
+        "--server-root",
+        type=Path,
+        default=ROOT,
+        help="folder whose serving/ package runs (A/B against another checkout)",
+    )
+    p.add_argument("--out", type=Path, default=BENCH / "results")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy report.md and report.png to bench/REPORT.md and bench/report.png",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=1.5,
+        help="wait for the 1-minute load average to fall below this ...",
+    )
+    p.add_argument(
+        "--quiet-wait", type=float, default=0.0, help="... for at most this many seconds"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few short points only: checks the tooling, measures nothing",
+    )
+    args = p.parse_args(argv)  # fmt: skip
+
+    if shutil.which("h2load") is None:
+        raise BenchError("h2load not found: apt-get install nghttp2-client")
+    if args.smoke:
+        args.duration, args.warmup, args.batch1, args.batch32, args.startups = (
+            0.3,
+            0.0,
+            "1,4",
+            "1",
+            1,
+        )
+    apis = [a for a in args.apis.split(",") if a]
+    if unknown := set(apis) - set(APIS):
+        raise BenchError(f"unknown API(s) {sorted(unknown)}; choose from {', '.join(APIS)}")
+    models: Path = args.models.resolve()
+    model = pick_model(models, args.model)
+    model_path = newest_version(models, model)
+    server_args = args.server_args.split()
+    settings = config.load([*server_args, "--model-repository", str(models)], environ=os.environ)
+    rt_options = RuntimeOptions(
+        provider=settings.provider,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(Options(args.duration, args.warmup, out))
+    batches = {1: [int(c) for c in args.batch1.split(",") if c],
+               32: [int(c) for c in args.batch32.split(",") if c]}  # fmt: skip
+    wait_quiet(args.quiet_load, args.quiet_wait)
+
+    probe = ModelRuntime(model_path, RuntimeOptions(warmup_batch_sizes=()))
+    h, w, c = probe.info.input_shape
+    input_name = probe.info.input_name
+    del probe
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.random((b, h, w, c), dtype=np.float32) for b in batches if batches[b]}
+    cpu_model = Path("/proc/cpuinfo").read_text()
+    machine = next((ln.split(":", 1)[1].strip() for ln in cpu_model.splitlines()
+                    if ln.startswith("model name")), "?")  # fmt: skip
+    report = Report(
+        started=datetime.datetime.now().isoformat(timespec="seconds"),
+        settings={
+            "machine": f"{os.cpu_count()} CPUs ({machine})",
+            "model": model, "models": str(models), "input_shape": f"{h}x{w}x{c}",
+            "request_bytes": ", ".join(f"batch {b}: {x.nbytes:,} B" for b, x in inputs.items()),
+            "server_args": args.server_args, "intra_op_threads": settings.intra_op_threads,
+            "inter_op_threads": settings.inter_op_threads, "batching": "on" if settings.batching else "off",
+            "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
+            "duration": args.duration,
+            "models_served": ", ".join(sorted(q.name for q in models.iterdir() if q.is_dir())),
+        },
+        loadavg_start=loadavg(),
+    )  # fmt: skip
+    logs = runner.logs
+    print(f"model {model} ({model_path}); results in {out}; load average {loadavg()}", flush=True)
+
+    # 1. start-up and idle memory with one model
+    if args.startups:
+        measure_startup(
+            models,
+            model,
+            server_args,
+            repeats=args.startups,
+            logs=logs,
+            report=report,
+            root=args.server_root.resolve(),
+        )
+
+    # 2. the server under load
+    responses: dict[tuple[str, int], bytes] = {}
+    payloads: dict[tuple[str, int], Path] = {}
+    proc, port, metrics_port = start_server(
+        models, server_args, logs / "server.log", args.server_root.resolve()
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
+        time.sleep(1.0)
+        report.idle_rss_mb = proc.memory_mb()
+        for api in apis:
+            for batch, x in inputs.items():
+                body = request_bytes(api, model, input_name, x)
+                payloads[api, batch] = out / f"payload-{api}-b{batch}.bin"
+                payloads[api, batch].write_bytes(grpc_frame(body))
+                responses[api, batch] = real_response(f"127.0.0.1:{port}", APIS[api], body)
+        for api in apis:
+            url = f"http://127.0.0.1:{port}{APIS[api]}"
+            for batch, concs in batches.items():
+                for conc in concs:
+                    report.points.append(
+                        runner.load(
+                            api,
+                            url=url,
+                            payload=payloads[api, batch],
+                            batch=batch,
+                            concurrency=conc,
+                            proc=proc,
+                            metrics_port=metrics_port,
+                        )
+                    )
+        report.load_rss_mb = max(p.rss_mb_max for p in report.points)
+        report.load_hwm_mb = proc.memory_mb("VmHWM")
+    finally:
+        proc.stop()
+
+    # 3. the do-nothing gRPC floor, same payloads, same load
+    if not args.no_echo:
+        api = apis[0]
+        for batch, concs in batches.items():
+            if not concs:
+                continue
+            echo, echo_port = start_echo(responses[api, batch], logs)
+            try:
+                url = f"http://127.0.0.1:{echo_port}{APIS[api]}"
+                for conc in concs:
+                    report.points.append(
+                        runner.load(
+                            "echo",
+                            url=url,
+                            payload=payloads[api, batch],
+                            batch=batch,
+                            concurrency=conc,
+                            proc=echo,
+                            metrics_port=None,
+                        )
+                    )
+            finally:
+                echo.stop()
+        report.notes.append(
+            f"echo: bench/echo_server.py answering the {api} request with the real server's "
+            "response bytes for it (same payload both ways), no parsing"
+        )
+
+    # 4. ONNX Runtime alone
+    if not args.no_in_process:
+        seconds = max(args.duration, 0.2)
+        if 1 in inputs:
+            for sessions in (1, 2):
+                report.points.append(
+                    in_process(
+                        model_path, rt_options, inputs[1], sessions=sessions, seconds=seconds
+                    )
+                )
+        if 32 in inputs:
+            report.points.append(
+                in_process(model_path, rt_options, inputs[32], sessions=1, seconds=seconds)
+            )
+
+    report.loadavg_end = loadavg()
+    add_ratios(report.points)
+    write_csv(report.points, out / "results.csv")
+    (out / "results.json").write_text(json.dumps(asdict(report), indent=1, default=str))
+    given = list(argv if argv is not None else sys.argv[1:])
+    command = " ".join([".venv/bin/python bench/serving_bench.py", *given])
+    try:
+        plot(report.points, out / "report.png")
+    except ImportError:
+        report.notes.append("no plot: matplotlib is not installed")
+    markdown = write_report(report, apis, command, out / "report.md")
+    print("\n" + markdown)
+    if args.publish:
+        shutil.copy(out / "report.md", BENCH / "REPORT.md")
+        if (out / "report.png").exists():
+            shutil.copy(out / "report.png", BENCH / "report.png")
+        print("published bench/REPORT.md and bench/report.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The inference.GRPCInferenceService servicer: the Open Inference Protocol (KServe v2) and the
+read-only Triton extensions (ModelConfig, ModelStatistics, RepositoryIndex).
+
+Same data plane, repository, error codes, messages and metrics as our own API: a model runs
+through `DataPlane.predict` whichever protocol asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+
+import grpc
+
+from serving import codec
+from serving.api.calls import Call, rpc
+from serving.errors import InvalidArgument
+from serving.inference import DataPlane
+from serving.metrics import Metrics
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from serving.repository import ServedVersion
+
+Ctx = grpc.aio.ServicerContext
+
+SERVER_NAME = "cnnserve"
+# Triton's names for the protocol extensions this servicer implements.
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("cnnserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self.plane = plane
+        self.metrics = metrics
+        self._ready = ready  # the server's own readiness rule (the overall health status)
+        self._version = server_version()
+
+    def _resolve(self, call: Call, model: str, version: str) -> ServedVersion:
+        served = self.plane.resolve(model, codec.parse_v2_version(version))
+        call.model, call.version = served.name, str(served.version)
+        return served
+
+    @rpc("ServerLive")
+    async def ServerLive(
+        self, request: v2.ServerLiveRequest, context: Ctx, call: Call
+    ) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady")
+    async def ServerReady(
+        self, request: v2.ServerReadyRequest, context: Ctx, call: Call
+    ) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self._ready())
+
+    @rpc("ModelReady")
+    async def ModelReady(
+        self, request: v2.ModelReadyRequest, context: Ctx, call: Call
+    ) -> v2.ModelReadyResponse:
+        # The per-model health status: SERVING exactly when a version is ready.
+        version = codec.parse_v2_version(request.version)
+        return v2.ModelReadyResponse(ready=self.plane.repository.is_ready(request.name, version))
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, context: Ctx, call: Call
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+        )
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(
+        self, request: v2.ModelMetadataRequest, context: Ctx, call: Call
+    ) -> v2.ModelMetadataResponse:
+        served = self._resolve(call, request.name, request.version)
+        return codec.v2_model_metadata(served, self.plane.repository.ready_versions(served.name))
+
+    @rpc("ModelInfer")
+    async def ModelInfer(
+        self, request: v2.ModelInferRequest, context: Ctx, call: Call
+    ) -> v2.ModelInferResponse:
+        served = self._resolve(call, request.model_name, request.model_version)
+        pixels = codec.decode_v2_input(request, served)
+        outputs = codec.v2_requested_outputs(request, served)
+        probabilities = await self.plane.predict(served, pixels)
+        return codec.v2_infer_response(served, request.id, probabilities, outputs)
+
+    @rpc("ModelConfig")
+    async def ModelConfig(
+        self, request: v2.ModelConfigRequest, context: Ctx, call: Call
+    ) -> v2.ModelConfigResponse:
+        served = self._resolve(call, request.name, request.version)
+        return codec.v2_model_config(
+            served, self.plane.repository, self.plane.limits.max_request_batch
+        )
+
+    @rpc("ModelStatistics")
+    async def ModelStatistics(
+        self, request: v2.ModelStatisticsRequest, context: Ctx, call: Call
+    ) -> v2.ModelStatisticsResponse:
+        repository = self.plane.repository
+        if request.name:
+            if request.version:
+                served = self._resolve(call, request.name, request.version)
+                wanted = [(served.name, served.version)]
+            else:
+                # NOT_FOUND or UNAVAILABLE, as for an inference.
+                call.model = repository.get(request.name).name
+                wanted = [(request.name, v) for v in repository.ready_versions(request.name)]
+        elif request.version:
+            raise InvalidArgument("a model version was given without a model name")
+        else:  # every ready version of every model
+            wanted = [
+                (n, v) for n in repository.model_names() for v in repository.ready_versions(n)
+            ]
+        return v2.ModelStatisticsResponse(
+            model_stats=[
+                codec.v2_model_statistics(n, v, self.plane.stats.get(n, v)) for n, v in wanted
+            ]
+        )
+
+    @rpc("RepositoryIndex")
+    async def RepositoryIndex(
+        self, request: v2.RepositoryIndexRequest, context: Ctx, call: Call
+    ) -> v2.RepositoryIndexResponse:
+        # cnnserve serves one repository: `repository_name` selects nothing.
+        return codec.v2_repository_index(self.plane.repository, request.ready)

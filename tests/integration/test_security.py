@@ -1,0 +1,413 @@
+"""TLS, mutual TLS and bearer tokens on the real server, with throwaway certificates made at run
+time (the `cryptography` package); the config checks; no unpickling or eval in `serving`."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import ipaddress
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serving import config, images
+from serving.client import Client
+from serving.errors import InvalidArgument
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.support import PYTHON, ROOT, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+X = np.zeros((2, 28, 28, 1), np.uint8)
+TOKEN = "s3cr3t-token-of-the-test"
+
+
+# ------------------------------------------------------------------ certificates
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_ca: Path  # another CA, and a client certificate it signed
+    rogue_cert: Path
+    rogue_key: Path
+
+    def read(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    elif server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("ca", "srv", "cli", "rca", "rcli")}
+    ca = _issue("cnnserve test CA", keys["ca"], None, ca=True)
+    rogue = _issue("rogue CA", keys["rca"], None, ca=True)
+    ca_path, _ = _write(folder, "ca", ca, keys["ca"])
+    rogue_path, _ = _write(folder, "rogue-ca", rogue, keys["rca"])
+    server = _issue("localhost", keys["srv"], (ca.subject, keys["ca"]), server=True)
+    client = _issue("client", keys["cli"], (ca.subject, keys["ca"]))
+    rogue_client = _issue("intruder", keys["rcli"], (rogue.subject, keys["rca"]))
+    return Pki(
+        ca_path,
+        *_write(folder, "server", server, keys["srv"]),
+        *_write(folder, "client", client, keys["cli"]),
+        rogue_path,
+        *_write(folder, "rogue-client", rogue_client, keys["rcli"]),
+    )
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code()  # type: ignore[attr-defined,no-any-return]
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def tls_server(trained_repo: Path, pki: Pki) -> Iterator[ServerProcess]:
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+    with ServerProcess(trained_repo, args, credentials=creds) as proc:
+        yield proc
+
+
+def test_tls_client_with_the_ca_gets_answers(tls_server: ServerProcess, pki: Pki) -> None:
+    with Client(tls_server.target, root_certificates=pki.ca, timeout=30) as client:
+        result = client.predict("fashion", X)
+        assert result.version == 1 and len(result.indices) == 2
+        assert client.health() == "SERVING"
+    assert "(gRPC, TLS, token auth off)" in tls_server.logs()
+
+
+def test_tls_refuses_clients_that_do_not_trust_it(tls_server: ServerProcess, pki: Pki) -> None:
+    # The system's roots do not know our throwaway CA; another CA does not sign the server.
+    for client in (
+        Client(tls_server.target, tls=True, timeout=10),
+        Client(tls_server.target, root_certificates=pki.rogue_ca, timeout=10),
+        Client(tls_server.target, timeout=10),  # plaintext against the TLS port
+    ):
+        with client:
+            assert code_of(lambda c=client: c.predict("fashion", X)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_cli_speaks_tls(tls_server: ServerProcess, pki: Pki) -> None:
+    base = [PYTHON, "-m", "serving.client", "--target", tls_server.target]
+    ok = subprocess.run(
+        [*base, "--ca-cert", str(pki.ca), "list"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("fashion: default v1")
+    plain = subprocess.run(
+        [*base, "--timeout", "10", "list"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert plain.returncode == 1 and plain.stderr.startswith("error: UNAVAILABLE"), plain.stderr
+
+
+# ------------------------------------------------------------------ mutual TLS + token from the environment
+
+
+@pytest.fixture(scope="module")
+def mtls_server(trained_repo: Path, pki: Pki) -> Iterator[ServerProcess]:
+    args = [
+        "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key),
+        "--tls-client-ca", str(pki.ca),
+    ]  # fmt: skip
+    creds = grpc.ssl_channel_credentials(
+        pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+    )
+    env = {"CNNSERVE_AUTH_TOKEN": TOKEN}
+    with ServerProcess(trained_repo, args, env=env, credentials=creds) as proc:
+        yield proc
+
+
+def test_mtls_needs_a_client_certificate_the_ca_signed(mtls_server: ServerProcess, pki: Pki) -> None:
+    target = mtls_server.target
+    with Client(
+        target, root_certificates=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key, token=TOKEN
+    ) as client:
+        assert client.predict("fashion", X).version == 1
+    for refused in (
+        Client(target, root_certificates=pki.ca, token=TOKEN, timeout=10),  # no client cert
+        Client(
+            target,
+            root_certificates=pki.ca,
+            client_cert=pki.rogue_cert,
+            client_key=pki.rogue_key,
+            token=TOKEN,
+            timeout=10,
+        ),  # a certificate from another CA
+    ):
+        with refused:
+            assert code_of(lambda c=refused: c.predict("fashion", X)) == grpc.StatusCode.UNAVAILABLE
+    assert "(gRPC, mutual TLS, token auth on)" in mtls_server.logs()
+
+
+def test_mtls_and_token_are_both_required(mtls_server: ServerProcess, pki: Pki) -> None:
+    """CNNSERVE_AUTH_TOKEN holds the token itself; a good certificate alone is not enough."""
+    cert = {"root_certificates": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key}
+    with Client(mtls_server.target, **cert, timeout=10) as client:  # type: ignore[arg-type]
+        assert code_of(lambda: client.list_models()) == grpc.StatusCode.UNAUTHENTICATED
+        assert client.health() == "SERVING"  # probes need no token
+
+
+# ------------------------------------------------------------------ token auth
+
+
+@pytest.fixture(scope="module")
+def token_server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN + "\n")
+    with ServerProcess(trained_repo, ["--auth-token-file", str(token_file)]) as proc:
+        yield proc
+
+
+def _v2_ready(channel: grpc.Channel, metadata: list[tuple[str, str]] | None) -> v2.ServerReadyResponse:
+    return v2_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+        v2.ServerReadyRequest(), timeout=10, metadata=metadata
+    )
+
+
+def test_token_auth_on_both_apis(token_server: ServerProcess) -> None:
+    target = token_server.target
+    with Client(target, token=TOKEN) as client:
+        assert client.predict("fashion", X).version == 1
+    for token in (None, "wrong", TOKEN + "x", TOKEN[:-1], ""):
+        with Client(target, token=token, timeout=10) as client:
+            assert code_of(lambda c=client: c.predict("fashion", X)) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda c=client: c.list_models()) == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(target) as channel:
+        assert _v2_ready(channel, [("authorization", f"Bearer {TOKEN}")]).ready
+        assert _v2_ready(channel, [("authorization", f"bearer {TOKEN}")]).ready  # scheme: any case
+        for metadata in (
+            None,
+            [("authorization", TOKEN)],  # no scheme
+            [("authorization", f"Basic {TOKEN}")],
+            [("authorization", "Bearer wrong")],
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                _v2_ready(channel, metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        # unknown methods are refused before anything else is said about them
+        nope = channel.unary_unary("/cnnserve.v1.CnnServe/Nope", None, None)
+        assert code_of(lambda: nope(b"", timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_and_reflection_stay_open(token_server: ServerProcess) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(token_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fashion"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert "cnnserve.v1.CnnServe" in services
+
+
+def test_refused_calls_are_counted(token_server: ServerProcess) -> None:
+    with Client(token_server.target, token="wrong", timeout=10) as client:
+        for _ in range(3):
+            code_of(lambda: client.metadata("fashion"))
+    url = f"http://127.0.0.1:{token_server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    line = next(
+        (
+            line
+            for line in text.splitlines()
+            if line.startswith("cnnserve_requests_total{")
+            and 'code="UNAUTHENTICATED"' in line
+            and 'method="GetModelMetadata"' in line
+        ),
+        None,
+    )
+    assert line is not None and float(line.split()[-1]) >= 3, text
+
+
+def test_client_cli_sends_the_token(token_server: ServerProcess, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    base = [PYTHON, "-m", "serving.client", "--target", token_server.target]
+    run = {"cwd": ROOT, "capture_output": True, "text": True, "check": False}
+    ok = subprocess.run([*base, "--token-file", str(token_file), "list"], **run)  # type: ignore[call-overload]
+    assert ok.returncode == 0, ok.stderr
+    from_env = subprocess.run([*base, "list"], env={"CNNSERVE_AUTH_TOKEN": TOKEN, "PATH": ""}, **run)  # type: ignore[call-overload]
+    assert from_env.returncode == 0, from_env.stderr
+    refused = subprocess.run([*base, "list"], env={"PATH": ""}, **run)  # type: ignore[call-overload]
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: UNAUTHENTICATED"), refused.stderr
+
+
+# ------------------------------------------------------------------ settings and source
+
+
+def test_security_settings_are_checked(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not checked here: grpc reads it at start")
+    cases = [
+        (["--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(pem)], {}, "--tls-cert / CNNSERVE_TLS_CERT=.*no such file"),
+        (["--tls-cert", str(pem)], {}, "--tls-key / CNNSERVE_TLS_KEY=None: TLS needs both"),
+        ([], {"CNNSERVE_TLS_CLIENT_CA": str(pem)}, "--tls-client-ca .*need TLS"),
+        (["--auth-token-file", str(tmp_path / "nope")], {}, "--auth-token-file / CNNSERVE_AUTH_TOKEN_FILE=.*no such file"),
+        (["--auth-token-file", str(pem)], {"CNNSERVE_AUTH_TOKEN": "x"}, "both set"),
+        ([], {"CNNSERVE_AUTH_TOKEN": "   "}, "CNNSERVE_AUTH_TOKEN: the token is empty"),
+        ([], {"CNNSERVE_AUTH_TOKEN": "two words"}, "printable ASCII without spaces"),
+    ]
+    for argv, env, message in cases:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(argv, env)
+    settings = config.load([], {"CNNSERVE_AUTH_TOKEN": TOKEN})
+    assert config.read_auth_token(settings) == TOKEN
+    assert TOKEN not in repr(settings)  # never logged by accident
+    assert "--auth-token " not in config.build_parser().format_help()  # no flag: `ps` would show it
+    done = subprocess.run(
+        [PYTHON, "-m", "serving", "--tls-cert", str(tmp_path / "missing.crt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "--tls-cert / CNNSERVE_TLS_CERT" in done.stderr
+
+
+def test_pillow_bomb_limit_follows_the_setting(tmp_path: Path) -> None:
+    """The server sets Pillow's own limit to --max-image-pixels: even with our check off
+    (max_pixels=0 below), Pillow refuses an image above it."""
+    before = Image.MAX_IMAGE_PIXELS
+    buf = tmp_path / "big.png"
+    Image.new("L", (40, 40)).save(buf)
+    try:
+        images.configure(1000)
+        assert Image.MAX_IMAGE_PIXELS == 1000
+        with pytest.raises(InvalidArgument, match="decompression bomb"):
+            images.open_encoded(buf.read_bytes(), 0, 0)
+        images.configure(0)  # 0: Pillow's own default stays
+        assert Image.MAX_IMAGE_PIXELS == 1000
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+    server = (ROOT / "serving" / "server.py").read_text()
+    assert "images.configure(settings.max_image_pixels)" in server
+
+
+FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
+FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
+
+
+def test_serving_never_unpickles_or_evaluates() -> None:
+    """Nothing under serving/ imports a pickle-like module, calls eval/exec/compile, loads numpy
+    files with pickles allowed or YAML with arbitrary objects: request bytes and model files
+    only ever reach protobuf, numpy.frombuffer, Pillow's image decoders and ONNX Runtime."""
+    problems = []
+    files = sorted((ROOT / "serving").rglob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                names = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+            else:
+                names = set()
+            if names & FORBIDDEN_MODULES:
+                problems.append(f"{where}: imports {names & FORBIDDEN_MODULES}")
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if name in FORBIDDEN_CALLS and isinstance(func, ast.Name):
+                    problems.append(f"{where}: calls {name}()")
+                if name == "load" and any(k.arg == "allow_pickle" for k in node.keywords):
+                    problems.append(f"{where}: numpy load with allow_pickle")
+                if name in ("load", "unsafe_load") and "yaml" in ast.unparse(func):
+                    problems.append(f"{where}: yaml.{name}")
+    assert not problems, problems

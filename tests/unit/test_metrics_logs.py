@@ -1,0 +1,100 @@
+"""Metrics and log records of the model lifecycle, on a real repository with tiny real models."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import logs
+from serving.metrics import Metrics
+from serving.repository import BatchingOptions, ModelRepository, State
+from serving.runtime import RuntimeOptions
+from tests.support import write_tiny_model
+
+
+def states(metrics: Metrics, model: str, version: str) -> dict[str, float]:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        s.labels["state"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "cnnserve_model_state"
+        for s in f.samples
+        if s.labels["model"] == model and s.labels["version"] == version
+    }
+
+
+async def test_model_state_follows_load_refusal_and_removal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    write_tiny_model(tmp_path / "tiny" / "1" / "model.onnx")
+    broken = tmp_path / "tiny" / "2" / "model.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not onnx")
+
+    def on_state(name: str, version: int, state: State, seconds: float) -> None:
+        metrics.set_state(name, version, state.value, seconds, 1_700_000_000.0)
+
+    with ThreadPoolExecutor(2) as executor:
+        repo = ModelRepository(
+            tmp_path,
+            runtime_options=RuntimeOptions(warmup_batch_sizes=(1,)),
+            batching=BatchingOptions(),
+            executor=executor,
+            observer_for=metrics.observer_for,
+            on_state=on_state,
+        )
+        with caplog.at_level(logging.INFO, logger="serving.repository"):
+            await repo.scan()
+            assert states(metrics, "tiny", "1")["READY"] == 1
+            assert states(metrics, "tiny", "2") == {
+                "LOADING": 0,
+                "READY": 0,
+                "FAILED": 1,
+                "UNLOADED": 0,
+            }
+            # The refused file goes away: the version no longer reports a failure.
+            broken.unlink()
+            await repo.scan()
+            assert states(metrics, "tiny", "2")["FAILED"] == 0
+            assert states(metrics, "tiny", "2")["UNLOADED"] == 1
+            assert states(metrics, "tiny", "1")["READY"] == 1
+        await repo.close()
+
+    events = {getattr(r, "event", None): r for r in caplog.records}
+    refused = events["model_refused"]
+    assert refused.levelno == logging.ERROR and not refused.exc_info
+    assert "refused after" in refused.getMessage()
+    assert events["model_ready"].__dict__["provider"] == "CPUExecutionProvider"
+    assert "model_forgotten" in events
+    # No `_created` series: only what the dashboard and docs/metrics.md name.
+    assert "_created" not in generate_latest(metrics.registry).decode()
+
+
+def test_json_formatter_writes_extra_fields_and_exceptions() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("tests.json")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("model %s ready", "m", extra={"event": "model_ready", "path": Path("/x")})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "model m ready" and first["level"] == "warning"
+    assert (first["event"], first["path"]) == ("model_ready", "/x")
+    assert "args" not in first and "msg" not in first
+    assert second["level"] == "error" and "ValueError: boom" in second["exception"]
