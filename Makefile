@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train serve demo test test-fast lint format protos constraints clean compose-up compose-down dashboard-snapshot
+.PHONY: help setup train serve demo test test-fast lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-train bench-profile fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -50,6 +50,31 @@ demo: setup | $(MODELS)/$(DATASET) ## start a server, classify real test images,
 
 dashboard-snapshot: setup | $(MODELS)/$(DATASET) ## ~20 s of mixed load on a server over $(MODELS), key panels drawn to docs/dashboard.png
 	$(PY) scripts/dashboard_snapshot.py --models-dir $(MODELS) --out docs/dashboard.png
+
+# Benchmarks (need h2load: apt-get install nghttp2-client). BENCH_MODELS: the models folder
+# (default /tmp/shared-models when it exists, else $(MODELS)); BENCH_ARGS: more flags, e.g.
+# BENCH_ARGS="--duration 10 --publish" (see bench/serving_bench.py --help).
+BENCH_MODELS ?=
+BENCH_ARGS ?=
+PROFILE_ARGS ?=
+bench: setup ## serving benchmark: h2load on both APIs vs the gRPC echo floor and in-process ONNX Runtime, to bench/results/
+	$(PY) bench/serving_bench.py $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(BENCH_ARGS)
+
+bench-train: setup ## training overhead: training.train epoch time against a plain model.fit (TensorFlow)
+	$(PY) bench/train_overhead.py
+
+bench-profile: setup ## py-spy profile of the server under h2load (PROFILE_ARGS="--batch 1 --concurrency 16")
+	$(PY) -m bench.profile_server $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(PROFILE_ARGS)
+
+# Robustness: FUZZ_CASES hostile calls on both APIs; SOAK_SECONDS of mixed valid and invalid
+# traffic at concurrency 32 (each starts its own server over $(MODELS)/$(DATASET)).
+FUZZ_CASES ?= 10000
+SOAK_SECONDS ?= 300
+fuzz: setup | $(MODELS)/$(DATASET) ## hypothesis + raw bytes against a live server, both APIs; prints counts by status code
+	$(PY) bench/fuzz.py --models-dir $(MODELS) --model $(DATASET) --cases $(FUZZ_CASES)
+
+soak: setup | $(MODELS)/$(DATASET) ## SOAK_SECONDS (300) of mixed traffic at concurrency 32: no unexpected or lost answer, RSS growth < 10%
+	$(PY) bench/soak.py --models-dir $(MODELS) --model $(DATASET) --seconds $(SOAK_SECONDS)
 
 test: setup ## the whole test suite (trains small real models once per run)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -693,25 +693,33 @@ def fuzz(
     oracle: Oracle,
     tally: Tally,
     alive: Callable[[], bool],
-    bursts: int,
-    burst_size: int = 12,
+    cases: int,
+    burst_size: int = 8,
+    progress: Callable[[Tally], None] | None = None,
 ) -> None:
-    """`bursts` Hypothesis examples, each a burst of up to `burst_size` cases sent at once."""
-    with ThreadPoolExecutor(8) as pool:
+    """At least `cases` more cases, in bursts of `burst_size` / 2 to `burst_size` cases sent at
+    once, each burst one Hypothesis example (rounds of 50 bursts, until enough were sent)."""
+    target = tally.total + cases
+    bursts = st.lists(strategies(model).case, min_size=max(1, burst_size // 2), max_size=burst_size)
+    with ThreadPoolExecutor(burst_size) as pool:
 
         @settings(
-            max_examples=bursts,
+            max_examples=50,
             deadline=None,
             database=None,
             phases=(Phase.generate, Phase.shrink),
             suppress_health_check=list(HealthCheck),
             print_blob=True,
         )
-        @given(st.lists(cases(model), min_size=1, max_size=burst_size))
+        @given(bursts)
         def burst(cases: list[Case]) -> None:
-            run_burst(channel, cases, oracle=oracle, tally=tally, alive=alive, pool=pool)
+            if tally.total < target:
+                run_burst(channel, cases, oracle=oracle, tally=tally, alive=alive, pool=pool)
 
-        burst()
+        while tally.total < target:
+            burst()
+            if progress is not None:
+                progress(tally)
 
 
 # ------------------------------------------------------------------ command line
@@ -724,6 +732,8 @@ def target_server(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], 
             raise SystemExit("--target needs --model-file (the ONNX file the server runs)")
         yield args.target, lambda: True, args.model_file
         return
+    import tempfile
+
     from tests.support import ServerProcess
 
     folder = args.models_dir / args.model
@@ -732,13 +742,19 @@ def target_server(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], 
     )
     if not versions:
         raise SystemExit(f"{folder}: no model versions (run `make train DATASET={args.model}`)")
-    with ServerProcess(args.models_dir, ["--max-message-mb", str(args.max_message_mb)]) as proc:
-        yield (
-            proc.target,
-            lambda: proc.proc is not None and proc.proc.poll() is None,
-            folder / str(versions[0]) / "model.onnx",
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "server.log"
+        server = ServerProcess(
+            args.models_dir, ["--max-message-mb", str(args.max_message_mb)], log_path=log_path
         )
-        print(f"server log: {proc.log_path}")
+        with server as proc:
+            yield (
+                proc.target,
+                lambda: proc.proc is not None and proc.proc.poll() is None,
+                folder / str(versions[0]) / "model.onnx",
+            )
+        if "Traceback" in log_path.read_text():
+            print(f"the server logged exceptions:\n{log_path.read_text()[-4000:]}")
 
 
 def model_facts(channel: grpc.Channel, name: str, max_message: int) -> ModelFacts:
@@ -762,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--model", default="mnist", help="model name in the repository")
     p.add_argument("--cases", type=int, default=10_000, help="at least this many hostile calls")
+    p.add_argument("--burst", type=int, default=16, help="most cases sent at once")
     p.add_argument(
         "--max-message-mb", type=int, default=1, help="the server's message limit (own server)"
     )
@@ -782,10 +799,21 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fuzzing {target}: model {model.name} ({model.h}x{model.w}x{model.c}), {args.cases:,} cases"
         )
+
+        def progress(tally: Tally) -> None:
+            print(f"  {tally.total:,} cases, {time.monotonic() - started:.0f}s", flush=True)
+
         try:
-            while tally.total < args.cases:
-                fuzz(channel, model, oracle=oracle, tally=tally, alive=alive, bursts=100)
-                print(f"  {tally.total:,} cases, {time.monotonic() - started:.0f}s", flush=True)
+            fuzz(
+                channel,
+                model,
+                oracle=oracle,
+                tally=tally,
+                alive=alive,
+                cases=args.cases,
+                burst_size=args.burst,
+                progress=progress,
+            )
         except Exception as exc:
             print(tally.report())
             print(f"FAILED after {tally.total:,} cases: {type(exc).__name__}: {exc}")

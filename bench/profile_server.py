@@ -25,6 +25,7 @@ from bench.serving_bench import (
     APIS,
     BENCH,
     PYTHON,
+    ROOT,
     BenchError,
     grpc_frame,
     h2load,
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--idle", action="store_true", help="py-spy --idle (waiting threads too)")
     p.add_argument("--server-args", default="")
+    p.add_argument(
+        "--server-root",
+        type=Path,
+        default=ROOT,
+        help="folder whose serving/ package runs (profile another checkout)",
+    )
     p.add_argument("--out", type=Path, default=BENCH / "results" / "profile")
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args(argv)
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     x = np.random.default_rng(0).random((args.batch, *info.input_shape), dtype=np.float32)
     payload = out / "payload.bin"
     payload.write_bytes(grpc_frame(request_bytes(args.api, model, info.input_name, x)))
-    proc, port, _ = start_server(models, args.server_args.split(), out / "server.log")
+    proc, port, _ = start_server(
+        models, args.server_args.split(), out / "server.log", args.server_root.resolve()
+    )
     tag = f"{args.api}-b{args.batch}-c{args.concurrency}"
     collapsed = out / f"profile-{tag}.txt"
     try:

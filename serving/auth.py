@@ -16,19 +16,14 @@ from typing import Any
 
 import grpc
 
+from serving.api.calls import PROBE_SERVICES
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger(__name__)
 
 SCHEME = "bearer"
 # Services a caller may use without the token: probes and service discovery.
-OPEN_SERVICES = frozenset(
-    {
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
-    }
-)
+OPEN_SERVICES = PROBE_SERVICES
 UNKNOWN_METHOD = "_unknown"
 
 # The next interceptor, or the server's lookup of the method's handler (None: no such method).

@@ -1,8 +1,8 @@
 """Dynamic batching: concurrent requests for one model coalesce into one ONNX Runtime run.
 
-A collector task takes the first queued request, then everything else already queued (and,
-with `max_delay_s` > 0, what arrives within that delay) up to `max_batch_size` images, runs
-the batch in a worker thread, and hands each caller its slice. While one batch computes,
+The first queued request, then everything else queued by the loop's next turn (and, with
+`max_delay_s` > 0, what arrives within that delay), up to `max_batch_size` images, form one
+batch; it runs, and each caller gets its slice. While one batch computes in a worker thread,
 the next one fills, so batches grow with load and cost no waiting when idle.
 Knows nothing of gRPC.
 """
@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import numpy.typing as npt
@@ -28,14 +28,29 @@ RunFn = Callable[[F32], F32]
 Observer = Callable[[int, list[float], float], None]
 
 
-@dataclass
 class _Pending:
-    x: F32
-    future: asyncio.Future[F32]
-    enqueued: float = field(default_factory=time.perf_counter)
+    __slots__ = ("enqueued", "future", "x")
+
+    def __init__(self, x: F32, future: asyncio.Future[F32], enqueued: float) -> None:
+        self.x = x
+        self.future = future
+        self.enqueued = enqueued
+
+
+# One ONNX Runtime run of a batch: its callers, their output rows (or the error), when it
+# started (perf_counter) and how long it ran.
+_Run = tuple[list[_Pending], "F32 | Exception", float, float]
 
 
 class Batcher:
+    """Driven by callbacks on the event loop, with no task of its own: `submit` queues the
+    request and, when the batcher is idle, schedules `_dispatch` for the loop's next turn (or
+    after `max_delay_s`), by which time every request that arrived in this turn is queued too.
+    A batch of at most `inline_max_images` images runs right there on the loop thread: ONNX
+    Runtime releases the GIL while it computes, and for a small model a hop to a worker thread
+    and back costs more than the run itself. A larger batch runs in the executor, and the next
+    one fills meanwhile."""
+
     def __init__(
         self,
         run: RunFn,
@@ -44,123 +59,159 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float = 0.0,
         observer: Observer | None = None,
+        inline_max_images: int = 0,
     ) -> None:
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.inline_max_images = inline_max_images
         self._observer = observer
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._running: list[_Pending] | None = None  # the batch in the executor
+        self._scheduled: asyncio.Handle | None = None  # the next _dispatch
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
 
     async def submit(self, x: F32) -> F32:
         """Queue `x` ([n, ...]) and wait for its output rows."""
         if self._closed:
             raise RuntimeError("batcher closed")
-        self.start()
-        future: asyncio.Future[F32] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(x, future))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[F32] = loop.create_future()
+        self._queue.append(_Pending(x, future, time.perf_counter()))
+        self._queued_images += len(x)
+        if self._running is None:
+            if self._scheduled is None:
+                self._schedule(loop)
+            elif self.max_delay_s > 0 and self._queued_images >= self.max_batch_size:
+                self._scheduled.cancel()  # full: no reason to wait out the delay
+                self._scheduled = loop.call_soon(self._dispatch)
         return await future
 
     async def close(self) -> None:
-        """Stop collecting once the queue is drained; callers still waiting get an error."""
+        """Stop batching; callers still queued or running get an error."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        waiting = [*(self._running or ()), *self._queue]
+        self._queue.clear()
+        self._queued_images = 0
+        for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("model unloaded"))
 
-    async def _take_batch(self) -> list[_Pending]:
-        first = await self._queue.get()
-        batch, size = [first], len(first.x)
-        deadline = time.perf_counter() + self.max_delay_s
-        while size < self.max_batch_size:
-            if self._queue.empty():
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.max_delay_s > 0 and self._queued_images < self.max_batch_size:
+            self._scheduled = loop.call_later(self.max_delay_s, self._dispatch)
+        else:
+            self._scheduled = loop.call_soon(self._dispatch)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Queued requests in order, up to max_batch_size images. Callers that gave up
+        (cancelled, past their deadline) are dropped; the first one always goes, however large;
+        one that does not fit leads the next batch."""
+        queue, size = self._queue, 0
+        batch: list[_Pending] = []
+        while queue:
+            p = queue[0]
+            n = len(p.x)
+            if not p.future.done():
+                if batch and size + n > self.max_batch_size:
                     break
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            else:
-                nxt = self._queue.get_nowait()
-            if size + len(nxt.x) > self.max_batch_size:
-                # Does not fit: it leads the next batch (it may run alone if it is large).
-                self._requeue_front(nxt)
+                batch.append(p)
+                size += n
+            queue.popleft()
+            self._queued_images -= n
+            if size >= self.max_batch_size:
                 break
-            batch.append(nxt)
-            size += len(nxt.x)
         return batch
 
-    def _requeue_front(self, item: _Pending) -> None:
-        # asyncio.Queue has no push-front; its deque is the documented-stable `_queue`.
-        self._queue._queue.appendleft(item)  # type: ignore[attr-defined]
-        self._queue._unfinished_tasks += 1  # type: ignore[attr-defined]
+    def _dispatch(self) -> None:
+        self._scheduled = None
+        loop = self._loop
+        if self._closed or self._running is not None or loop is None:
+            return
+        batch = self._take_batch()
+        if not batch:
+            return
+        x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+        if len(x) <= self.inline_max_images:
+            self._complete(self._work(batch, x))
+            if self._queue and self._scheduled is None:
+                self._schedule(loop)
+            return
+        self._running = batch
+        try:
+            future = self._executor.submit(self._work, batch, x)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            self._running = None
+            self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
+            return
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [p for p in await self._take_batch() if not p.future.done()]
-            if not batch:
-                continue  # every caller gave up (cancelled or past its deadline)
+        def done(f: Future[list[_Run]]) -> None:  # in the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._finished, f)
+
+        future.add_done_callback(done)
+
+    def _finished(self, f: Future[list[_Run]]) -> None:
+        batch, self._running = self._running, None
+        if self._closed or batch is None:
+            return  # close() has answered every caller
+        if f.cancelled():
+            self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
+        elif (exc := f.exception()) is not None:
+            self._complete(
+                [(batch, exc if isinstance(exc, Exception) else RuntimeError(exc), 0.0, 0.0)]
+            )
+        else:
+            self._complete(f.result())
+        if self._queue and self._scheduled is None and self._loop is not None:
+            self._schedule(self._loop)
+
+    def _work(self, batch: list[_Pending], x: F32) -> list[_Run]:
+        """Run a batch (in the executor, or inline); no asyncio here."""
+        started = time.perf_counter()
+        try:
+            return [(batch, self._run(x), started, time.perf_counter() - started)]
+        except Exception as exc:
+            if len(batch) == 1:
+                return [(batch, exc, started, 0.0)]
+        # One caller's input may be what failed: each runs alone, so only it fails.
+        runs: list[_Run] = []
+        for p in batch:
             started = time.perf_counter()
-            waits = [started - p.enqueued for p in batch]
-            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             try:
-                y = await loop.run_in_executor(self._executor, self._run, x)
-            except asyncio.CancelledError:
+                runs.append(([p], self._run(p.x), started, time.perf_counter() - started))
+            except Exception as exc:
+                runs.append(([p], exc, started, 0.0))
+        return runs
+
+    def _complete(self, runs: list[_Run]) -> None:
+        """On the loop: answer each caller, and feed the observer once per successful run."""
+        for batch, y, started, seconds in runs:
+            if isinstance(y, Exception):
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_exception(RuntimeError("model unloaded"))
-                raise
-            except Exception as exc:
-                if len(batch) == 1:
-                    if not batch[0].future.done():
-                        batch[0].future.set_exception(exc)
-                else:
-                    # One caller's input may be what failed: each runs alone, so only it fails.
-                    await self._run_each(batch)
+                        p.future.set_exception(y)
                 continue
             if self._observer is not None:
-                self._observer(len(x), waits, time.perf_counter() - started)
+                self._observer(len(y), [started - p.enqueued for p in batch], seconds)
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_result(y)
+                continue
             offset = 0
             for p in batch:
                 n = len(p.x)
                 if not p.future.done():
                     p.future.set_result(y[offset : offset + n])
                 offset += n
-
-    async def _run_each(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        for p in batch:
-            if p.future.done():
-                continue
-            started = time.perf_counter()
-            try:
-                y = await loop.run_in_executor(self._executor, self._run, p.x)
-            except asyncio.CancelledError:
-                for q in batch:
-                    if not q.future.done():
-                        q.future.set_exception(RuntimeError("model unloaded"))
-                raise
-            except Exception as exc:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-                continue
-            if self._observer is not None:
-                self._observer(len(p.x), [started - p.enqueued], time.perf_counter() - started)
-            if not p.future.done():
-                p.future.set_result(y)
 
 
 async def run_unbatched(

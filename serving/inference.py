@@ -35,12 +35,13 @@ class TopK:
 
 def top_k(probabilities: F32, k: int) -> TopK:
     k = max(1, min(k, probabilities.shape[1]))
-    if k == 1:
-        idx = probabilities.argmax(axis=1)[:, None]
-    else:
-        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
-        idx = np.take_along_axis(part, order, axis=1)
+    if k == 1:  # the common case, without take_along_axis's index building
+        best = probabilities.argmax(axis=1).astype(np.int64, copy=False)
+        rows = np.arange(len(best))
+        return TopK(best[:, None], probabilities[rows, best][:, None])
+    part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
+    idx = np.take_along_axis(part, order, axis=1)
     return TopK(idx.astype(np.int64), np.take_along_axis(probabilities, idx, axis=1))
 
 
@@ -77,7 +78,10 @@ class Statistics:
         self._by_version: dict[tuple[str, int], VersionStats] = {}
 
     def get(self, name: str, version: int) -> VersionStats:
-        return self._by_version.setdefault((name, version), VersionStats())
+        stats = self._by_version.get((name, version))
+        if stats is None:  # not setdefault: that would build a VersionStats on every call
+            stats = self._by_version[name, version] = VersionStats()
+        return stats
 
     def observer(self, name: str, version: int, then: Observer | None = None) -> Observer:
         """The batcher's per-run callback for this version (chained before `then`)."""
@@ -123,17 +127,16 @@ class DataPlane:
 
     def check_batch(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> None:
         h, w, c = served.runtime.info.input_shape
-        expected = f"[N, {h}, {w}, {c}]"
         if pixels.dtype not in ACCEPTED_DTYPES:
             raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (h, w, c):
+        if pixels.ndim != 4 or pixels.shape[1:] != (h, w, c):
             raise InvalidArgument(
                 f"images of shape {list(pixels.shape)} do not fit model {served.name!r} v"
-                f"{served.version}: expected {expected} (NHWC)"
+                f"{served.version}: expected [N, {h}, {w}, {c}] (NHWC)"
             )
         n = pixels.shape[0]
         if n == 0:
-            raise InvalidArgument(f"empty batch: expected {expected} with N >= 1")
+            raise InvalidArgument(f"empty batch: expected [N, {h}, {w}, {c}] with N >= 1")
         if n > self.limits.max_request_batch:
             raise InvalidArgument(
                 f"batch of {n} images is over the limit of {self.limits.max_request_batch} per request"
@@ -144,7 +147,8 @@ class DataPlane:
         try:
             self.check_batch(served, pixels)
             x = served.runtime.prepare(pixels)
-            if x.dtype == np.float32 and not np.isfinite(x).all():
+            # Scaled uint8 pixels are always finite: only float32 input needs the check.
+            if pixels.dtype == np.float32 and not np.isfinite(x).all():
                 raise InvalidArgument("float32 images contain NaN or infinite values")
             out = await served.infer(x)
         except BaseException:  # counted as failed, whatever it was (cancellation included)

@@ -118,6 +118,27 @@ class Metrics:
             ["model", "version", "provider"],
             registry=r,
         )
+        # Labelled children of the per-call series, looked up once: `.labels()` costs several
+        # times the update itself. Keys are as bounded as the series are.
+        self._call_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._inflight_children: dict[str, Gauge] = {}
+
+    def inflight_for(self, method: str) -> Gauge:
+        """The in-flight gauge of one method."""
+        child = self._inflight_children.get(method)
+        if child is None:
+            child = self._inflight_children[method] = self.inflight.labels(method)
+        return child
+
+    def count_call(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
+        """One answered RPC: its status code counted, its time observed."""
+        key = (model, version, method, code)
+        children = self._call_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.request_seconds.labels(model, method))
+            self._call_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observer_for(self, model: str, version: int, provider: str) -> Observer:
         v = str(version)

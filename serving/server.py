@@ -17,7 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from serving import images
-from serving.api.calls import RequestDecoding
+from serving.api.calls import CallGuard
 from serving.api.cnnserve import CnnServeServicer
 from serving.api.inference import GRPCInferenceServiceServicer
 from serving.auth import TokenAuthInterceptor
@@ -32,6 +32,9 @@ from serving.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
+# Always SERVING while the process runs: for liveness probes, which must not restart a server
+# that is alive but has no model ready (readiness keeps traffic away from it instead).
+LIVENESS_SERVICE = "liveness"
 SERVICE_NAMES = [
     cnnserve_pb2.DESCRIPTOR.services_by_name["CnnServe"].full_name,
     grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -86,6 +89,7 @@ class Server:
             Limits(settings.max_request_batch, settings.max_image_pixels),
             self.stats,
         )
+        self.guard = CallGuard(self.metrics)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -144,12 +148,12 @@ class Server:
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         """Token auth first (an unauthenticated request is never parsed), then the guard that
-        turns unparsable requests into INVALID_ARGUMENT."""
+        turns unparsable requests into INVALID_ARGUMENT and drains calls at shutdown."""
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         token = read_auth_token(self.settings)
         if token is not None:
             interceptors.append(TokenAuthInterceptor(token, self.metrics))
-        interceptors.append(RequestDecoding(self.metrics))
+        interceptors.append(self.guard)
         return interceptors
 
     @property
@@ -203,6 +207,7 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self._refresh_overall()
+        self._set_health(LIVENESS_SERVICE, SERVING)
         await server.start()
         self.grpc_server = server
         if s.metrics_port:
@@ -255,7 +260,13 @@ class Server:
         for task in self._tasks:
             task.cancel()
         if self.grpc_server is not None:
-            await self.grpc_server.stop(self.settings.grace_seconds)
+            # New calls are refused (UNAVAILABLE) while the running ones finish, and only then
+            # does gRPC stop: calls it holds but has not handed over would end CANCELLED.
+            grace = self.settings.grace_seconds
+            left = await self.guard.drain(grace)
+            if left:
+                log.warning("%d calls still running after the grace period", left)
+            await self.grpc_server.stop(max(0.0, grace - (time.perf_counter() - started)))
         await self.repository.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()

@@ -65,7 +65,7 @@ class ServerProcess:
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
         self.port = self.port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        self.log_path = self.repository.parent / f"server-{self.port}.log"
+        self.log_path = self.log_path or self.repository.parent / f"server-{self.port}.log"
         cmd = [
             PYTHON,
             "-m",

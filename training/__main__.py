@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from training import datasets
-from training.train import OPTIMIZERS, TrainConfig
+from training.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 
 
 def _positive_int(text: str) -> int:
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     p.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
     p.add_argument("--validation-split", type=_fraction, default=defaults.validation_split)
     p.add_argument("--no-shuffle", action="store_true", help="keep the training order")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
         validation_split=args.validation_split,
         shuffle=not args.no_shuffle,
         seed=args.seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -16,6 +17,14 @@ from serving.errors import Kind, ServingError
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("serving.api")
+# Services that answer while the server drains (health says NOT_SERVING; discovery stays).
+PROBE_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 
 CODES: dict[Kind, grpc.StatusCode] = {
     Kind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -54,7 +63,7 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
             call = Call()
             code = grpc.StatusCode.OK
             started = time.perf_counter()
-            inflight = metrics.inflight.labels(method)
+            inflight = metrics.inflight_for(method)
             inflight.inc()
             try:
                 return await handler(self, request, context, call)
@@ -80,8 +89,7 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
             finally:
                 inflight.dec()
                 elapsed = time.perf_counter() - started
-                metrics.requests.labels(call.model, call.version, method, code.name).inc()
-                metrics.request_seconds.labels(call.model, method).observe(elapsed)
+                metrics.count_call(call.model, call.version, method, code.name, elapsed)
 
         return run
 
@@ -97,16 +105,38 @@ class _Undecodable:
         self.error = error
 
 
-class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """A request that is not a valid protobuf message of its method's type (random bytes, a
-    truncated message, invalid UTF-8 in a string) ends INVALID_ARGUMENT and is counted, instead
-    of grpc.aio's UNKNOWN. Wraps every registered method once (health and reflection too)."""
+class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """What every call goes through before its handler, whatever its service:
+
+    - a request that is not a valid protobuf message of its method's type (random bytes, a
+      truncated message, invalid UTF-8 in a string) ends INVALID_ARGUMENT and is counted,
+      instead of grpc.aio's UNKNOWN;
+    - unary calls in flight are counted, so that shutdown can `drain`: from then on new calls
+      are refused UNAVAILABLE here while the running ones finish. gRPC core would instead
+      CANCEL the calls it has received but not yet handed to Python when the server stops
+      (grpc/grpc#41785), so the server stops only once nothing is left in flight. Health
+      checks keep their answers (NOT_SERVING) while draining.
+
+    Every registered method is wrapped once; unknown methods pass through (UNIMPLEMENTED)."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
         self._wrapped: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
         ] = {}
+        self.active = 0  # unary calls in their handlers now
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new calls from now on; wait (at most `timeout` s) for the running ones to
+        finish. Returns how many are still running."""
+        self.draining = True
+        if self.active:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        return self.active
 
     async def intercept_service(  # type: ignore[override]  # None: no such method
         self,
@@ -121,16 +151,21 @@ class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         full = handler_call_details.method
         cached = self._wrapped.get(full)  # keys: registered methods only (bounded)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._guard(handler, full.rpartition("/")[2]))
+            cached = (handler, self._guard(handler, full))
             self._wrapped[full] = cached
         return cached[1]
 
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.requests.labels(UNKNOWN_MODEL, "", method, code.name).inc()
+
     def _guard(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+        self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         deserialize = handler.request_deserializer
         assert deserialize is not None
-        metrics = self._metrics
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        probe = service in PROBE_SERVICES
 
         def parse(data: bytes) -> Any:
             try:
@@ -139,8 +174,7 @@ class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return _Undecodable(exc)
 
         async def refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Undecodable) -> None:
-            if metrics is not None:
-                metrics.requests.labels(UNKNOWN_MODEL, "", method, "INVALID_ARGUMENT").inc()
+            self._count(method, grpc.StatusCode.INVALID_ARGUMENT)
             log.debug("%s: undecodable request: %s", method, bad.error)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse the request: {bad.error}"
@@ -161,7 +195,16 @@ class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if isinstance(request, _Undecodable):
                     await refuse(context, request)
-                return await inner_uu(request, context)
+                if self.draining and not probe:
+                    self._count(method, grpc.StatusCode.UNAVAILABLE)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                self.active += 1
+                try:
+                    return await inner_uu(request, context)
+                finally:
+                    self.active -= 1
+                    if not self.active and self._idle is not None:
+                        self._idle.set()
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
         if handler.stream_unary is not None:
@@ -173,7 +216,8 @@ class RequestDecoding(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await inner_su(checked(requests, context), context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
-        # Streaming responses: the servicer is an async generator or a coroutine that writes.
+        # Streaming responses (health Watch, reflection): the servicer is an async generator or
+        # a coroutine that writes. Not counted: a Watch lasts as long as its client wants.
         inner: Any = handler.unary_stream or handler.stream_stream
         streaming_requests = handler.unary_stream is None
 

@@ -48,7 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.client import Client
 from serving.config import ENV_PREFIX, Settings
 from serving.config import load as load_settings
-from serving.server import SERVICE_NAMES
+from serving.server import LIVENESS_SERVICE, SERVICE_NAMES
 from tests.support import ROOT, free_port
 
 Obj = dict[str, Any]
@@ -624,7 +624,7 @@ def test_deployment_is_hardened_and_probed_over_grpc_health(overlay: str) -> Non
 
 def probe_services() -> set[str]:
     """Health service names the server registers besides one per model (serving/server.py)."""
-    return {"", *SERVICE_NAMES}
+    return {"", LIVENESS_SERVICE, *SERVICE_NAMES}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

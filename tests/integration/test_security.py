@@ -6,9 +6,10 @@ from __future__ import annotations
 import ast
 import datetime
 import ipaddress
+import os
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tests.support import PYTHON, ROOT, ServerProcess
 pytestmark = pytest.mark.slow
 
 X = np.zeros((2, 28, 28, 1), np.uint8)
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 TOKEN = "s3cr3t-token-of-the-test"
 
 
@@ -48,9 +50,6 @@ class Pki:
     rogue_ca: Path  # another CA, and a client certificate it signed
     rogue_cert: Path
     rogue_key: Path
-
-    def read(self, path: Path) -> bytes:
-        return path.read_bytes()
 
 
 def _name(cn: str) -> x509.Name:
@@ -106,7 +105,9 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+def _write(
+    folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -140,10 +141,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-def code_of(call: object) -> grpc.StatusCode:
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
+        call()
     return info.value.code()  # type: ignore[attr-defined,no-any-return]
+
+
+def predict_code(client: Client) -> grpc.StatusCode:
+    with client:
+        return code_of(lambda: client.predict("fashion", X))
 
 
 # ------------------------------------------------------------------ TLS
@@ -172,14 +178,17 @@ def test_tls_refuses_clients_that_do_not_trust_it(tls_server: ServerProcess, pki
         Client(tls_server.target, root_certificates=pki.rogue_ca, timeout=10),
         Client(tls_server.target, timeout=10),  # plaintext against the TLS port
     ):
-        with client:
-            assert code_of(lambda c=client: c.predict("fashion", X)) == grpc.StatusCode.UNAVAILABLE
+        assert predict_code(client) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_client_cli_speaks_tls(tls_server: ServerProcess, pki: Pki) -> None:
     base = [PYTHON, "-m", "serving.client", "--target", tls_server.target]
     ok = subprocess.run(
-        [*base, "--ca-cert", str(pki.ca), "list"], cwd=ROOT, capture_output=True, text=True, check=False
+        [*base, "--ca-cert", str(pki.ca), "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("fashion: default v1")
@@ -207,10 +216,16 @@ def mtls_server(trained_repo: Path, pki: Pki) -> Iterator[ServerProcess]:
         yield proc
 
 
-def test_mtls_needs_a_client_certificate_the_ca_signed(mtls_server: ServerProcess, pki: Pki) -> None:
+def test_mtls_needs_a_client_certificate_the_ca_signed(
+    mtls_server: ServerProcess, pki: Pki
+) -> None:
     target = mtls_server.target
     with Client(
-        target, root_certificates=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key, token=TOKEN
+        target,
+        root_certificates=pki.ca,
+        client_cert=pki.client_cert,
+        client_key=pki.client_key,
+        token=TOKEN,
     ) as client:
         assert client.predict("fashion", X).version == 1
     for refused in (
@@ -224,16 +239,20 @@ def test_mtls_needs_a_client_certificate_the_ca_signed(mtls_server: ServerProces
             timeout=10,
         ),  # a certificate from another CA
     ):
-        with refused:
-            assert code_of(lambda c=refused: c.predict("fashion", X)) == grpc.StatusCode.UNAVAILABLE
+        assert predict_code(refused) == grpc.StatusCode.UNAVAILABLE
     assert "(gRPC, mutual TLS, token auth on)" in mtls_server.logs()
 
 
 def test_mtls_and_token_are_both_required(mtls_server: ServerProcess, pki: Pki) -> None:
     """CNNSERVE_AUTH_TOKEN holds the token itself; a good certificate alone is not enough."""
-    cert = {"root_certificates": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key}
-    with Client(mtls_server.target, **cert, timeout=10) as client:  # type: ignore[arg-type]
-        assert code_of(lambda: client.list_models()) == grpc.StatusCode.UNAUTHENTICATED
+    with Client(
+        mtls_server.target,
+        root_certificates=pki.ca,
+        client_cert=pki.client_cert,
+        client_key=pki.client_key,
+        timeout=10,
+    ) as client:
+        assert code_of(client.list_models) == UNAUTHENTICATED
         assert client.health() == "SERVING"  # probes need no token
 
 
@@ -241,17 +260,22 @@ def test_mtls_and_token_are_both_required(mtls_server: ServerProcess, pki: Pki) 
 
 
 @pytest.fixture(scope="module")
-def token_server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def token_server(
+    trained_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(TOKEN + "\n")
     with ServerProcess(trained_repo, ["--auth-token-file", str(token_file)]) as proc:
         yield proc
 
 
-def _v2_ready(channel: grpc.Channel, metadata: list[tuple[str, str]] | None) -> v2.ServerReadyResponse:
-    return v2_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+def _v2_ready(
+    channel: grpc.Channel, metadata: list[tuple[str, str]] | None
+) -> v2.ServerReadyResponse:
+    response: v2.ServerReadyResponse = v2_grpc.GRPCInferenceServiceStub(channel).ServerReady(
         v2.ServerReadyRequest(), timeout=10, metadata=metadata
     )
+    return response
 
 
 def test_token_auth_on_both_apis(token_server: ServerProcess) -> None:
@@ -259,9 +283,9 @@ def test_token_auth_on_both_apis(token_server: ServerProcess) -> None:
     with Client(target, token=TOKEN) as client:
         assert client.predict("fashion", X).version == 1
     for token in (None, "wrong", TOKEN + "x", TOKEN[:-1], ""):
+        assert predict_code(Client(target, token=token, timeout=10)) == UNAUTHENTICATED
         with Client(target, token=token, timeout=10) as client:
-            assert code_of(lambda c=client: c.predict("fashion", X)) == grpc.StatusCode.UNAUTHENTICATED
-            assert code_of(lambda c=client: c.list_models()) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(client.list_models) == UNAUTHENTICATED
     with grpc.insecure_channel(target) as channel:
         assert _v2_ready(channel, [("authorization", f"Bearer {TOKEN}")]).ready
         assert _v2_ready(channel, [("authorization", f"bearer {TOKEN}")]).ready  # scheme: any case
@@ -296,7 +320,7 @@ def test_health_and_reflection_stay_open(token_server: ServerProcess) -> None:
 def test_refused_calls_are_counted(token_server: ServerProcess) -> None:
     with Client(token_server.target, token="wrong", timeout=10) as client:
         for _ in range(3):
-            code_of(lambda: client.metadata("fashion"))
+            assert code_of(lambda: client.metadata("fashion")) == UNAUTHENTICATED
     url = f"http://127.0.0.1:{token_server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
@@ -317,12 +341,23 @@ def test_client_cli_sends_the_token(token_server: ServerProcess, tmp_path: Path)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     base = [PYTHON, "-m", "serving.client", "--target", token_server.target]
-    run = {"cwd": ROOT, "capture_output": True, "text": True, "check": False}
-    ok = subprocess.run([*base, "--token-file", str(token_file), "list"], **run)  # type: ignore[call-overload]
+    env = {k: v for k, v in os.environ.items() if k != "CNNSERVE_AUTH_TOKEN"}
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *args],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    ok = cli("--token-file", str(token_file), "list")
     assert ok.returncode == 0, ok.stderr
-    from_env = subprocess.run([*base, "list"], env={"CNNSERVE_AUTH_TOKEN": TOKEN, "PATH": ""}, **run)  # type: ignore[call-overload]
+    from_env = cli("list", CNNSERVE_AUTH_TOKEN=TOKEN)
     assert from_env.returncode == 0, from_env.stderr
-    refused = subprocess.run([*base, "list"], env={"PATH": ""}, **run)  # type: ignore[call-overload]
+    refused = cli("list")
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: UNAUTHENTICATED"), refused.stderr
 
@@ -334,10 +369,18 @@ def test_security_settings_are_checked(tmp_path: Path) -> None:
     pem = tmp_path / "x.pem"
     pem.write_text("not checked here: grpc reads it at start")
     cases = [
-        (["--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(pem)], {}, "--tls-cert / CNNSERVE_TLS_CERT=.*no such file"),
+        (
+            ["--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(pem)],
+            {},
+            "--tls-cert / CNNSERVE_TLS_CERT=.*no such file",
+        ),
         (["--tls-cert", str(pem)], {}, "--tls-key / CNNSERVE_TLS_KEY=None: TLS needs both"),
         ([], {"CNNSERVE_TLS_CLIENT_CA": str(pem)}, "--tls-client-ca .*need TLS"),
-        (["--auth-token-file", str(tmp_path / "nope")], {}, "--auth-token-file / CNNSERVE_AUTH_TOKEN_FILE=.*no such file"),
+        (
+            ["--auth-token-file", str(tmp_path / "nope")],
+            {},
+            "--auth-token-file / CNNSERVE_AUTH_TOKEN_FILE=.*no such file",
+        ),
         (["--auth-token-file", str(pem)], {"CNNSERVE_AUTH_TOKEN": "x"}, "both set"),
         ([], {"CNNSERVE_AUTH_TOKEN": "   "}, "CNNSERVE_AUTH_TOKEN: the token is empty"),
         ([], {"CNNSERVE_AUTH_TOKEN": "two words"}, "printable ASCII without spaces"),
@@ -378,7 +421,16 @@ def test_pillow_bomb_limit_follows_the_setting(tmp_path: Path) -> None:
     assert "images.configure(settings.max_image_pixels)" in server
 
 
-FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
+FORBIDDEN_MODULES = {
+    "pickle",
+    "cPickle",
+    "_pickle",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "marshal",
+    "shelve",
+}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 
 
@@ -403,7 +455,13 @@ def test_serving_never_unpickles_or_evaluates() -> None:
                 problems.append(f"{where}: imports {names & FORBIDDEN_MODULES}")
             if isinstance(node, ast.Call):
                 func = node.func
-                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                name = (
+                    func.id
+                    if isinstance(func, ast.Name)
+                    else func.attr
+                    if isinstance(func, ast.Attribute)
+                    else ""
+                )
                 if name in FORBIDDEN_CALLS and isinstance(func, ast.Name):
                     problems.append(f"{where}: calls {name}()")
                 if name == "load" and any(k.arg == "allow_pickle" for k in node.keywords):

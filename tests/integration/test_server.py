@@ -282,7 +282,7 @@ def test_health_per_model_and_reflection(server: ServerProcess) -> None:
 
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "fashion", "cnnserve.v1.CnnServe"):
+        for service in ("", "liveness", "fashion", "cnnserve.v1.CnnServe"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as info:

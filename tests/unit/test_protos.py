@@ -15,7 +15,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         "import sys; sys.path.insert(0, 'scripts'); import gen_protos; from pathlib import Path; "
         f"print('\\n'.join(map(str, gen_protos.generate(Path({str(tmp_path)!r})))))"
     )
-    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     written = [Path(line) for line in done.stdout.splitlines() if line]
     assert written, "no .proto files found"
     stale = [

@@ -1,0 +1,401 @@
+"""`make soak`: mixed valid and invalid traffic at a fixed concurrency for a set time.
+
+Every request has an expected outcome: valid ones must be answered OK with the right answer
+(the probabilities or classes of an in-process ONNX Runtime session on the same file), invalid
+ones with their status code (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED). The summary counts
+unexpected outcomes (any other code or a wrong answer), lost responses (a call not answered
+within its 30 s deadline, or never finished) and the server's resident memory (VmRSS of
+/proc/<pid>/status) after the warm-up against its end. The run passes with zero unexpected, zero
+lost and memory growth under 10% after warm-up.
+
+    python bench/soak.py --models-dir models --model mnist --seconds 300
+    python bench/soak.py --target host:port --pid PID --model-file models/mnist/1/model.onnx
+
+tests/integration/test_soak.py runs ~15 s of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from grpc_health.v1 import health_pb2  # noqa: E402
+
+from bench.fuzz import _png  # noqa: E402
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
+from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
+
+CNN = "/cnnserve.v1.CnnServe/"
+V2 = "/inference.GRPCInferenceService/"
+HEALTH = "/grpc.health.v1.Health/Check"
+Code = grpc.StatusCode
+DEADLINE_S = 30.0
+MAX_GROWTH = 0.10
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str
+    method: str
+    payload: bytes
+    expect: grpc.StatusCode
+    check: Callable[[bytes], bool] | None = None  # for OK: is the answer right?
+
+
+def _probabilities(response: pb.PredictResponse) -> F32:
+    t = response.probabilities
+    return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+
+
+class Traffic:
+    """A pool of pre-serialized requests, valid and invalid, with their expected outcomes."""
+
+    def __init__(self, model: str, model_file: Path, max_message: int, seed: int = 0) -> None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        _, h, w, c = inp.shape
+        meta = session.get_modelmeta().custom_metadata_map
+        scale = np.float32(float(meta.get("input_scale", 1 / 255)))
+        offset = np.float32(float(meta.get("input_offset", 0.0)))
+        rng = np.random.default_rng(seed)
+        pool = rng.integers(0, 256, (64, h, w, c), dtype=np.uint8)
+        x = pool.astype(np.float32) * scale + offset
+        expected: F32 = session.run(None, {inp.name: x})[0]
+        self.valid: list[Request] = []
+        self.invalid: list[Request] = []
+        for i in range(48):
+            n = int(rng.integers(1, 17))
+            start = int(rng.integers(0, 64 - n))
+            images, want = pool[start : start + n], expected[start : start + n]
+            self.valid.append(self._predict(model, images, want))
+            self.valid.append(self._infer(model, inp.name, images, want, i))
+        for i in range(16):
+            png = io.BytesIO()
+            Image.fromarray(pool[i, :, :, 0] if c == 1 else pool[i]).save(png, format="PNG")
+            self.valid.append(self._classify(model, png.getvalue(), int(expected[i].argmax())))
+        self.valid.append(
+            Request("health", HEALTH, health_pb2.HealthCheckRequest().SerializeToString(), Code.OK)
+        )
+        self.valid.append(
+            Request(
+                "metadata",
+                CNN + "GetModelMetadata",
+                pb.GetModelMetadataRequest(model=model).SerializeToString(),
+                Code.OK,
+            )
+        )
+        self.valid.append(Request("list", CNN + "ListModels", b"", Code.OK))
+
+        bad = Code.INVALID_ARGUMENT
+        wrong = pool[:2].reshape(2, h * w * c, 1, 1)
+        nan = np.full((1, h, w, c), np.nan, np.float32)
+        self.invalid += [
+            Request(
+                "bad_shape",
+                CNN + "Predict",
+                _predict_request(model, wrong).SerializeToString(),
+                bad,
+            ),
+            Request("nan", CNN + "Predict", _predict_request(model, nan).SerializeToString(), bad),
+            Request(
+                "unknown_model",
+                CNN + "Predict",
+                _predict_request("nope", pool[:1]).SerializeToString(),
+                Code.NOT_FOUND,
+            ),
+            Request("garbage", CNN + "Predict", random.Random(seed).randbytes(300), bad),
+            Request("garbage_v2", V2 + "ModelInfer", b"\xff" * 40, bad),
+            Request(
+                "bomb",
+                CNN + "Classify",
+                pb.ClassifyRequest(
+                    model=model, images=[pb.Image(encoded=_png(30000, 30000))]
+                ).SerializeToString(),
+                bad,
+            ),
+            Request("oversized", CNN + "Predict", bytes(max_message + 1), Code.RESOURCE_EXHAUSTED),
+        ]
+
+    @staticmethod
+    def _predict(model: str, images: npt.NDArray[np.uint8], want: F32) -> Request:
+        def check(data: bytes) -> bool:
+            response = pb.PredictResponse.FromString(data)
+            got = _probabilities(response)
+            return got.shape == want.shape and bool(np.allclose(got, want, rtol=0, atol=1e-5))
+
+        payload = _predict_request(model, images).SerializeToString()
+        return Request("predict", CNN + "Predict", payload, Code.OK, check)
+
+    @staticmethod
+    def _infer(model: str, name: str, images: npt.NDArray[np.uint8], want: F32, i: int) -> Request:
+        request = v2.ModelInferRequest(model_name=model, id=str(i))
+        request.inputs.add(name=name, datatype="UINT8", shape=images.shape)
+        request.raw_input_contents.append(images.tobytes())
+
+        def check(data: bytes) -> bool:
+            response = v2.ModelInferResponse.FromString(data)
+            got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(want.shape)
+            return response.id == str(i) and bool(np.allclose(got, want, rtol=0, atol=1e-5))
+
+        return Request("infer_v2", V2 + "ModelInfer", request.SerializeToString(), Code.OK, check)
+
+    @staticmethod
+    def _classify(model: str, png: bytes, best: int) -> Request:
+        def check(data: bytes) -> bool:
+            response = pb.ClassifyResponse.FromString(data)
+            return response.classifications[0].top[0].index == best
+
+        payload = pb.ClassifyRequest(
+            model=model, images=[pb.Image(encoded=png)]
+        ).SerializeToString()
+        return Request("classify", CNN + "Classify", payload, Code.OK, check)
+
+    def pick(self, rng: random.Random) -> Request:
+        """Four valid requests in five."""
+        return rng.choice(self.valid if rng.random() < 0.8 else self.invalid)
+
+
+def _predict_request(model: str, images: npt.NDArray[np.generic]) -> pb.PredictRequest:
+    dtype = pb.DATA_TYPE_FLOAT32 if images.dtype == np.float32 else pb.DATA_TYPE_UINT8
+    return pb.PredictRequest(
+        model=model,
+        images=pb.Tensor(
+            dtype=dtype, shape=images.shape, data=np.ascontiguousarray(images).tobytes()
+        ),
+    )
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Result:
+    seconds: float
+    warmup: float
+    concurrency: int
+    sent: int = 0
+    answered: int = 0
+    lost: int = 0
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    unexpected: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, KiB)
+    elapsed: float = 0.0
+
+    def rss_after_warmup(self) -> int:
+        """The median of the samples in the last 10% of the warm-up."""
+        window = [kib for t, kib in self.rss if self.warmup * 0.9 <= t <= self.warmup]
+        return int(statistics.median(window or [self.rss[0][1]]))
+
+    def rss_at_end(self) -> int:
+        """The median of the samples in the last 10% of the run."""
+        tail = [kib for t, kib in self.rss if t >= self.elapsed * 0.9]
+        return int(statistics.median(tail or [self.rss[-1][1]]))
+
+    @property
+    def growth(self) -> float:
+        if not self.rss:
+            return 0.0
+        return self.rss_at_end() / self.rss_after_warmup() - 1.0
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.unexpected
+            and self.lost == 0
+            and self.sent == self.answered
+            and self.growth < MAX_GROWTH
+        )
+
+    def summary(self) -> str:
+        kinds = sorted({k for k, _ in self.outcomes})
+        lines = [
+            f"soak: {self.elapsed:.0f}s at concurrency {self.concurrency} (warm-up {self.warmup:.0f}s)",
+            f"  requests sent {self.sent:,}, answered {self.answered:,}, lost {self.lost}, "
+            f"unexpected {sum(self.unexpected.values())} ({self.answered / max(self.elapsed, 1e-9):,.0f}/s)",
+        ]
+        for kind in kinds:
+            codes = ", ".join(
+                f"{code} {n:,}" for (k, code), n in sorted(self.outcomes.items()) if k == kind
+            )
+            lines.append(f"    {kind:<14} {codes}")
+        if self.unexpected:
+            lines.append(f"  unexpected: {dict(self.unexpected)}")
+            lines += [f"    {e}" for e in self.examples[:10]]
+        if self.rss:
+            peak = max(kib for _, kib in self.rss)
+            lines.append(
+                f"  server RSS: {self.rss[0][1] / 1024:.1f} MiB at start, {self.rss_after_warmup() / 1024:.1f} MiB "
+                f"after warm-up, {self.rss_at_end() / 1024:.1f} MiB at the end (peak {peak / 1024:.1f} MiB): "
+                f"growth {self.growth:+.1%} (limit {MAX_GROWTH:.0%})"
+            )
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+
+async def soak(
+    target: str,
+    traffic: Traffic,
+    *,
+    pid: int | None,
+    seconds: float,
+    warmup: float,
+    concurrency: int = 32,
+    seed: int = 0,
+) -> Result:
+    result = Result(seconds=seconds, warmup=warmup, concurrency=concurrency)
+    started = time.monotonic()
+    stop_at = started + seconds
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        calls = {
+            m: channel.unary_unary(m, request_serializer=None, response_deserializer=None)
+            for m in {r.method for r in traffic.valid + traffic.invalid}
+        }
+
+        async def worker(i: int) -> None:
+            rng = random.Random(seed * 1000 + i)
+            while time.monotonic() < stop_at:
+                request = traffic.pick(rng)
+                result.sent += 1
+                try:
+                    data = await calls[request.method](request.payload, timeout=DEADLINE_S)
+                    code, details = Code.OK, ""
+                except grpc.aio.AioRpcError as err:
+                    data, code, details = b"", err.code(), err.details() or ""
+                if code == Code.DEADLINE_EXCEEDED:
+                    result.lost += 1  # nothing came back in time
+                    continue
+                result.answered += 1
+                result.outcomes[(request.kind, code.name)] += 1
+                right = code == request.expect
+                if right and request.check is not None:
+                    right = request.check(data)
+                if not right:
+                    label = f"{request.kind}: {code.name}" + (
+                        "" if code != request.expect else " (wrong answer)"
+                    )
+                    result.unexpected[label] += 1
+                    if len(result.examples) < 10:
+                        result.examples.append(f"{label} {details[:200]}")
+
+        async def sample_rss() -> None:
+            while pid is not None:
+                result.rss.append((time.monotonic() - started, rss_kib(pid)))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_rss())
+        workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        # Bounded: a worker stuck past its deadline means lost responses.
+        done, pending = await asyncio.wait(workers, timeout=seconds + DEADLINE_S + 30)
+        for task in pending:
+            task.cancel()
+            result.lost += 1
+        for task in done:
+            task.result()
+        result.elapsed = time.monotonic() - started
+        if pid is not None:
+            result.rss.append((result.elapsed, rss_kib(pid)))
+        sampler.cancel()
+    return result
+
+
+@contextmanager
+def target_server(args: argparse.Namespace) -> Iterator[tuple[str, int | None, Path]]:
+    if args.target:
+        if args.model_file is None:
+            raise SystemExit("--target needs --model-file (the ONNX file the server runs)")
+        yield args.target, args.pid, args.model_file
+        return
+    import tempfile
+
+    from tests.support import ServerProcess
+
+    folder = args.models_dir / args.model
+    versions = sorted(
+        (int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), reverse=True
+    )
+    if not versions:
+        raise SystemExit(f"{folder}: no model versions (run `make train DATASET={args.model}`)")
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "server.log"
+        server = ServerProcess(
+            args.models_dir, ["--max-message-mb", str(args.max_message_mb)], log_path=log_path
+        )
+        with server as proc:
+            assert proc.proc is not None
+            yield proc.target, proc.proc.pid, folder / str(versions[0]) / "model.onnx"
+        if "Traceback" in log_path.read_text():
+            print(f"the server logged exceptions:\n{log_path.read_text()[-4000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--model", default="mnist")
+    p.add_argument("--seconds", type=float, default=300.0, help="how long (default 5 minutes)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds before memory is measured (default: a fifth, at most 60)",
+    )
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--max-message-mb", type=int, default=2, help="the server's message limit (own server)"
+    )
+    p.add_argument("--target", help="soak a running server instead of starting one")
+    p.add_argument(
+        "--pid", type=int, help="with --target: the server's process id (for its memory)"
+    )
+    p.add_argument("--model-file", type=Path, help="with --target: the model's ONNX file")
+    args = p.parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else min(60.0, args.seconds / 5)
+    with target_server(args) as (target, pid, model_file):
+        traffic = Traffic(args.model, model_file, args.max_message_mb * 1024 * 1024)
+        print(
+            f"soaking {target} for {args.seconds:.0f}s at concurrency {args.concurrency}",
+            flush=True,
+        )
+        result = asyncio.run(
+            soak(
+                target,
+                traffic,
+                pid=pid,
+                seconds=args.seconds,
+                warmup=warmup,
+                concurrency=args.concurrency,
+            )
+        )
+    print(result.summary())
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Hostile input against a live server: Hypothesis-built requests for both APIs, raw bytes on
+the wire, hostile images. Every call gets a proper status code (never UNKNOWN or INTERNAL), the
+server process lives on, and a valid request after every burst gets the right answer.
+
+The strategies live in bench/fuzz.py, whose `make fuzz` runs 10,000 and more of them."""
+
+from __future__ import annotations
+
+import random
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.fuzz import (
+    CNN,
+    HEALTH,
+    METHODS,
+    PROPER,
+    V2,
+    Case,
+    ModelFacts,
+    Oracle,
+    Tally,
+    fuzz,
+    image_blobs,
+    model_facts,
+    run_burst,
+    send,
+)
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+MESSAGE_MB = 1  # small, so that oversized messages are cheap to send
+
+
+@dataclass
+class Target:
+    proc: ServerProcess
+    channel: grpc.Channel
+    model: ModelFacts
+    oracle: Oracle
+
+    def alive(self) -> bool:
+        return self.proc.proc is not None and self.proc.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def target(trained_repo: Path) -> Iterator[Target]:
+    with (
+        ServerProcess(trained_repo, ["--max-message-mb", str(MESSAGE_MB)]) as proc,
+        grpc.insecure_channel(proc.target) as channel,
+    ):
+        model = model_facts(channel, "fashion", MESSAGE_MB * 1024 * 1024)
+        oracle = Oracle(model, trained_repo / "fashion" / "1" / "model.onnx")
+        yield Target(proc, channel, model, oracle)
+
+
+def burst(target: Target, cases: list[Case]) -> Tally:
+    tally = Tally()
+    with ThreadPoolExecutor(8) as pool:
+        run_burst(
+            target.channel, cases, oracle=target.oracle, tally=tally, alive=target.alive, pool=pool
+        )
+    return tally
+
+
+def test_hypothesis_fuzz_both_protocols(target: Target) -> None:
+    tally = Tally()
+    fuzz(
+        target.channel,
+        target.model,
+        oracle=target.oracle,
+        tally=tally,
+        alive=target.alive,
+        cases=300,
+    )
+    print(tally.report())
+    assert tally.total >= 300, tally.report()
+    families = {family for family, _ in tally.by_family}
+    assert {"predict", "v2_infer", "classify", "wire", "oversized"} <= families, families
+    assert tally.codes["OK"] and tally.codes["INVALID_ARGUMENT"], tally.report()
+    assert set(tally.codes) <= {code.name for code in PROPER}
+
+
+def test_random_bytes_on_every_method(target: Target) -> None:
+    """Random bytes, the empty message, and valid messages cut short, on every method."""
+    rng = random.Random(1)
+    valid = pb.PredictRequest(
+        model="fashion",
+        images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[1, 28, 28, 1], data=bytes(784)),
+    ).SerializeToString()
+    cases = []
+    for method in METHODS:
+        cases.append(Case("wire", method, b""))
+        cases.append(Case("wire", method, b"\xff" * 7))
+        cases.append(Case("wire", method, valid[: rng.randrange(1, len(valid))]))
+        cases += [Case("wire", method, rng.randbytes(rng.randrange(1, 600))) for _ in range(4)]
+    tally = burst(target, cases)
+    assert set(tally.codes) <= {code.name for code in PROPER}, tally.report()
+    code, details = send(target.channel, Case("wire", CNN + "Predict", b"\xff\xff\xff"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("cannot parse the request: Error parsing message")
+    code, _ = send(target.channel, Case("wire", HEALTH, b"\x0a\xff"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+HOSTILE_IMAGES = {
+    "png_bomb": "refused as a decompression bomb",
+    "png_header_bomb": "refused as a decompression bomb",
+    "gif_bomb": "refused as a decompression bomb",
+    "bmp_bomb": "refused as a decompression bomb",
+    "jpeg_bomb": "refused as a decompression bomb",
+    "png_over": "Image size (16004000 pixels) exceeds limit of 16000000 pixels",
+    "eps": "not an image in a supported format",  # Pillow would have run Ghostscript
+    "ico": "not an image in a supported format",
+    "tiff_lab": "cannot convert mode LAB",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_IMAGES))
+def test_hostile_images_are_refused_with_a_reason(target: Target, name: str) -> None:
+    blobs = image_blobs(28, 28)
+    request = pb.ClassifyRequest(
+        model="fashion",
+        images=[pb.Image(encoded=blobs["png"]), pb.Image(encoded=blobs[name])],
+    )
+    code, details = send(
+        target.channel, Case("image", CNN + "Classify", request.SerializeToString())
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("image 1: ") and HOSTILE_IMAGES[name] in details, details
+    target.oracle.check(target.channel)
+
+
+def test_good_images_of_every_kind_are_classified(target: Target) -> None:
+    blobs = image_blobs(28, 28)
+    names = [
+        "png", "jpeg", "jpeg_progressive", "gif", "bmp", "tiff", "ppm", "png_rgba",
+        "png_palette", "png_16bit", "png_1x1", "png_thin", "tiff_cmyk", "png_at_limit",
+    ]  # fmt: skip
+    request = pb.ClassifyRequest(
+        model="fashion", images=[pb.Image(encoded=blobs[n]) for n in names]
+    )
+    call = target.channel.unary_unary(CNN + "Classify", None, None)
+    response = pb.ClassifyResponse.FromString(call(request.SerializeToString(), timeout=60))
+    assert len(response.classifications) == len(names)
+
+
+def test_shapes_numpy_cannot_hold_are_invalid(target: Target) -> None:
+    """Found by the fuzzer: [0, 2**62] carries no bytes, yet numpy cannot make the view."""
+    huge = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 2**62], data=b"")
+    predict = pb.PredictRequest(model="fashion", images=huge)
+    infer = v2.ModelInferRequest(model_name="fashion")
+    infer.inputs.add(name="image", datatype="UINT8", shape=[0, 2**62, 2**40])
+    infer.raw_input_contents.append(b"")
+    for case in (
+        Case("predict", CNN + "Predict", predict.SerializeToString()),
+        Case("v2_infer", V2 + "ModelInfer", infer.SerializeToString()),
+    ):
+        code, details = send(target.channel, case)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "is too large" in details, details
+
+
+def test_no_internal_or_unknown_codes_were_counted(target: Target) -> None:
+    """Runs last in this module: the server's own count of every call it answered."""
+    url = f"http://127.0.0.1:{target.proc.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = [
+            line
+            for line in response.read().decode().splitlines()
+            if line.startswith("cnnserve_requests_total{")
+        ]
+    assert any('code="INVALID_ARGUMENT"' in line for line in lines)
+    bad = [line for line in lines if 'code="INTERNAL"' in line or 'code="UNKNOWN"' in line]
+    assert not bad, bad
+    assert target.alive()
+    assert "Traceback" not in target.proc.logs()  # no exception escaped anywhere
