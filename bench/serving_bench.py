@@ -323,6 +323,7 @@ def h2load(
         "--log-file", str(log_path), url,
     ]  # fmt: skip
     out_path = log_path.with_suffix(".out")
+    log_path.unlink(missing_ok=True)  # h2load appends to its log file
     with out_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         rss = 0.0
@@ -355,9 +356,10 @@ def h2load(
         cpu_s=usage.ru_utime + usage.ru_stime,
         output=text,
     )
-    if result.succeeded != requests or result.requests != requests:
+    if result.succeeded != requests or result.requests != requests or len(latencies) != requests:
         raise BenchError(
-            f"h2load: {result.succeeded} of {requests} requests got HTTP 200 ({url}):\n{text}"
+            f"h2load: {result.succeeded} of {requests} requests got HTTP 200, {len(latencies)} "
+            f"logged ({url}):\n{text}"
         )
     return result, rss
 
@@ -855,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         provider=settings.provider,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        spinning=settings.ort_spinning,
     )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

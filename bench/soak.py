@@ -201,6 +201,7 @@ class Result:
     sent: int = 0
     answered: int = 0
     lost: int = 0
+    recycled: int = 0  # calls retried once after a connection recycle (GOAWAY)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     unexpected: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
@@ -239,6 +240,11 @@ class Result:
             f"  requests sent {self.sent:,}, answered {self.answered:,}, lost {self.lost}, "
             f"unexpected {sum(self.unexpected.values())} ({self.answered / max(self.elapsed, 1e-9):,.0f}/s)",
         ]
+        if self.recycled:
+            lines.append(
+                f"  retried once after a connection recycle (GOAWAY, max_connection_age): "
+                f"{self.recycled}"
+            )
         for kind in kinds:
             codes = ", ".join(
                 f"{code} {n:,}" for (k, code), n in sorted(self.outcomes.items()) if k == kind
@@ -283,11 +289,19 @@ async def soak(
             while time.monotonic() < stop_at:
                 request = traffic.pick(rng)
                 result.sent += 1
-                try:
-                    data = await calls[request.method](request.payload, timeout=DEADLINE_S)
-                    code, details = Code.OK, ""
-                except grpc.aio.AioRpcError as err:
-                    data, code, details = b"", err.code(), err.details() or ""
+                for attempt in (1, 2):
+                    try:
+                        data = await calls[request.method](request.payload, timeout=DEADLINE_S)
+                        code, details = Code.OK, ""
+                    except grpc.aio.AioRpcError as err:
+                        data, code, details = b"", err.code(), err.details() or ""
+                    if attempt == 1 and code == Code.UNAVAILABLE and "GOAWAY" in details:
+                        # The server recycled the connection (--max-connection-age-s) while
+                        # this call was on it; gRPC retries such calls by itself, except those
+                        # past its 256 KiB retry buffer. A client retries UNAVAILABLE: so do we.
+                        result.recycled += 1
+                        continue
+                    break
                 if code == Code.DEADLINE_EXCEEDED:
                     result.lost += 1  # nothing came back in time
                     continue

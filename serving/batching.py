@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 RunFn = Callable[[F32], F32]
+# A batch whose warm-up run took at most this long runs on the event loop's own thread: for a
+# small CNN a hop to a worker thread and back (and the GIL hand-offs it brings) costs more than
+# the run itself. Longer runs go to the executor, so the loop never stalls for long.
+INLINE_BUDGET_S = 0.001
 # Called once per batch run: (batch size, seconds queued per request, compute seconds).
 Observer = Callable[[int, list[float], float], None]
 
@@ -215,10 +219,15 @@ class Batcher:
 
 
 async def run_unbatched(
-    run: RunFn, executor: Executor, x: F32, observer: Observer | None = None
+    run: RunFn,
+    executor: Executor,
+    x: F32,
+    observer: Observer | None = None,
+    *,
+    inline: bool = False,
 ) -> F32:
     started = time.perf_counter()
-    y = await asyncio.get_running_loop().run_in_executor(executor, run, x)
+    y = run(x) if inline else await asyncio.get_running_loop().run_in_executor(executor, run, x)
     if observer is not None:
         observer(len(x), [0.0], time.perf_counter() - started)
     return y

@@ -3,6 +3,10 @@
 client = Client("localhost:50051")
 result = client.predict("mnist", images)         # numpy uint8/float32 [N, H, W, C]
 labels = client.classify("mnist", ["digit.png"])  # files or bytes
+
+Over TLS (mutual TLS with a client certificate) and with a bearer token:
+client = Client("host:50051", root_certificates="ca.pem", client_cert="me.pem",
+                client_key="me.key", token=open("token").read().strip())
 """
 
 from __future__ import annotations

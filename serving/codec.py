@@ -34,9 +34,10 @@ def check_shape(shape: tuple[int, ...], what: str) -> None:
         raise InvalidArgument(
             f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}"
         )
-    if any(d < 0 for d in shape):
+    if min(shape) < 0:
         raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    # Without generators on the common path: every request goes through here.
+    if (math.prod(shape) or math.prod(d for d in shape if d)) > MAX_ELEMENTS:
         raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
 
 

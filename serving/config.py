@@ -24,6 +24,7 @@ class Settings:
     provider: str = "cpu"
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = 1
+    ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait (off: they sleep)
     batching: bool = True
     max_batch_size: int = 64  # largest batch the batcher forms from concurrent requests
     max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 = take what is queued
@@ -57,6 +58,8 @@ _HELP: dict[str, str] = {
     "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning",
     "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core)",
     "inter_op_threads": "ONNX Runtime threads across operators",
+    "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
+    "on a machine of its own; on a shared one they take the cores gRPC needs)",
     "batching": "dynamic batching of concurrent requests (--no-batching turns it off)",
     "max_batch_size": "largest batch formed from concurrent requests",
     "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",

@@ -45,6 +45,24 @@ STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+class InFlight:
+    """A count changed only on the event loop's thread and read by the /metrics thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+    def get(self) -> float:
+        return float(self.value)
+
+
 class Metrics:
     """All collectors, in a registry of their own (so tests can run several servers)."""
 
@@ -121,14 +139,16 @@ class Metrics:
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
-        self._inflight_children: dict[str, Gauge] = {}
+        self._inflight_counts: dict[str, InFlight] = {}
 
-    def inflight_for(self, method: str) -> Gauge:
-        """The in-flight gauge of one method."""
-        child = self._inflight_children.get(method)
-        if child is None:
-            child = self._inflight_children[method] = self.inflight.labels(method)
-        return child
+    def inflight_for(self, method: str) -> InFlight:
+        """The in-flight count of one method: a plain counter on the event loop, which the
+        gauge reads at scrape time (no lock per call)."""
+        count = self._inflight_counts.get(method)
+        if count is None:
+            count = self._inflight_counts[method] = InFlight()
+            self.inflight.labels(method).set_function(count.get)
+        return count
 
     def count_call(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
         """One answered RPC: its status code counted, its time observed."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from serving.batching import Batcher, Observer, run_unbatched
+from serving.batching import INLINE_BUDGET_S, Batcher, Observer, run_unbatched
 from serving.errors import NotFound, Unavailable
 from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 
@@ -54,6 +54,7 @@ class ServedVersion:
     batcher: Batcher | None
     executor: Executor
     observer: Observer | None = None
+    inline_max_images: int = 0  # batches up to this size run on the event loop's thread
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,7 +65,13 @@ class ServedVersion:
         try:
             if self.batcher is not None and len(x) <= self.batcher.max_batch_size:
                 return await self.batcher.submit(x)
-            return await run_unbatched(self.runtime.run, self.executor, x, self.observer)
+            return await run_unbatched(
+                self.runtime.run,
+                self.executor,
+                x,
+                self.observer,
+                inline=len(x) <= self.inline_max_images,
+            )
         finally:
             self.inflight -= 1
             if self.inflight == 0:
@@ -167,7 +174,9 @@ class ModelRepository:
 
     # ------------------------------------------------------------ scanning
 
-    def _discover(self) -> dict[str, dict[int, Path]] | None:
+    def _discover(self) -> dict[str, dict[int, Path] | None] | None:
+        """Versions on disk per model folder; None for a folder that cannot be read (its model
+        stays as it is), or for the whole when the repository itself cannot be read."""
         try:
             model_dirs = [
                 p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -175,13 +184,14 @@ class ModelRepository:
         except OSError as exc:
             log.error("model repository %s unreadable (%s); keeping what is loaded", self.root, exc)
             return None
-        found: dict[str, dict[int, Path]] = {}
+        found: dict[str, dict[int, Path] | None] = {}
         for model_dir in sorted(model_dirs):
             versions: dict[int, Path] = {}
             try:
                 entries = list(model_dir.iterdir())
             except OSError as exc:
-                log.error("model folder %s unreadable (%s)", model_dir, exc)
+                log.error("model folder %s unreadable (%s); keeping what is loaded", model_dir, exc)
+                found[model_dir.name] = None
                 continue
             for entry in entries:
                 if entry.name.isdigit() and int(entry.name) > 0 and (entry / MODEL_FILE).is_file():
@@ -202,7 +212,8 @@ class ModelRepository:
                 del self._status[name]
                 self._served.pop(name, None)
             for name, versions in found.items():
-                await self._sync_model(name, versions)
+                if versions is not None:
+                    await self._sync_model(name, versions)
             self.scanned_once = True
 
     async def _sync_model(self, name: str, versions: dict[int, Path]) -> None:
@@ -258,6 +269,7 @@ class ModelRepository:
         observer = (
             self._observer_for(name, version, runtime.provider) if self._observer_for else None
         )
+        inline_max_images = runtime.inline_limit(INLINE_BUDGET_S)
         batcher = None
         if self.batching.enabled:
             batcher = Batcher(
@@ -266,9 +278,10 @@ class ModelRepository:
                 max_batch_size=self.batching.max_batch_size,
                 max_delay_s=self.batching.max_delay_s,
                 observer=observer,
+                inline_max_images=inline_max_images,
             )
         self._served[name][version] = ServedVersion(
-            name, version, runtime, batcher, self.executor, observer
+            name, version, runtime, batcher, self.executor, observer, inline_max_images
         )
         status.state, status.reason = State.READY, ""
         log.info(

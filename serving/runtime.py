@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 MAX_OPSET = 21  # the newest default-domain opset this server is tested with
 MIN_OPSET = 7
+TIMED_UP_TO_S = 0.01  # warm-up times batch sizes until one takes longer than this
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -36,6 +37,10 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    # ONNX Runtime's idle worker threads busy-wait for the next run by default. On a server the
+    # cores they burn are the ones gRPC and Python need (measured: bench/PROFILE.md), so they
+    # sleep unless this is set.
+    spinning: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,9 @@ class ModelRuntime:
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if not options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=so, providers=resolve_providers(options.provider)
@@ -158,12 +166,14 @@ class ModelRuntime:
         self.provider = self.session.get_providers()[0]
         self._run_options = ort.RunOptions()
         self._output_names = [self.info.output_name]
+        self.run_seconds: dict[int, float] = {}  # batch size -> a warm run's time
         if options.warmup_batch_sizes:
             self.warm_up(options.warmup_batch_sizes)
         self.load_seconds = time.perf_counter() - started
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run each batch size once so that no first request pays for allocation."""
+        """Run each batch size once so that no first request pays for allocation; then time
+        the power-of-two sizes among them (`run_seconds`, what `inline_limit` decides by)."""
         h, w, c = self.info.input_shape
         for n in batch_sizes:
             try:
@@ -175,6 +185,26 @@ class ModelRuntime:
                     f"{self.path}: warm-up with batch {n} gave shape {out.shape} "
                     f"(expected {(n, self.info.num_classes)}) or non-finite values"
                 )
+        for n in sorted(n for n in batch_sizes if n & (n - 1) == 0):
+            x = np.zeros((n, h, w, c), dtype=np.float32)
+            seconds = []
+            for _ in range(3):  # the best of three: a busy machine only ever adds time
+                started = time.perf_counter()
+                self.run(x)
+                seconds.append(time.perf_counter() - started)
+            self.run_seconds[n] = min(seconds)
+            if self.run_seconds[n] > TIMED_UP_TO_S:
+                break
+
+    def inline_limit(self, budget_s: float) -> int:
+        """The largest batch such that it and every smaller warmed-up batch ran within
+        `budget_s` at warm-up (0: none, or no warm-up)."""
+        limit = 0
+        for n in sorted(self.run_seconds):
+            if self.run_seconds[n] > budget_s:
+                break
+            limit = n
+        return limit
 
     def prepare(self, pixels: npt.NDArray[np.generic]) -> F32:
         """uint8 pixels -> scaled float32 model input; float32 passes through unchanged."""

@@ -72,6 +72,7 @@ class Server:
                 intra_op_threads=settings.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
                 warmup_batch_sizes=warmup_sizes(settings),
+                spinning=settings.ort_spinning,
             ),
             batching=BatchingOptions(
                 enabled=settings.batching,

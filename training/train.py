@@ -150,7 +150,7 @@ def train(ds: Dataset, config: TrainConfig) -> TrainResult:
         callbacks=callbacks,
     )
     test_loss, test_accuracy = model.evaluate(
-        x_test, ds.y_test, batch_size=512, verbose=min(config.verbose, 1)
+        x_test, ds.y_test, batch_size=512, verbose=1 if config.verbose == 1 else 0
     )
     scores = history.history.get(monitor, [])
     best_epoch = (

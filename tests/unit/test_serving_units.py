@@ -177,13 +177,20 @@ async def _repo(root: Path, **kw: object) -> ModelRepository:
 async def test_repository_versions_reload_and_refusal(tmp_path: Path) -> None:
     write_tiny_model(tmp_path / "tiny" / "1" / "model.onnx", seed=1)
     states: list[tuple[str, int, State]] = []
-    repo = await _repo(tmp_path, on_state=lambda n, v, s, _: states.append((n, v, s)))
-    task = asyncio.ensure_future(repo.scan())
-    while not states:
-        await asyncio.sleep(0.001)
-    with pytest.raises(Unavailable, match="no version ready yet"):
-        repo.get("tiny")
-    await task
+    loading: list[str] = []
+
+    def on_state(name: str, version: int, state: State, _: float) -> None:
+        states.append((name, version, state))
+        if state is State.LOADING and version == 1:
+            # Checked at the moment loading begins: a tiny model loads in about a millisecond.
+            try:
+                repo.get("tiny")
+            except Unavailable as exc:
+                loading.append(str(exc))
+
+    repo = await _repo(tmp_path, on_state=on_state)
+    await repo.scan()
+    assert loading and "no version ready yet" in loading[0]
     assert repo.get("tiny").version == 1
     with pytest.raises(NotFound, match="available models: tiny"):
         repo.get("other")
