@@ -15,14 +15,15 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with `fashion/1/model.onnx`: the design-notes CNN trained for real on
-    5,000 Fashion-MNIST images for one epoch (the Debian package, or the Keras cache)."""
+    5,000 Fashion-MNIST images (the Debian package, or the Keras cache) for three short epochs:
+    ~75% test accuracy, a safe margin over the 70% the tests ask for (one epoch gives ~71%)."""
     repo = tmp_path_factory.mktemp("repo") / "models"
     train_model(
         repo,
         "--dataset",
         "fashion_mnist",
         "--epochs",
-        "1",
+        "3",
         "--train-limit",
         "5000",
         "--test-limit",
