@@ -56,31 +56,6 @@ class ParameterSummary:
         h, w, c = self.input_shape
         return f"{h}*{w}*{c} + 1 = {self.dense_neuron_parameters:,}"
 
-    def table(self) -> str:
-        rows = [("Layer", "Kind", "Output shape", "Params", "How")]
-        for layer in self.layers:
-            rows.append(
-                (
-                    layer.name,
-                    layer.kind,
-                    "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
-                    f"{layer.parameters:,}",
-                    layer.formula,
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(f"Total params: {self.total:,} (trainable {self.trainable:,})")
-        lines.append(
-            f"One dense neuron over the raw {'x'.join(map(str, self.input_shape))} input: "
-            f"{self.dense_neuron_formula} weights"
-        )
-        return "\n".join(lines)
-
 
 def _layer_name(node: onnx.NodeProto) -> str:
     """tf2onnx names nodes `<model>/<layer>_<n>/<op>`; the layer is the second part."""
