@@ -65,7 +65,6 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call
     ) -> pb.ListModelsResponse:
-        call.model = ""  # about every model, not one: no model label
         return codec.list_models_response(self.plane.repository)
 
     @rpc("GetModelMetadata")
