@@ -114,17 +114,35 @@ class Process:
     def pid(self) -> int:
         return self.proc.pid
 
+    def tree(self) -> list[int]:
+        """This process and its descendants (the workers of `--workers N`)."""
+        pids, i = [self.pid], 0
+        while i < len(pids):
+            for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    pids += [int(c) for c in task.read_text().split()]
+            i += 1
+        return pids
+
     def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (every thread), in seconds."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        parts = stat[stat.rindex(")") + 2 :].split()
-        return (int(parts[11]) + int(parts[12])) / CLK_TCK
+        """utime + stime of the process and its descendants (every thread), in seconds."""
+        total = 0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                parts = stat[stat.rindex(")") + 2 :].split()
+                total += int(parts[11]) + int(parts[12])
+        return total / CLK_TCK
 
     def memory_mb(self, key: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-        return math.nan
+        """VmRSS (or another /proc/<pid>/status figure) of the process and its descendants."""
+        total = 0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        return total / 1024 if total else math.nan
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -176,13 +194,13 @@ def start_server(
     return Process(cmd, log_path, cwd=root), port, metrics_port
 
 
-def start_echo(response: bytes, workdir: Path) -> tuple[Process, int]:
-    response_path = workdir / "echo-response.bin"
+def start_echo(response: bytes, workdir: Path, tag: str = "") -> tuple[Process, int]:
+    response_path = workdir / f"echo-response{tag}.bin"
     response_path.write_bytes(response)
     port = free_port()
     cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port), "--response",
            str(response_path)]  # fmt: skip
-    proc = Process(cmd, workdir / "echo-server.log")
+    proc = Process(cmd, workdir / f"echo-server{tag}.log")
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline:
         proc.check_alive()
@@ -573,6 +591,26 @@ def wait_quiet(limit: float, max_wait: float) -> None:
 # ================================================================================== report
 
 
+def ordered(points: list[Point]) -> list[Point]:
+    """Table order: our APIs, the worker-process variant, echo, in-process; then batch and
+    concurrency (the runs themselves are interleaved point by point)."""
+
+    def rank(p: Point) -> tuple[int, str, int, int]:
+        kind = (
+            3
+            if p.target.startswith("in-process")
+            else 2
+            if p.target == "echo"
+            else 1
+            if "-w" in p.target
+            else 0
+        )
+        first = "" if kind == 3 else {"cnnserve": "0", "v2": "1"}.get(p.target, p.target)
+        return (kind, first, p.batch, p.concurrency)
+
+    return sorted(points, key=rank)
+
+
 def add_ratios(points: list[Point]) -> None:
     ceiling: dict[int, float] = {}
     for p in points:
@@ -636,7 +674,8 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    for api in apis:
+    served = [a for a in apis] + sorted({p.target for p in pts if "-w" in p.target})
+    for api in served:
         p = _find(pts, api, 32, 4)
         if p is not None:
             lines.append(
@@ -680,6 +719,7 @@ def plot(points: list[Point], path: Path) -> None:
     batches = sorted({p.batch for p in points})
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
     styles = {"cnnserve": "o-", "v2": "s-", "echo": "^--"}
+    styles.update({p.target: "d-." for p in points if "-w" in p.target})
     for row, batch in zip(axes, batches, strict=True):
         for target, style in styles.items():
             series = sorted(
@@ -723,14 +763,16 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         "# Serving benchmark",
         "",
         f"Run {report.started} on {s['machine']}; load average at start {report.loadavg_start}, "
-        f"at end {report.loadavg_end}. Command: `{command}`",
+        f"at end {report.loadavg_end} (the end figure counts this benchmark's own processes). "
+        f"Command: `{command}`",
         "",
         f"Model `{s['model']}` ({s['input_shape']}, float32 requests of {s['request_bytes']}) from "
         f"`{s['models']}`; server flags: `{s['server_args'] or '(defaults)'}` "
         f"(intra-op threads {s['intra_op_threads']}, inter-op {s['inter_op_threads']}, batching "
         f"{s['batching']}, max batch {s['max_batch_size']}, max delay {s['max_queue_delay_ms']} ms). "
         f"Load: h2load, closed loop, one connection per request in flight, {s['duration']} s "
-        "per point after a warm-up; latencies are h2load's per-request times, end of response "
+        "per point after a warm-up, the targets one right after the other at each point; latencies "
+        "are h2load's per-request times, end of response "
         'included. Every run was checked against the server\'s `cnnserve_requests_total{code="OK"}`.',
         "",
         markdown_table(pts),
@@ -806,6 +848,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--startups", type=int, default=3, help="start-up measurements")
     p.add_argument("--server-args", default="", help="extra flags for python -m serving")
     p.add_argument("--no-echo", action="store_true", help="skip the echo server")
+    p.add_argument(
+        "--workers-compare",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also measure our API with --workers N (0: skip)",
+    )
     p.add_argument("--no-in-process", action="store_true", help="skip in-process ORT")
     p.add_argument(
         "--server-root",
@@ -838,13 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("h2load") is None:
         raise BenchError("h2load not found: apt-get install nghttp2-client")
     if args.smoke:
-        args.duration, args.warmup, args.batch1, args.batch32, args.startups = (
-            0.3,
-            0.0,
-            "1,4",
-            "1",
-            1,
-        )
+        args.duration, args.warmup, args.startups, args.workers_compare = 0.3, 0.0, 1, 0
+        args.batch1, args.batch32 = "1,4", "1"
     apis = [a for a in args.apis.split(",") if a]
     if unknown := set(apis) - set(APIS):
         raise BenchError(f"unknown API(s) {sorted(unknown)}; choose from {', '.join(APIS)}")
@@ -904,13 +948,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             root=args.server_root.resolve(),
         )
 
-    # 2. the server under load
+    # 2. the server, its worker-process variant and the echo floor, all started at once and
+    # measured point by point, one right after the other: a ratio compares figures taken
+    # seconds apart, so a machine whose load drifts skews it less.
     responses: dict[tuple[str, int], bytes] = {}
     payloads: dict[tuple[str, int], Path] = {}
-    proc, port, metrics_port = start_server(
-        models, server_args, logs / "server.log", args.server_root.resolve()
-    )
+    started: list[Process] = []
     try:
+        proc, port, metrics_port = start_server(
+            models, server_args, logs / "server.log", args.server_root.resolve()
+        )
+        started.append(proc)
         wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
         time.sleep(1.0)
         report.idle_rss_mb = proc.memory_mb()
@@ -920,53 +968,82 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payloads[api, batch] = out / f"payload-{api}-b{batch}.bin"
                 payloads[api, batch].write_bytes(grpc_frame(body))
                 responses[api, batch] = real_response(f"127.0.0.1:{port}", APIS[api], body)
-        for api in apis:
-            url = f"http://127.0.0.1:{port}{APIS[api]}"
-            for batch, concs in batches.items():
-                for conc in concs:
+        # target -> (process, URL per batch, payload per batch, metrics port)
+        targets_at: dict[str, tuple[Process, dict[int, str], dict[int, Path], int | None]] = {
+            api: (
+                proc,
+                {b: f"http://127.0.0.1:{port}{APIS[api]}" for b in inputs},
+                {b: payloads[api, b] for b in inputs},
+                metrics_port,
+            )
+            for api in apis
+        }
+        first = apis[0]
+        if args.workers_compare > 1:
+            w_proc, w_port, w_metrics = start_server(
+                models,
+                [*server_args, "--workers", str(args.workers_compare)],
+                logs / "server-workers.log",
+                args.server_root.resolve(),
+            )
+            started.append(w_proc)
+            for _ in range(4 * args.workers_compare):  # fresh connections reach every worker
+                wait_serving(f"127.0.0.1:{w_port}", w_proc, timeout=120)
+            targets_at[f"{first}-w{args.workers_compare}"] = (
+                w_proc,
+                {b: f"http://127.0.0.1:{w_port}{APIS[first]}" for b in inputs},
+                {b: payloads[first, b] for b in inputs},
+                w_metrics,
+            )
+            report.notes.append(
+                f"{first}-w{args.workers_compare}: the same server with --workers "
+                f"{args.workers_compare} (processes sharing the port via SO_REUSEPORT; h2load's "
+                "connections spread over them; CPU and memory summed over the processes)"
+            )
+        if not args.no_echo:
+            echo_urls: dict[int, str] = {}
+            echo_procs: dict[int, Process] = {}
+            for batch in inputs:
+                echo, echo_port = start_echo(responses[first, batch], logs, f"b{batch}")
+                started.append(echo)
+                echo_procs[batch] = echo
+                echo_urls[batch] = f"http://127.0.0.1:{echo_port}{APIS[first]}"
+            report.notes.append(
+                f"echo: bench/echo_server.py answering the {first} request with the real "
+                "server's response bytes for it (same payload both ways), no parsing; one "
+                "process per batch size"
+            )
+        for batch, concs in batches.items():
+            for conc in concs:
+                for target, (t_proc, urls, t_payloads, t_metrics) in targets_at.items():
                     report.points.append(
                         runner.load(
-                            api,
-                            url=url,
-                            payload=payloads[api, batch],
+                            target,
+                            url=urls[batch],
+                            payload=t_payloads[batch],
                             batch=batch,
                             concurrency=conc,
-                            proc=proc,
-                            metrics_port=metrics_port,
+                            proc=t_proc,
+                            metrics_port=t_metrics,
                         )
                     )
-        report.load_rss_mb = max(p.rss_mb_max for p in report.points)
-        report.load_hwm_mb = proc.memory_mb("VmHWM")
-    finally:
-        proc.stop()
-
-    # 3. the do-nothing gRPC floor, same payloads, same load
-    if not args.no_echo:
-        api = apis[0]
-        for batch, concs in batches.items():
-            if not concs:
-                continue
-            echo, echo_port = start_echo(responses[api, batch], logs)
-            try:
-                url = f"http://127.0.0.1:{echo_port}{APIS[api]}"
-                for conc in concs:
+                if not args.no_echo:
                     report.points.append(
                         runner.load(
                             "echo",
-                            url=url,
-                            payload=payloads[api, batch],
+                            url=echo_urls[batch],
+                            payload=payloads[first, batch],
                             batch=batch,
                             concurrency=conc,
-                            proc=echo,
+                            proc=echo_procs[batch],
                             metrics_port=None,
                         )
                     )
-            finally:
-                echo.stop()
-        report.notes.append(
-            f"echo: bench/echo_server.py answering the {api} request with the real server's "
-            "response bytes for it (same payload both ways), no parsing"
-        )
+        report.load_rss_mb = max(p.rss_mb_max for p in report.points if p.target in apis)
+        report.load_hwm_mb = proc.memory_mb("VmHWM")
+    finally:
+        for started_proc in started:
+            started_proc.stop()
 
     # 4. ONNX Runtime alone
     if not args.no_in_process:
@@ -984,6 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     report.loadavg_end = loadavg()
+    report.points = ordered(report.points)
     add_ratios(report.points)
     write_csv(report.points, out / "results.csv")
     (out / "results.json").write_text(json.dumps(asdict(report), indent=1, default=str))

@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from serving.workers import supervise
+
+        return supervise(settings, sys.argv[1:] if argv is None else argv)
     from serving.server import serve
 
     return asyncio.run(serve(settings))

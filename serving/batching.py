@@ -26,8 +26,9 @@ F32 = npt.NDArray[np.float32]
 RunFn = Callable[[F32], F32]
 # A batch whose warm-up run took at most this long runs on the event loop's own thread: for a
 # small CNN a hop to a worker thread and back (and the GIL hand-offs it brings) costs more than
-# the run itself. Longer runs go to the executor, so the loop never stalls for long.
-INLINE_BUDGET_S = 0.001
+# the run itself (bench/PROFILE.md). Longer runs go to the executor, so the loop never stalls
+# for longer than this.
+INLINE_BUDGET_S = 0.002
 # Called once per batch run: (batch size, seconds queued per request, compute seconds).
 Observer = Callable[[int, list[float], float], None]
 
@@ -64,8 +65,10 @@ class Batcher:
         max_delay_s: float = 0.0,
         observer: Observer | None = None,
         inline_max_images: int = 0,
+        run_inline: RunFn | None = None,
     ) -> None:
         self._run = run
+        self._run_inline = run_inline or run  # the same model, for the loop's own thread
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -145,13 +148,13 @@ class Batcher:
             return
         x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
         if len(x) <= self.inline_max_images:
-            self._complete(self._work(batch, x))
+            self._complete(self._work(batch, x, self._run_inline))
             if self._queue and self._scheduled is None:
                 self._schedule(loop)
             return
         self._running = batch
         try:
-            future = self._executor.submit(self._work, batch, x)
+            future = self._executor.submit(self._work, batch, x, self._run)
         except RuntimeError:  # the executor is shut down: the server is stopping
             self._running = None
             self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
@@ -178,11 +181,11 @@ class Batcher:
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
 
-    def _work(self, batch: list[_Pending], x: F32) -> list[_Run]:
+    def _work(self, batch: list[_Pending], x: F32, run: RunFn) -> list[_Run]:
         """Run a batch (in the executor, or inline); no asyncio here."""
         started = time.perf_counter()
         try:
-            return [(batch, self._run(x), started, time.perf_counter() - started)]
+            return [(batch, run(x), started, time.perf_counter() - started)]
         except Exception as exc:
             if len(batch) == 1:
                 return [(batch, exc, started, 0.0)]
@@ -191,7 +194,7 @@ class Batcher:
         for p in batch:
             started = time.perf_counter()
             try:
-                runs.append(([p], self._run(p.x), started, time.perf_counter() - started))
+                runs.append(([p], run(p.x), started, time.perf_counter() - started))
             except Exception as exc:
                 runs.append(([p], exc, started, 0.0))
         return runs

@@ -35,6 +35,8 @@ class Settings:
     poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
     grace_seconds: float = 10.0  # drain time on SIGTERM
     max_connection_age_s: float = 300.0  # so clients reconnect and spread over replicas
+    workers: int = 1  # server processes on the one port (SO_REUSEPORT), metrics summed
+    reuse_port: bool = False  # let other processes listen on the port too (what --workers sets)
     warmup: bool = True
     log_level: str = "info"
     log_format: str = "text"
@@ -71,6 +73,9 @@ _HELP: dict[str, str] = {
     "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
     "grace_seconds": "how long in-flight calls may drain on SIGTERM",
     "max_connection_age_s": "connections are recycled after this age so load spreads (0: never)",
+    "workers": "server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads "
+    "connections, not calls, over them), each with its own sessions; /metrics sums them",
+    "reuse_port": "let other processes listen on the same gRPC port (SO_REUSEPORT)",
     "warmup": "run every batch size once at load (--no-warmup turns it off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
@@ -174,7 +179,13 @@ def validate(s: Settings) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise bad(name, "expected a port number 0..65535")
-    for name in ("max_batch_size", "max_request_batch", "max_message_mb", "max_versions"):
+    for name in (
+        "max_batch_size",
+        "max_request_batch",
+        "max_message_mb",
+        "max_versions",
+        "workers",
+    ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")
     for name in ("intra_op_threads", "inter_op_threads", "max_image_pixels"):

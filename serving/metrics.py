@@ -15,6 +15,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     start_http_server,
+    values,
 )
 from prometheus_client import (
     gc_collector as _gc,
@@ -111,43 +112,55 @@ class Metrics:
             "RPCs being handled right now.",
             ["method"],
             registry=r,
+            multiprocess_mode="livesum",  # with --workers: summed over the live workers
         )
         self.model_state = Gauge(
             f"{PREFIX}_model_state",
             "1 for the state each model version is in (LOADING, READY, FAILED, UNLOADED).",
             ["model", "version", "state"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.load_seconds = Gauge(
             f"{PREFIX}_model_load_duration_seconds",
             "Seconds the last load (session + warm-up) of a version took.",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.last_load = Gauge(
             f"{PREFIX}_model_last_load_timestamp_seconds",
             "Unix time of the last load attempt of a version.",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "1 per loaded version, labelled with the execution provider that runs it.",
             ["model", "version", "provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
-        self._inflight_counts: dict[str, InFlight] = {}
+        self._inflight_counts: dict[str, InFlight | Gauge] = {}
+        # Worker processes (--workers) write their values to files that one /metrics sums.
+        self.multiprocess = bool(getattr(values.ValueClass, "_multiprocess", False))
 
-    def inflight_for(self, method: str) -> InFlight:
+    def inflight_for(self, method: str) -> InFlight | Gauge:
         """The in-flight count of one method: a plain counter on the event loop, which the
-        gauge reads at scrape time (no lock per call)."""
+        gauge reads at scrape time (no lock per call); in a worker process the gauge itself,
+        whose file the supervisor's /metrics reads."""
         count = self._inflight_counts.get(method)
         if count is None:
-            count = self._inflight_counts[method] = InFlight()
-            self.inflight.labels(method).set_function(count.get)
+            if self.multiprocess:
+                count = self.inflight.labels(method)
+            else:
+                count = InFlight()
+                self.inflight.labels(method).set_function(count.get)
+            self._inflight_counts[method] = count
         return count
 
     def count_call(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
@@ -187,6 +200,8 @@ class Metrics:
                 self.model_info._metrics
             ):  # drop the provider series of this version
                 if labels[:2] == (model, v):
+                    if self.multiprocess:  # its file keeps the last value: make it 0 first
+                        self.model_info.labels(*labels).set(0)
                     self.model_info.remove(*labels)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

@@ -65,13 +65,11 @@ class ServedVersion:
         try:
             if self.batcher is not None and len(x) <= self.batcher.max_batch_size:
                 return await self.batcher.submit(x)
-            return await run_unbatched(
-                self.runtime.run,
-                self.executor,
-                x,
-                self.observer,
-                inline=len(x) <= self.inline_max_images,
-            )
+            if len(x) <= self.inline_max_images:
+                return await run_unbatched(
+                    self.runtime.run_small, self.executor, x, self.observer, inline=True
+                )
+            return await run_unbatched(self.runtime.run, self.executor, x, self.observer)
         finally:
             self.inflight -= 1
             if self.inflight == 0:
@@ -279,13 +277,15 @@ class ModelRepository:
                 max_delay_s=self.batching.max_delay_s,
                 observer=observer,
                 inline_max_images=inline_max_images,
+                run_inline=runtime.run_small,
             )
         self._served[name][version] = ServedVersion(
             name, version, runtime, batcher, self.executor, observer, inline_max_images
         )
         status.state, status.reason = State.READY, ""
         log.info(
-            "model %s v%d ready in %.2fs on %s (input %s, %d classes, dataset %s)",
+            "model %s v%d ready in %.2fs on %s (input %s, %d classes, dataset %s; batches of up "
+            "to %d images run on the event loop's thread)",
             name,
             version,
             runtime.load_seconds,
@@ -293,8 +293,14 @@ class ModelRepository:
             "x".join(map(str, runtime.info.input_shape)),
             runtime.info.num_classes,
             runtime.info.dataset or "?",
+            inline_max_images,
             extra=_event(
-                "model_ready", name, version, runtime.load_seconds, provider=runtime.provider
+                "model_ready",
+                name,
+                version,
+                runtime.load_seconds,
+                provider=runtime.provider,
+                inline_max_images=str(inline_max_images),
             ),
         )
         self._notify(name, version, State.READY, runtime.load_seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,14 +143,35 @@ def check_opset(path: Path) -> int:
 
 
 class ModelRuntime:
-    """A loaded, warmed-up session and the contract of its input."""
+    """A loaded, warmed-up session and the contract of its input.
+
+    On the CPU with more than one intra-op thread, a second session of the same file runs small
+    batches (`run_small`) on the calling thread alone: for a batch of a few images, handing each
+    operator to a second thread and waiting for it costs more than it saves (measured: batch 1
+    in 110 us and 120 us of CPU single-threaded, 170 us and 240 us of CPU with two threads; a
+    batch of 32 in 1.7 ms with two, 3.2 ms with one). `run` keeps the configured threads."""
 
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         started = time.perf_counter()
         self.path = path
         self.opset = check_opset(path)
+        self.session = self._session(options, options.intra_op_threads)
+        self.info = _read_info(self.session, path)
+        self.provider = self.session.get_providers()[0]
+        self._small_session = self.session
+        if self.provider == PROVIDER_NAMES["cpu"] and options.intra_op_threads != 1:
+            self._small_session = self._session(options, 1)
+        self._run_options = ort.RunOptions()
+        self._output_names = [self.info.output_name]
+        self._feeds_name = self.info.input_name
+        self.run_seconds: dict[int, float] = {}  # batch size -> a warm run_small's time
+        if options.warmup_batch_sizes:
+            self.warm_up(options.warmup_batch_sizes)
+        self.load_seconds = time.perf_counter() - started
+
+    def _session(self, options: RuntimeOptions, intra_op_threads: int) -> ort.InferenceSession:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
+        so.intra_op_num_threads = intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -157,44 +179,49 @@ class ModelRuntime:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=so, providers=resolve_providers(options.provider)
+            return ort.InferenceSession(
+                str(self.path), sess_options=so, providers=resolve_providers(options.provider)
             )
         except Exception as exc:  # ORT raises its own exception types for bad graphs
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
-        self.info = _read_info(self.session, path)
-        self.provider = self.session.get_providers()[0]
-        self._run_options = ort.RunOptions()
-        self._output_names = [self.info.output_name]
-        self.run_seconds: dict[int, float] = {}  # batch size -> a warm run's time
-        if options.warmup_batch_sizes:
-            self.warm_up(options.warmup_batch_sizes)
-        self.load_seconds = time.perf_counter() - started
+            raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run each batch size once so that no first request pays for allocation; then time
-        the power-of-two sizes among them (`run_seconds`, what `inline_limit` decides by)."""
-        h, w, c = self.info.input_shape
+        """Run each batch size once so that no first request pays for allocation; time the
+        power-of-two sizes with `run_small` (`run_seconds`, what `inline_limit` decides by),
+        and warm `run_small` for every size up to the last one timed."""
         for n in batch_sizes:
-            try:
-                out = self.run(np.zeros((n, h, w, c), dtype=np.float32))
-            except Exception as exc:
-                raise ModelLoadError(f"{self.path}: warm-up with batch {n} failed ({exc})") from exc
-            if out.shape != (n, self.info.num_classes) or not np.isfinite(out).all():
-                raise ModelLoadError(
-                    f"{self.path}: warm-up with batch {n} gave shape {out.shape} "
-                    f"(expected {(n, self.info.num_classes)}) or non-finite values"
-                )
+            self._warm(self.run, n)
+        timed = 0
         for n in sorted(n for n in batch_sizes if n & (n - 1) == 0):
-            x = np.zeros((n, h, w, c), dtype=np.float32)
+            x = self._warm(self.run_small, n)
             seconds = []
             for _ in range(3):  # the best of three: a busy machine only ever adds time
                 started = time.perf_counter()
-                self.run(x)
+                self.run_small(x)
                 seconds.append(time.perf_counter() - started)
             self.run_seconds[n] = min(seconds)
+            timed = n
             if self.run_seconds[n] > TIMED_UP_TO_S:
                 break
+        if self._small_session is not self.session:
+            for n in batch_sizes:
+                if n <= timed and n not in self.run_seconds:
+                    self._warm(self.run_small, n)
+
+    def _warm(self, run: Callable[[F32], F32], n: int) -> F32:
+        """One checked run of a batch of n zero images; returns that batch."""
+        h, w, c = self.info.input_shape
+        x = np.zeros((n, h, w, c), dtype=np.float32)
+        try:
+            out = run(x)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: warm-up with batch {n} failed ({exc})") from exc
+        if out.shape != (n, self.info.num_classes) or not np.isfinite(out).all():
+            raise ModelLoadError(
+                f"{self.path}: warm-up with batch {n} gave shape {out.shape} "
+                f"(expected {(n, self.info.num_classes)}) or non-finite values"
+            )
+        return x
 
     def inline_limit(self, budget_s: float) -> int:
         """The largest batch such that it and every smaller warmed-up batch ran within
@@ -219,7 +246,13 @@ class ModelRuntime:
         raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
 
     def run(self, x: F32) -> F32:
-        out: F32 = self.session.run(
-            self._output_names, {self.info.input_name: x}, self._run_options
+        """With the configured intra-op threads (for the executor)."""
+        out: F32 = self.session.run(self._output_names, {self._feeds_name: x}, self._run_options)[0]
+        return out
+
+    def run_small(self, x: F32) -> F32:
+        """On the calling thread alone (a small batch, on the event loop's thread)."""
+        out: F32 = self._small_session.run(
+            self._output_names, {self._feeds_name: x}, self._run_options
         )[0]
         return out

@@ -167,3 +167,14 @@ def test_count_call_reuses_labelled_children() -> None:
     inflight.dec()
     assert m.registry.get_sample_value("cnnserve_inflight_requests", {"method": "Predict"}) == 1
     assert len(m._call_children) == 2
+
+
+def test_small_batches_get_a_single_threaded_session_of_the_same_model(tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "m.onnx")
+    rt = ModelRuntime(path, RuntimeOptions(intra_op_threads=2, warmup_batch_sizes=(1, 2, 3, 4)))
+    assert rt._small_session is not rt.session
+    assert rt._small_session.get_session_options().intra_op_num_threads == 1
+    x = np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32)
+    assert np.array_equal(rt.run_small(x), rt.run(x))
+    one = ModelRuntime(path, RuntimeOptions(intra_op_threads=1, warmup_batch_sizes=(1,)))
+    assert one._small_session is one.session  # nothing to gain: no second session

@@ -1,0 +1,133 @@
+"""`--workers N`: N server processes on one gRPC port, and one /metrics over all of them.
+
+The process the user started becomes a supervisor. It picks the port, starts N workers
+(`python -m serving` with the same settings, `--workers 1 --reuse-port`), each with its own
+event loop, ONNX Runtime sessions and batcher; the kernel spreads new connections over them
+(SO_REUSEPORT), and every call of a connection stays with its worker. The workers write their
+metrics to files (prometheus_client's multiprocess mode) which the supervisor's /metrics sums.
+
+Signals: SIGTERM and SIGINT stop the workers (each drains its calls as a single server does),
+SIGHUP makes each rescan the repository. A worker that exits on its own takes the others down
+and the supervisor exits 1, for the orchestrator to restart it whole.
+
+What stays per worker: health answers (each for itself: the overall status is the same rule in
+every worker), the Open Inference Protocol's ModelStatistics (counts of the worker the call
+reached) and the process_* series (the supervisor's /metrics has none of the workers').
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from serving.config import Settings
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[str]:
+    """The command line of one worker: the user's flags, then ours (the last of a flag wins).
+    Unless set, ONNX Runtime's threads are shared out: cores // workers each (measured on 2
+    cores: two workers of 2 threads each lose to two of 1, bench/PROFILE.md)."""
+    cmd = [
+        sys.executable, "-m", "serving", *argv,
+        "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "0",
+    ]  # fmt: skip
+    if settings.intra_op_threads == 0:
+        cmd += ["--intra-op-threads", str(max(1, (os.cpu_count() or 1) // settings.workers))]
+    return cmd
+
+
+def supervise(settings: Settings, argv: Sequence[str]) -> int:
+    port = settings.port or _free_port(settings.host)
+    metrics_dir = tempfile.mkdtemp(prefix="cnnserve-metrics-")
+    env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+    httpd = None
+    if settings.metrics_port:
+        os.environ[MULTIPROC_ENV] = metrics_dir  # before prometheus_client is imported
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+    code = 0
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            sig = signal.SIGTERM
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info(
+        "starting %d workers on %s:%d (SO_REUSEPORT); metrics of all of them on port %d",
+        settings.workers,
+        settings.host,
+        port,
+        settings.metrics_port,
+        extra={"event": "workers_starting", "workers": settings.workers, "port": port},
+    )
+    try:
+        for _ in range(settings.workers):
+            procs.append(subprocess.Popen(worker_command(settings, argv, port), env=env))
+        if stopping:  # a signal came while they were starting
+            forward(signal.SIGTERM, None)
+        stop_started: float | None = None
+        while any(p.poll() is None for p in procs):
+            if not stopping and any(p.poll() is not None for p in procs):
+                dead = next(p for p in procs if p.poll() is not None)
+                log.error(
+                    "worker %d exited with %s: stopping the others",
+                    dead.pid,
+                    dead.returncode,
+                    extra={"event": "worker_exited", "pid": dead.pid},
+                )
+                code = 1
+                forward(signal.SIGTERM, None)
+            if stopping and stop_started is None:
+                stop_started = time.monotonic()
+            if stop_started is not None and time.monotonic() - stop_started > (
+                settings.grace_seconds + 10
+            ):
+                for p in procs:
+                    if p.poll() is None:
+                        log.warning("worker %d did not stop: killing it", p.pid)
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if any(p.returncode != 0 for p in procs):
+        code = 1
+    log.info("all workers stopped", extra={"event": "workers_stopped"})
+    return code

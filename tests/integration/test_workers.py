@@ -1,0 +1,130 @@
+"""`--workers N`: several server processes on one port, one /metrics that sums them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+from tests.support import ServerProcess, write_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets in LISTEN state on `port` (gRPC listens on IPv4-mapped IPv6 addresses)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def serving_over_fresh_connections(server: ServerProcess, times: int) -> bool:
+    for _ in range(times):
+        # A new channel is a new TCP connection: the kernel may hand it to either worker.
+        with grpc.insecure_channel(server.target) as channel:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                .status
+            )
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+    return True
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    write_tiny_model(tmp_path / "models" / "tiny" / "1" / "model.onnx")
+    return tmp_path / "models"
+
+
+def test_workers_share_the_port_and_one_metrics_endpoint_sums_them(repo: Path) -> None:
+    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+    try:
+        assert server.proc is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            len(children(server.proc.pid)) == 2
+            and listening_sockets(server.port) == 2
+            and serving_over_fresh_connections(server, 8)
+        ):
+            time.sleep(0.2)
+        workers = children(server.proc.pid)
+        assert len(workers) == 2 and listening_sockets(server.port) == 2, server.logs()
+
+        x = np.arange(2 * 16, dtype=np.uint8).reshape(2, 4, 4, 1)
+        request = pb.PredictRequest(
+            model="tiny",
+            images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=x.shape, data=x.tobytes()),
+        )
+        answers = []
+        for _ in range(30):
+            with grpc.insecure_channel(server.target) as channel:
+                answers.append(pb_grpc.CnnServeStub(channel).Predict(request, timeout=30))
+        assert all(a.model == "tiny" and len(a.classifications) == 2 for a in answers)
+        probabilities = {a.probabilities.data for a in answers}
+        assert len(probabilities) == 1  # every worker runs the same model the same way
+
+        # One scrape, every worker's counts: summed counters, live gauges.
+        ok = {"model": "tiny", "method": "Predict", "code": "OK"}
+        assert metric(server, "cnnserve_requests_total", **ok) == 30
+        assert metric(server, "cnnserve_batch_size_sum", model="tiny") == 60
+        assert metric(server, "cnnserve_inflight_requests", method="Predict") == 0
+        assert metric(server, "cnnserve_model_state", model="tiny", state="READY") == 1
+
+        server.signal(signal.SIGHUP)  # passed on: each worker rescans, and keeps serving
+        time.sleep(0.5)
+        assert serving_over_fresh_connections(server, 4)
+        assert server.stop() == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        server.stop()
+
+
+def test_a_worker_that_dies_takes_the_server_down(repo: Path) -> None:
+    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+    try:
+        assert server.proc is not None
+        deadline = time.monotonic() + 60
+        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first, second = children(server.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        assert server.proc.wait(30) == 1  # for the orchestrator to restart it whole
+        assert not Path(f"/proc/{second}").exists()  # stopped, and reaped
+        assert "exited with -9: stopping the others" in server.logs()
+    finally:
+        server.stop()
