@@ -9,12 +9,16 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from serving.errors import Kind, ServingError
 from serving.metrics import UNKNOWN_MODEL, Metrics
+
+if TYPE_CHECKING:
+    from serving.inference import DataPlane
+    from serving.repository import ServedVersion
 
 log = logging.getLogger("serving.api")
 # Services that answer while the server drains (health says NOT_SERVING; discovery stays).
@@ -48,6 +52,12 @@ class Call:
     def __init__(self) -> None:
         self.model = UNKNOWN_MODEL
         self.version = ""
+
+    def resolve(self, plane: DataPlane, model: str, version: int) -> ServedVersion:
+        """The version to run, remembered as this call's metric labels."""
+        served = plane.resolve(model, version)
+        self.model, self.version = served.name, str(served.version)
+        return served
 
 
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]

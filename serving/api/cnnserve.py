@@ -23,16 +23,11 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self.metrics = metrics
         self._summaries: dict[tuple[str, int, int], ParameterSummary] = {}
 
-    def _resolve(self, call: Call, model: str, version: int):  # type: ignore[no-untyped-def]
-        served = self.plane.resolve(model, version)
-        call.model, call.version = served.name, str(served.version)
-        return served
-
     @rpc("Predict")
     async def Predict(
         self, request: pb.PredictRequest, context: Ctx, call: Call
     ) -> pb.PredictResponse:
-        served = self._resolve(call, request.model, request.version)
+        served = call.resolve(self.plane, request.model, request.version)
         pixels = codec.decode_tensor(request.images)
         probabilities = await self.plane.predict(served, pixels)
         top = top_k(probabilities, request.top_k or 1)
@@ -42,7 +37,7 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: Ctx, call: Call
     ) -> pb.ClassifyResponse:
-        served = self._resolve(call, request.model, request.version)
+        served = call.resolve(self.plane, request.model, request.version)
         items = codec.decode_classify_images(request)
         # Decoding images is CPU work: keep it off the event loop.
         batch = await asyncio.to_thread(self.plane.decode_images, served, items)
@@ -53,7 +48,7 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def GetParameterSummary(
         self, request: pb.GetParameterSummaryRequest, context: Ctx, call: Call
     ) -> pb.GetParameterSummaryResponse:
-        served = self._resolve(call, request.model, request.version)
+        served = call.resolve(self.plane, request.model, request.version)
         key = (served.name, served.version, id(served.runtime))
         summary = self._summaries.get(key)
         if summary is None:
@@ -71,6 +66,6 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Ctx, call: Call
     ) -> pb.GetModelMetadataResponse:
-        served = self._resolve(call, request.model, request.version)
+        served = call.resolve(self.plane, request.model, request.version)
         ready = self.plane.repository.ready_versions(served.name)
         return codec.metadata_response(served, ready, self.plane.limits.max_request_batch)

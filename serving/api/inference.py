@@ -19,7 +19,6 @@ from serving.inference import DataPlane
 from serving.metrics import Metrics
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from serving.repository import ServedVersion
 
 Ctx = grpc.aio.ServicerContext
 
@@ -41,11 +40,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self._ready = ready  # the server's own readiness rule (the overall health status)
         self._version = server_version()
-
-    def _resolve(self, call: Call, model: str, version: str) -> ServedVersion:
-        served = self.plane.resolve(model, codec.parse_v2_version(version))
-        call.model, call.version = served.name, str(served.version)
-        return served
 
     @rpc("ServerLive")
     async def ServerLive(
@@ -79,14 +73,16 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: v2.ModelMetadataRequest, context: Ctx, call: Call
     ) -> v2.ModelMetadataResponse:
-        served = self._resolve(call, request.name, request.version)
+        served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
         return codec.v2_model_metadata(served, self.plane.repository.ready_versions(served.name))
 
     @rpc("ModelInfer")
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Ctx, call: Call
     ) -> v2.ModelInferResponse:
-        served = self._resolve(call, request.model_name, request.model_version)
+        served = call.resolve(
+            self.plane, request.model_name, codec.parse_v2_version(request.model_version)
+        )
         pixels = codec.decode_v2_input(request, served)
         outputs = codec.v2_requested_outputs(request, served)
         probabilities = await self.plane.predict(served, pixels)
@@ -96,7 +92,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: v2.ModelConfigRequest, context: Ctx, call: Call
     ) -> v2.ModelConfigResponse:
-        served = self._resolve(call, request.name, request.version)
+        served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
         return codec.v2_model_config(
             served, self.plane.repository, self.plane.limits.max_request_batch
         )
@@ -108,7 +104,9 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         repository = self.plane.repository
         if request.name:
             if request.version:
-                served = self._resolve(call, request.name, request.version)
+                served = call.resolve(
+                    self.plane, request.name, codec.parse_v2_version(request.version)
+                )
                 wanted = [(served.name, served.version)]
             else:
                 # NOT_FOUND or UNAVAILABLE, as for an inference.
