@@ -734,24 +734,17 @@ def target_server(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], 
         return
     import tempfile
 
-    from tests.support import ServerProcess
+    from tests.support import serve_newest
 
-    folder = args.models_dir / args.model
-    versions = sorted(
-        (int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), reverse=True
-    )
-    if not versions:
-        raise SystemExit(f"{folder}: no model versions (run `make train DATASET={args.model}`)")
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "server.log"
-        server = ServerProcess(
-            args.models_dir, ["--max-message-mb", str(args.max_message_mb)], log_path=log_path
-        )
-        with server as proc:
+        with serve_newest(
+            args.models_dir, args.model, ["--max-message-mb", str(args.max_message_mb)], log_path
+        ) as (proc, model_file):
             yield (
                 proc.target,
                 lambda: proc.proc is not None and proc.proc.poll() is None,
-                folder / str(versions[0]) / "model.onnx",
+                model_file,
             )
         if "Traceback" in log_path.read_text():
             print(f"the server logged exceptions:\n{log_path.read_text()[-4000:]}")

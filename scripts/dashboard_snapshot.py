@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +25,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,72 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc  # noqa: E402
+from tests.support import ServerProcess  # noqa: E402
 
 Labels = tuple[tuple[str, str], ...]
 Sample = dict[tuple[str, Labels], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ------------------------------------------------------------------ server
-
-
-class Server:
-    def __init__(self, models: Path, log_path: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "serving",
-            "--model-repository",
-            str(models),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--poll-seconds",
-            "0",
-        ]
-        with log_path.open("w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise SystemExit(
-                        f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}"
-                    )
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise SystemExit(f"server not SERVING after {timeout:.0f}s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # ------------------------------------------------------------------ load
@@ -390,9 +324,9 @@ def main() -> int:
         return 2
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.models_dir.resolve(), Path(tmp) / "server.log")
+        server = ServerProcess(args.models_dir.resolve(), log_path=Path(tmp) / "server.log")
         try:
-            server.wait_ready()
+            server.start(timeout=180.0)
             models = discover(server.target)
             print(f"server on {server.target}, models: {', '.join(m.name for m in models)}")
             scraper = Scraper(

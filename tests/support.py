@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,22 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def serve_newest(
+    models_dir: Path, model: str, extra_args: Sequence[str], log_path: Path
+) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server over `models_dir`, and the file of `model`'s newest version (which it serves),
+    for the bench scripts that compare the server with in-process ONNX Runtime."""
+    folder = models_dir / model
+    versions = sorted(
+        (int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), reverse=True
+    )
+    if not versions:
+        raise SystemExit(f"{folder}: no model versions (run `make train DATASET={model}`)")
+    with ServerProcess(models_dir, extra_args, log_path=log_path) as proc:
+        yield proc, folder / str(versions[0]) / "model.onnx"
 
 
 def copy_repository(src: Path, dst: Path) -> Path:
