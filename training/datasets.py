@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -469,7 +469,3 @@ def subset(ds: Dataset, train: int | None, test: int | None, seed: int = 0) -> D
     x_train, y_train = pick(ds.x_train, ds.y_train, train)
     x_test, y_test = pick(ds.x_test, ds.y_test, test)
     return Dataset(ds.name, x_train, y_train, x_test, y_test, ds.class_names, ds.source)
-
-
-def names() -> Sequence[str]:
-    return DATASETS
