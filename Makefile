@@ -63,6 +63,9 @@ bench: setup ## serving benchmark: h2load on both APIs vs the gRPC echo floor an
 bench-train: setup ## training overhead: training.train epoch time against a plain model.fit (TensorFlow)
 	$(PY) bench/train_overhead.py
 
+bench-cuda: setup ## CUDA against CPU, in-process and through the server (a GPU and onnxruntime-gpu)
+	$(PY) bench/cuda_bench.py $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(BENCH_ARGS)
+
 bench-profile: setup ## py-spy profile of the server under h2load (PROFILE_ARGS="--batch 1 --concurrency 16")
 	$(PY) -m bench.profile_server $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(PROFILE_ARGS)
 
@@ -78,6 +81,9 @@ soak: setup | $(MODELS)/$(DATASET) ## SOAK_SECONDS (300) of mixed traffic at con
 
 test: setup ## the whole test suite (trains small real models once per run)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: setup ## the CUDA execution provider tests (a GPU and onnxruntime-gpu; skipped elsewhere)
+	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
 
 test-fast: setup ## unit tests only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

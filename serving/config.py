@@ -28,6 +28,7 @@ class Settings:
     batching: bool = True
     max_batch_size: int = 64  # largest batch the batcher forms from concurrent requests
     max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 = take what is queued
+    inline_budget_ms: float = 2.0  # batches that ran this fast at warm-up run on the loop thread
     max_request_batch: int = 1024  # largest batch one request may carry
     max_message_mb: int = 64
     max_image_pixels: int = 16_000_000  # per decoded image in Classify
@@ -57,7 +58,9 @@ _HELP: dict[str, str] = {
     "host": "address to listen on",
     "port": "gRPC port",
     "metrics_port": "Prometheus /metrics HTTP port (0 turns it off)",
-    "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning",
+    "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda "
+    "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
+    "whenever the batch size changes",
     "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core)",
     "inter_op_threads": "ONNX Runtime threads across operators",
     "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
@@ -65,6 +68,8 @@ _HELP: dict[str, str] = {
     "batching": "dynamic batching of concurrent requests (--no-batching turns it off)",
     "max_batch_size": "largest batch formed from concurrent requests",
     "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",
+    "inline_budget_ms": "batches whose warm-up run took at most this long run on the event loop's "
+    "own thread instead of the executor's (0: every run goes to the executor)",
     "max_request_batch": "largest batch a single request may carry",
     "max_message_mb": "largest gRPC message, in MiB, received or sent",
     "max_image_pixels": "largest decoded image (width x height) Classify accepts; also Pillow's "
@@ -191,7 +196,13 @@ def validate(s: Settings) -> None:
     for name in ("intra_op_threads", "inter_op_threads", "max_image_pixels"):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
-    for name in ("max_queue_delay_ms", "poll_seconds", "grace_seconds", "max_connection_age_s"):
+    for name in (
+        "max_queue_delay_ms",
+        "inline_budget_ms",
+        "poll_seconds",
+        "grace_seconds",
+        "max_connection_age_s",
+    ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):

@@ -42,6 +42,7 @@ class BatchingOptions:
     enabled: bool = True
     max_batch_size: int = 64
     max_delay_s: float = 0.0
+    inline_budget_s: float = INLINE_BUDGET_S  # see Batcher: small batches on the loop's thread
 
 
 @dataclass
@@ -267,7 +268,7 @@ class ModelRepository:
         observer = (
             self._observer_for(name, version, runtime.provider) if self._observer_for else None
         )
-        inline_max_images = runtime.inline_limit(INLINE_BUDGET_S)
+        inline_max_images = runtime.inline_limit(self.batching.inline_budget_s)
         batcher = None
         if self.batching.enabled:
             batcher = Batcher(

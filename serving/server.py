@@ -73,11 +73,13 @@ class Server:
                 inter_op_threads=settings.inter_op_threads,
                 warmup_batch_sizes=warmup_sizes(settings),
                 spinning=settings.ort_spinning,
+                cuda_fixed_batch=settings.max_batch_size,
             ),
             batching=BatchingOptions(
                 enabled=settings.batching,
                 max_batch_size=settings.max_batch_size,
                 max_delay_s=settings.max_queue_delay_ms / 1000.0,
+                inline_budget_s=settings.inline_budget_ms / 1000.0,
             ),
             executor=self.executor,
             max_versions=settings.max_versions,

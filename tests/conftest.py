@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, train_model
+from tests.support import ServerProcess, copy_repository, train_model
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# A repository holding fashion/1/model.onnx trained elsewhere by `python -m training`: used
+# instead of training one where TensorFlow is not installed (the GPU machine of `make test-gpu`).
+PRETRAINED = "CNNSERVE_TEST_REPOSITORY"
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +22,8 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     5,000 Fashion-MNIST images (the Debian package, or the Keras cache) for three short epochs:
     ~75% test accuracy, a safe margin over the 70% the tests ask for (one epoch gives ~71%)."""
     repo = tmp_path_factory.mktemp("repo") / "models"
+    if os.environ.get(PRETRAINED):  # a machine without TensorFlow (the GPU check)
+        return copy_repository(Path(os.environ[PRETRAINED]), repo)
     train_model(
         repo,
         "--dataset",

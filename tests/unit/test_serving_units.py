@@ -17,7 +17,13 @@ from serving.errors import InvalidArgument, NotFound, Unavailable
 from serving.inference import DataPlane, Limits, top_k
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions, resolve_providers
+from serving.runtime import (
+    ModelLoadError,
+    ModelRuntime,
+    RuntimeOptions,
+    resolve_providers,
+    run_in_fixed_batches,
+)
 from serving.summary import summarize
 from tests.support import write_tiny_model
 
@@ -110,6 +116,24 @@ def test_runtime_contract_and_fallback(tmp_path: Path, caplog: pytest.LogCapture
     assert rt.run(rt.prepare(x)).shape == (2, 3)
     assert resolve_providers("cuda") == ["CPUExecutionProvider"]
     assert "falling back to cpu" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 11])
+def test_fixed_batches_pad_and_split_without_changing_rows(tmp_path: Path, n: int) -> None:
+    """What the CUDA path does (run_in_fixed_batches), checked on the CPU: every run the
+    session sees has exactly 4 images, and each caller's row comes back unchanged."""
+    rt = ModelRuntime(write_tiny_model(tmp_path / "m.onnx"), RuntimeOptions(provider="cpu"))
+    assert rt.fixed_batch == 0  # only CUDA pads
+    x = np.random.default_rng(n).random((n, 4, 4, 1), dtype=np.float32)
+    seen: list[tuple[int, ...]] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.shape)
+        return rt.run(batch)
+
+    got = run_in_fixed_batches(run, x, 4)
+    assert seen == [(4, 4, 4, 1)] * -(-n // 4)
+    np.testing.assert_allclose(got, rt.run(x), rtol=0, atol=1e-7)
 
 
 def test_runtime_refuses_corrupt_file(tmp_path: Path) -> None:
