@@ -14,8 +14,9 @@ What runs, one after the other (never two at once, so each has the machine to it
    at concurrency 1, 4 (concurrency C = C connections with one request in flight each);
 3. a do-nothing grpc.aio server (bench/echo_server.py) answering the same request with the same
    response bytes, under the same load: the floor of the Python gRPC stack;
-4. ONNX Runtime in this process on the same model file with the same thread settings: batch 1
-   with one session and with two sessions side by side, batch 32 with one.
+4. ONNX Runtime in this process on the same model file, at each batch size: one session with
+   the server's thread settings, and one single-threaded session per core side by side; the
+   better of the two is the ceiling the ratios are taken against.
 
 h2load does not read grpc-status trailers, so every run is checked against the server's own
 count: `cnnserve_requests_total{code="OK"}` must grow by exactly the number of requests sent, or
@@ -270,7 +271,7 @@ def real_response(target: str, method: str, body: bytes) -> bytes:
 
 @dataclass
 class Point:
-    target: str  # cnnserve | v2 | echo | in-process | in-process x2
+    target: str  # cnnserve | v2 | echo | in-process | in-process xN (N cores)
     batch: int
     concurrency: int
     requests: int = 0
@@ -494,11 +495,14 @@ class Runner:
 def in_process(
     model_path: Path, options: RuntimeOptions, x: np.ndarray, *, sessions: int, seconds: float
 ) -> Point:
-    """ONNX Runtime alone: `sessions` threads, each running its own session in a loop."""
+    """ONNX Runtime alone: `sessions` threads, each running its own session in a loop (with
+    several sessions, each on one thread: the best of ONNX Runtime on this machine, and so the
+    ceiling the server's ratios are taken against)."""
     batch = len(x)
+    threads_each = options.intra_op_threads if sessions == 1 else 1
     runtimes = [
         ModelRuntime(model_path, RuntimeOptions(
-            provider=options.provider, intra_op_threads=options.intra_op_threads,
+            provider=options.provider, intra_op_threads=threads_each,
             inter_op_threads=options.inter_op_threads, warmup_batch_sizes=(batch,)))
         for _ in range(sessions)
     ]  # fmt: skip
@@ -601,9 +605,9 @@ def ordered(points: list[Point]) -> list[Point]:
             if p.target.startswith("in-process")
             else 2
             if p.target == "echo"
-            else 1
-            if "-w" in p.target
             else 0
+            if p.target in APIS
+            else 1
         )
         first = "" if kind == 3 else {"cnnserve": "0", "v2": "1"}.get(p.target, p.target)
         return (kind, first, p.batch, p.concurrency)
@@ -674,7 +678,8 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    served = [a for a in apis] + sorted({p.target for p in pts if "-w" in p.target})
+    variants = {p.target for p in pts if p.target not in apis and p.target != "echo"}
+    served = [a for a in apis] + sorted(t for t in variants if not t.startswith("in-process"))
     for api in served:
         p = _find(pts, api, 32, 4)
         if p is not None:
@@ -777,7 +782,8 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         "",
         markdown_table(pts),
         "`vs in-process`: images/s over the best in-process ORT figure at the same batch size "
-        "(batch 1: the better of one and two sessions). `vs echo`: over the do-nothing grpc.aio "
+        "(the better of one session with ONNX Runtime's default threads and one single-threaded "
+        "session per core side by side). `vs echo`: over the do-nothing grpc.aio "
         "server at the same batch and concurrency. `server CPU`: the server process's utime + "
         "stime over the run, all threads; for in-process rows, this process's ORT threads.",
         "",
@@ -856,6 +862,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure our API with --workers N (0: skip)",
     )
     p.add_argument("--no-in-process", action="store_true", help="skip in-process ORT")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also measure the server with these extra flags, point by point beside the "
+        "default one (an A/B in one run), e.g. runs2='--concurrent-runs 2'",
+    )
     p.add_argument(
         "--server-root",
         type=Path,
@@ -1000,6 +1014,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.workers_compare} (processes sharing the port via SO_REUSEPORT; h2load's "
                 "connections spread over them; CPU and memory summed over the processes)"
             )
+        for variant in args.variant:
+            name, _, flags = variant.partition("=")
+            v_proc, v_port, v_metrics = start_server(
+                models,
+                [*server_args, *flags.split()],
+                logs / f"server-{name}.log",
+                args.server_root.resolve(),
+            )
+            started.append(v_proc)
+            wait_serving(f"127.0.0.1:{v_port}", v_proc, timeout=120)
+            targets_at[f"{first}-{name}"] = (
+                v_proc,
+                {b: f"http://127.0.0.1:{v_port}{APIS[first]}" for b in inputs},
+                {b: payloads[first, b] for b in inputs},
+                v_metrics,
+            )
+            report.notes.append(f"{first}-{name}: the same server with `{flags}`")
         if not args.no_echo:
             echo_urls: dict[int, str] = {}
             echo_procs: dict[int, Process] = {}
@@ -1048,17 +1079,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 4. ONNX Runtime alone
     if not args.no_in_process:
         seconds = max(args.duration, 0.2)
-        if 1 in inputs:
-            for sessions in (1, 2):
+        cores = os.cpu_count() or 1
+        for x in inputs.values():
+            for sessions in sorted({1, cores}):
                 report.points.append(
-                    in_process(
-                        model_path, rt_options, inputs[1], sessions=sessions, seconds=seconds
-                    )
+                    in_process(model_path, rt_options, x, sessions=sessions, seconds=seconds)
                 )
-        if 32 in inputs:
-            report.points.append(
-                in_process(model_path, rt_options, inputs[32], sessions=1, seconds=seconds)
-            )
 
     report.loadavg_end = loadavg()
     report.points = ordered(report.points)

@@ -53,8 +53,12 @@ class Batcher:
     after `max_delay_s`), by which time every request that arrived in this turn is queued too.
     A batch of at most `inline_max_images` images runs right there on the loop thread: ONNX
     Runtime releases the GIL while it computes, and for a small model a hop to a worker thread
-    and back costs more than the run itself. A larger batch runs in the executor, and the next
-    one fills meanwhile."""
+    and back costs more than the run itself. Larger batches run in the executor, and the next
+    ones fill meanwhile. A batch that is all there is to do (nothing else queued or running)
+    gets `run`, all of ONNX Runtime's threads, and the other runs wait for it. When there is
+    more, up to `max_runs` batches go at once, each with `run_parallel` (one thread), and
+    what is queued is shared out among them rather than merged into one big batch: on 2 cores
+    two one-thread runs of 32 images beat one two-thread run of 64 by half (bench/PROFILE.md)."""
 
     def __init__(
         self,
@@ -66,6 +70,8 @@ class Batcher:
         observer: Observer | None = None,
         inline_max_images: int = 0,
         run_inline: RunFn | None = None,
+        max_runs: int = 1,
+        run_parallel: RunFn | None = None,
     ) -> None:
         self._run = run
         self._run_inline = run_inline or run  # the same model, for the loop's own thread
@@ -73,10 +79,13 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.inline_max_images = inline_max_images
+        self.max_runs = max(1, max_runs)
+        self._run_parallel = run_parallel or run
+        self._exclusive: list[_Pending] | None = None  # a batch running on all the threads
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
-        self._running: list[_Pending] | None = None  # the batch in the executor
+        self._running: list[list[_Pending]] = []  # the batches in the executor
         self._scheduled: asyncio.Handle | None = None  # the next _dispatch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -91,7 +100,7 @@ class Batcher:
         future: asyncio.Future[F32] = loop.create_future()
         self._queue.append(_Pending(x, future, time.perf_counter()))
         self._queued_images += len(x)
-        if self._running is None:
+        if self._free():
             if self._scheduled is None:
                 self._schedule(loop)
             elif self.max_delay_s > 0 and self._queued_images >= self.max_batch_size:
@@ -105,7 +114,8 @@ class Batcher:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        waiting = [*(self._running or ()), *self._queue]
+        waiting = [p for batch in self._running for p in batch]
+        waiting += self._queue
         self._queue.clear()
         self._queued_images = 0
         for pending in waiting:
@@ -118,58 +128,79 @@ class Batcher:
         else:
             self._scheduled = loop.call_soon(self._dispatch)
 
-    def _take_batch(self) -> list[_Pending]:
-        """Queued requests in order, up to max_batch_size images. Callers that gave up
-        (cancelled, past their deadline) are dropped; the first one always goes, however large;
-        one that does not fit leads the next batch."""
+    def _take_batch(self, limit: int) -> list[_Pending]:
+        """Queued requests in order, up to `limit` images. Callers that gave up (cancelled,
+        past their deadline) are dropped; the first one always goes, however large; one that
+        does not fit leads the next batch."""
         queue, size = self._queue, 0
         batch: list[_Pending] = []
         while queue:
             p = queue[0]
             n = len(p.x)
             if not p.future.done():
-                if batch and size + n > self.max_batch_size:
+                if batch and size + n > limit:
                     break
                 batch.append(p)
                 size += n
             queue.popleft()
             self._queued_images -= n
-            if size >= self.max_batch_size:
+            if size >= limit:
                 break
         return batch
+
+    def _free(self) -> int:
+        """How many more runs may start now."""
+        return 0 if self._exclusive is not None else self.max_runs - len(self._running)
+
+    def _share(self) -> int:
+        """How many images the next batch takes: everything (up to max_batch_size) when it
+        can run on the loop or only one run is free; else an even share per free run."""
+        free = self._free()
+        queued = self._queued_images
+        if free <= 1 or queued <= self.inline_max_images:
+            return self.max_batch_size
+        return min(self.max_batch_size, -(-queued // free))
 
     def _dispatch(self) -> None:
         self._scheduled = None
         loop = self._loop
-        if self._closed or self._running is not None or loop is None:
+        if self._closed or loop is None:
             return
-        batch = self._take_batch()
-        if not batch:
-            return
-        x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
-        if len(x) <= self.inline_max_images:
-            self._complete(self._work(batch, x, self._run_inline))
-            if self._queue and self._scheduled is None:
-                self._schedule(loop)
-            return
-        self._running = batch
-        try:
-            future = self._executor.submit(self._work, batch, x, self._run)
-        except RuntimeError:  # the executor is shut down: the server is stopping
-            self._running = None
-            self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
-            return
+        while self._queue and self._free():
+            batch = self._take_batch(self._share())
+            if not batch:
+                return
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            if len(x) <= self.inline_max_images:
+                self._complete(self._work(batch, x, self._run_inline))
+                continue
+            run = self._run
+            if self.max_runs > 1:
+                if self._running or self._queue:
+                    run = self._run_parallel
+                else:
+                    self._exclusive = batch
+            self._running.append(batch)
+            try:
+                future = self._executor.submit(self._work, batch, x, run)
+            except RuntimeError:  # the executor is shut down: the server is stopping
+                self._running.remove(batch)
+                self._exclusive = None
+                self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
+                return
 
-        def done(f: Future[list[_Run]]) -> None:  # in the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(self._finished, f)
+            def done(f: Future[list[_Run]], batch: list[_Pending] = batch) -> None:
+                with contextlib.suppress(RuntimeError):  # (worker thread) the loop is closed
+                    loop.call_soon_threadsafe(self._finished, batch, f)
 
-        future.add_done_callback(done)
+            future.add_done_callback(done)
 
-    def _finished(self, f: Future[list[_Run]]) -> None:
-        batch, self._running = self._running, None
-        if self._closed or batch is None:
+    def _finished(self, batch: list[_Pending], f: Future[list[_Run]]) -> None:
+        if self._closed or not any(b is batch for b in self._running):
             return  # close() has answered every caller
+        self._running = [b for b in self._running if b is not batch]
+        if self._exclusive is batch:
+            self._exclusive = None
         if f.cancelled():
             self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:

@@ -412,7 +412,7 @@ def v2_model_config(
                 kind=v2config.ModelInstanceGroup.KIND_GPU
                 if gpu
                 else v2config.ModelInstanceGroup.KIND_CPU,
-                count=1,
+                count=batching.max_runs,
             )
         ],
         default_model_filename=MODEL_FILE,

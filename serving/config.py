@@ -23,6 +23,7 @@ class Settings:
     metrics_port: int = 8002  # 0: no metrics endpoint
     provider: str = "cpu"
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    concurrent_runs: int = 0  # runs of one model at once; 0: one per core on the CPU, 1 on cuda
     inter_op_threads: int = 1
     ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait (off: they sleep)
     batching: bool = True
@@ -62,6 +63,8 @@ _HELP: dict[str, str] = {
     "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
     "whenever the batch size changes",
     "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core)",
+    "concurrent_runs": "ONNX Runtime runs of one model at once when requests queue up, each on "
+    "one thread (0: one per core on the CPU, 1 on cuda); a batch alone gets all the threads",
     "inter_op_threads": "ONNX Runtime threads across operators",
     "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
     "on a machine of its own; on a shared one they take the cores gRPC needs)",
@@ -193,7 +196,7 @@ def validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")
-    for name in ("intra_op_threads", "inter_op_threads", "max_image_pixels"):
+    for name in ("intra_op_threads", "concurrent_runs", "inter_op_threads", "max_image_pixels"):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
     for name in (

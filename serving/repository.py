@@ -43,6 +43,7 @@ class BatchingOptions:
     max_batch_size: int = 64
     max_delay_s: float = 0.0
     inline_budget_s: float = INLINE_BUDGET_S  # see Batcher: small batches on the loop's thread
+    max_runs: int = 1  # runs of one model in the executor at once
 
 
 @dataclass
@@ -279,6 +280,8 @@ class ModelRepository:
                 observer=observer,
                 inline_max_images=inline_max_images,
                 run_inline=runtime.run_small,
+                max_runs=self.batching.max_runs,
+                run_parallel=runtime.run_small,
             )
         self._served[name][version] = ServedVersion(
             name, version, runtime, batcher, self.executor, observer, inline_max_images

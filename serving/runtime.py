@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ class RuntimeOptions:
     # 29 ms a run (5 ms with heuristic algorithm search) against 0.14 ms for batch 1 alone and
     # 0.2 ms for 64. 0 runs batches as they come.
     cuda_fixed_batch: int = 64
+
+
+def default_concurrent_runs(provider: str) -> int:
+    """One run per core this process may use on the CPU (each single-threaded: measured on 2
+    cores, two runs of one thread beat one run of two by 15-70 % from batch 1 to 64,
+    bench/PROFILE.md); one on CUDA, whose runs queue on one device anyway."""
+    if provider == "cuda" and PROVIDER_NAMES["cuda"] in ort.get_available_providers():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_in_fixed_batches(run: Callable[[F32], F32], x: F32, size: int) -> F32:
@@ -223,10 +233,9 @@ class ModelRuntime:
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run each batch size once so that no first request pays for allocation; time the
         power-of-two sizes with `run_small` (`run_seconds`, what `inline_limit` decides by),
-        and warm `run_small` for every size up to the last one timed."""
+        and warm `run_small` for every size too."""
         for n in batch_sizes:
             self._warm(self.run, n)
-        timed = 0
         for n in sorted(n for n in batch_sizes if n & (n - 1) == 0):
             x = self._warm(self.run_small, n)
             seconds = []
@@ -235,12 +244,11 @@ class ModelRuntime:
                 self.run_small(x)
                 seconds.append(time.perf_counter() - started)
             self.run_seconds[n] = min(seconds)
-            timed = n
             if self.run_seconds[n] > TIMED_UP_TO_S:
                 break
-        if self._small_session is not self.session:
+        if self._small_session is not self.session:  # it also runs batches side by side
             for n in batch_sizes:
-                if n <= timed and n not in self.run_seconds:
+                if n not in self.run_seconds:
                     self._warm(self.run_small, n)
 
     def _warm(self, run: Callable[[F32], F32], n: int) -> F32:

@@ -28,7 +28,7 @@ from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2
 from serving.pb.inference import grpc_predict_v2_pb2
 from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import RuntimeOptions
+from serving.runtime import RuntimeOptions, default_concurrent_runs
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ class Server:
         self.metrics = Metrics()
         self.stats = Statistics()
         self.health = HealthServicer()
+        runs = settings.concurrent_runs or default_concurrent_runs(settings.provider)
         self.executor = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ort"
+            max_workers=max(2, os.cpu_count() or 2, runs), thread_name_prefix="ort"
         )
         self.repository = ModelRepository(
             settings.model_repository,
@@ -80,6 +81,7 @@ class Server:
                 max_batch_size=settings.max_batch_size,
                 max_delay_s=settings.max_queue_delay_ms / 1000.0,
                 inline_budget_s=settings.inline_budget_ms / 1000.0,
+                max_runs=runs,
             ),
             executor=self.executor,
             max_versions=settings.max_versions,
@@ -217,7 +219,7 @@ class Server:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         log.info(
             "listening on %s:%d (gRPC, %s, token auth %s); repository %s; provider %s; "
-            "batching %s (max %d, delay %.2f ms)",
+            "batching %s (max %d, delay %.2f ms); %d concurrent runs per model",
             s.host,
             self.port,
             self.transport,
@@ -227,6 +229,7 @@ class Server:
             "on" if s.batching else "off",
             s.max_batch_size,
             s.max_queue_delay_ms,
+            self.repository.batching.max_runs,
             extra={"event": "server_started", "port": self.port, "metrics_port": self.metrics_port},
         )
         await self.repository.scan()

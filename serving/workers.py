@@ -45,14 +45,18 @@ def _free_port(host: str) -> int:
 
 def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[str]:
     """The command line of one worker: the user's flags, then ours (the last of a flag wins).
-    Unless set, ONNX Runtime's threads are shared out: cores // workers each (measured on 2
-    cores: two workers of 2 threads each lose to two of 1, bench/PROFILE.md)."""
+    Unless set, the cores are shared out: cores // workers intra-op threads and concurrent runs
+    each (measured on 2 cores: two workers of 2 threads each lose to two of 1,
+    bench/PROFILE.md)."""
     cmd = [
         sys.executable, "-m", "serving", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "0",
     ]  # fmt: skip
+    share = str(max(1, (os.cpu_count() or 1) // settings.workers))
     if settings.intra_op_threads == 0:
-        cmd += ["--intra-op-threads", str(max(1, (os.cpu_count() or 1) // settings.workers))]
+        cmd += ["--intra-op-threads", share]
+    if settings.concurrent_runs == 0:
+        cmd += ["--concurrent-runs", share]
     return cmd
 
 

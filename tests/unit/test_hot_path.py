@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +59,67 @@ async def test_large_batches_run_in_the_executor_while_the_next_fills() -> None:
         await batcher.close()
     assert sizes == [4, 3]  # three requests queued while the first ran: one batch of 3
     assert all(t.startswith("worker") for t in threads)
+
+
+async def test_several_runs_go_at_once_and_share_the_queue() -> None:
+    """max_runs=2: two batches are in the executor together (a barrier of two parties
+    only opens then: with one run at a time it would time out), and what is queued while
+    both are free is split between them instead of merged into one batch."""
+    barrier = threading.Barrier(2, timeout=10)
+    threads: list[str] = []
+    sizes: list[int] = []
+    record = _recording_run(threads, sizes)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        barrier.wait()
+        return record(x)  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
+        batcher = Batcher(
+            _recording_run([], []), pool, max_batch_size=64, max_runs=2, run_parallel=run
+        )
+        outs = await asyncio.gather(
+            *(batcher.submit(np.full((8, 1), i, np.float32)) for i in range(4))
+        )
+        await batcher.close()
+    assert sorted(sizes) == [16, 16]  # 32 queued images, two free runs: 16 each
+    assert len(set(threads)) == 2
+    assert [o[:, 0].tolist() for o in outs] == [[2.0 * i] * 8 for i in range(4)]
+
+
+async def test_a_batch_alone_gets_every_thread_and_the_others_wait() -> None:
+    """Nothing else queued or running: `run` (all of ONNX Runtime's threads), and a request
+    arriving meanwhile waits for it rather than running beside it on too few cores."""
+    spans: list[tuple[str, float, float]] = []
+
+    def timed(name: str):  # type: ignore[no-untyped-def]
+        def run(x: np.ndarray) -> np.ndarray:
+            started = time.perf_counter()
+            time.sleep(0.05)
+            spans.append((name, started, time.perf_counter()))
+            return x[:, :1]
+
+        return run
+
+    with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
+        batcher = Batcher(
+            timed("all threads"), pool, max_batch_size=64, max_runs=2, run_parallel=timed("one")
+        )
+        first = asyncio.ensure_future(batcher.submit(np.ones((8, 1), np.float32)))
+        await asyncio.sleep(0.01)  # the first is running alone by now
+        await asyncio.gather(first, batcher.submit(np.ones((8, 1), np.float32)))
+        await batcher.close()
+    assert [s[0] for s in spans] == ["all threads", "all threads"]
+    assert spans[1][1] >= spans[0][2]  # one after the other
+
+
+async def test_one_run_at_a_time_merges_what_is_queued() -> None:
+    sizes: list[int] = []
+    with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
+        batcher = Batcher(_recording_run([], sizes), pool, max_batch_size=64, max_runs=1)
+        await asyncio.gather(*(batcher.submit(np.ones((8, 1), np.float32)) for _ in range(4)))
+        await batcher.close()
+    assert sizes == [32]
 
 
 async def test_a_full_batch_does_not_wait_out_the_delay() -> None:
