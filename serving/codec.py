@@ -6,6 +6,7 @@ buffer (no copy), after checking dtype, shape and byte length against each other
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -86,36 +87,67 @@ def decode_classify_images(request: pb.ClassifyRequest) -> list[bytes | npt.NDAr
     return out
 
 
-def classifications(served: ServedVersion, top: TopK) -> list[pb.Classification]:
-    names = served.runtime.info.class_names
+# The per-image classifications are written as wire bytes and merged in one C-level parse:
+# building them as messages cost 5 us an image, and passing that list to the response's
+# constructor copied every message again (measured: 254 us for a response of 32 images, 60 us
+# this way). The field numbers are cnnserve.proto's; a test checks the result against messages.
+_SCORE = b"\x1d"  # ClassScore.score: field 3, fixed32
+_TOP = b"\x0a"  # Classification.top: field 1, length-delimited
+_PREDICT_CLASSIFICATIONS = b"\x22"  # PredictResponse.classifications: field 4
+_CLASSIFY_CLASSIFICATIONS = b"\x1a"  # ClassifyResponse.classifications: field 3
+
+
+@functools.lru_cache(maxsize=256)
+def _class_heads(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    """ClassScore without its score, serialized once per class: index and label (the runtime
+    names every class of the model's output, so every index has one)."""
+    return tuple(pb.ClassScore(index=i, label=n).SerializeToString() for i, n in enumerate(names))
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def classifications_wire(served: ServedVersion, top: TopK, field: bytes) -> bytes:
+    """The repeated `classifications` field (tag `field`) of a response, one per image."""
+    heads = _class_heads(tuple(served.runtime.info.class_names))
+    scores = top.scores.astype("<f4", copy=False).tobytes()
     out = []
-    for row_idx, row_scores in zip(top.indices.tolist(), top.scores.tolist(), strict=True):
-        out.append(
-            pb.Classification(
-                top=[
-                    pb.ClassScore(index=i, label=names[i] if i < len(names) else str(i), score=s)
-                    for i, s in zip(row_idx, row_scores, strict=True)
-                ]
-            )
-        )
-    return out
+    offset = 0
+    for row in top.indices.tolist():
+        body = bytearray()
+        for i in row:
+            entry = heads[i] + _SCORE + scores[offset : offset + 4]
+            offset += 4
+            body += _TOP + _varint(len(entry)) + entry
+        out.append(field + _varint(len(body)) + body)
+    return b"".join(out)
 
 
 def predict_response(
     served: ServedVersion, probabilities: npt.NDArray[np.float32], top: TopK, omit: bool
 ) -> pb.PredictResponse:
-    response = pb.PredictResponse(
-        model=served.name, version=served.version, classifications=classifications(served, top)
-    )
+    response = pb.PredictResponse(model=served.name, version=served.version)
+    response.MergeFromString(classifications_wire(served, top, _PREDICT_CLASSIFICATIONS))
     if not omit:
-        response.probabilities.CopyFrom(encode_tensor(probabilities))
+        t = response.probabilities
+        t.dtype = pb.DATA_TYPE_FLOAT32
+        t.shape.extend(probabilities.shape)
+        t.data = probabilities.astype("<f4", copy=False).tobytes()
     return response
 
 
 def classify_response(served: ServedVersion, top: TopK) -> pb.ClassifyResponse:
-    return pb.ClassifyResponse(
-        model=served.name, version=served.version, classifications=classifications(served, top)
-    )
+    response = pb.ClassifyResponse(model=served.name, version=served.version)
+    response.MergeFromString(classifications_wire(served, top, _CLASSIFY_CLASSIFICATIONS))
+    return response
 
 
 def summary_response(served: ServedVersion, s: ParameterSummary) -> pb.GetParameterSummaryResponse:

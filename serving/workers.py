@@ -7,8 +7,10 @@ event loop, ONNX Runtime sessions and batcher; the kernel spreads new connection
 metrics to files (prometheus_client's multiprocess mode) which the supervisor's /metrics sums.
 
 Signals: SIGTERM and SIGINT stop the workers (each drains its calls as a single server does),
-SIGHUP makes each rescan the repository. A worker that exits on its own takes the others down
-and the supervisor exits 1, for the orchestrator to restart it whole.
+SIGHUP makes each rescan the repository. A worker that exits on its own is replaced (its live
+gauges dropped from /metrics, its counts kept); a crash loop, more than MAX_RESTARTS exits
+within RESTART_WINDOW_S, takes the others down and the supervisor exits 1, for the
+orchestrator to restart it whole.
 
 What stays per worker: health answers (each for itself: the overall status is the same rule in
 every worker), the Open Inference Protocol's ModelStatistics (counts of the worker the call
@@ -26,12 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from serving.config import Settings
 
 log = logging.getLogger(__name__)
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,6 +70,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="cnnserve-metrics-")
     env = {**os.environ, MULTIPROC_ENV: metrics_dir}
     httpd = None
+    forget: Callable[[int], None] = lambda pid: None  # noqa: E731
     if settings.metrics_port:
         os.environ[MULTIPROC_ENV] = metrics_dir  # before prometheus_client is imported
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -72,6 +78,10 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+
+        def forget(pid: int) -> None:  # a dead worker's live gauges (in flight, state) go
+            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
     code = 0
@@ -101,17 +111,38 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         if stopping:  # a signal came while they were starting
             forward(signal.SIGTERM, None)
         stop_started: float | None = None
-        while any(p.poll() is None for p in procs):
-            if not stopping and any(p.poll() is not None for p in procs):
-                dead = next(p for p in procs if p.poll() is not None)
+        exits: deque[float] = deque()
+        while True:
+            for i, dead in enumerate(procs):
+                if stopping or dead.poll() is None:
+                    continue
+                now = time.monotonic()
+                exits.append(now)
+                while now - exits[0] > RESTART_WINDOW_S:
+                    exits.popleft()
+                extra = {"event": "worker_exited", "pid": dead.pid, "code": dead.returncode}
+                if len(exits) > MAX_RESTARTS:
+                    log.error(
+                        "worker %d exited with %s, %d exits in %.0f s: stopping the others",
+                        dead.pid,
+                        dead.returncode,
+                        len(exits),
+                        RESTART_WINDOW_S,
+                        extra=extra,
+                    )
+                    code = 1
+                    forward(signal.SIGTERM, None)
+                    break
                 log.error(
-                    "worker %d exited with %s: stopping the others",
+                    "worker %d exited with %s: starting another",
                     dead.pid,
                     dead.returncode,
-                    extra={"event": "worker_exited", "pid": dead.pid},
+                    extra=extra,
                 )
-                code = 1
-                forward(signal.SIGTERM, None)
+                forget(dead.pid)
+                procs[i] = subprocess.Popen(worker_command(settings, argv, port), env=env)
+            if all(p.poll() is not None for p in procs):
+                break
             if stopping and stop_started is None:
                 stop_started = time.monotonic()
             if stop_started is not None and time.monotonic() - stop_started > (
@@ -131,7 +162,8 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
             httpd.shutdown()
             httpd.server_close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    if any(p.returncode != 0 for p in procs):
+    # -SIGTERM: a worker stopped while it was still starting, before its own handler was set.
+    if any(p.returncode not in (0, -signal.SIGTERM) for p in procs):
         code = 1
     log.info("all workers stopped", extra={"event": "workers_stopped"})
     return code

@@ -114,17 +114,56 @@ def test_workers_share_the_port_and_one_metrics_endpoint_sums_them(repo: Path) -
         server.stop()
 
 
-def test_a_worker_that_dies_takes_the_server_down(repo: Path) -> None:
+def wait_workers(server: ServerProcess, n: int, timeout: float = 60) -> list[int]:
+    assert server.proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = children(server.proc.pid)
+        if len(pids) == n:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"not {n} workers within {timeout}s:\n{server.logs()}")
+
+
+def test_a_worker_that_dies_is_replaced_and_its_gauges_dropped(repo: Path) -> None:
+    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+    try:
+        first, second = wait_workers(server, 2)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and first in children(server.proc.pid):  # type: ignore[union-attr]
+            time.sleep(0.1)  # until the supervisor has reaped it
+        replacement = set(wait_workers(server, 2)) - {second}
+        assert len(replacement) == 1 and first not in replacement
+        assert f"worker {first} exited with -9: starting another" in server.logs()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.logs().count("listening on") < 3:
+            time.sleep(0.2)  # the replacement is up
+        assert serving_over_fresh_connections(server, 8)
+        # Two live workers' model-state gauges, not three: the dead one's were dropped.
+        assert metric(server, "cnnserve_model_state", model="tiny", state="READY") == 1
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_a_crash_loop_takes_the_server_down(repo: Path) -> None:
+    """More than MAX_RESTARTS exits in a minute: the supervisor stops the others and exits 1,
+    for the orchestrator to restart it whole."""
     server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
     try:
         assert server.proc is not None
-        deadline = time.monotonic() + 60
-        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        first, second = children(server.proc.pid)
-        os.kill(first, signal.SIGKILL)
-        assert server.proc.wait(30) == 1  # for the orchestrator to restart it whole
-        assert not Path(f"/proc/{second}").exists()  # stopped, and reaped
-        assert "exited with -9: stopping the others" in server.logs()
+        killed: set[int] = set()
+        deadline = time.monotonic() + 90
+        while len(killed) < 4 and time.monotonic() < deadline:
+            alive = [p for p in children(server.proc.pid) if p not in killed]
+            if alive:
+                os.kill(alive[0], signal.SIGKILL)
+                killed.add(alive[0])
+            time.sleep(0.2)
+        assert server.proc.wait(30) == 1
+        assert len(killed) == 4
+        assert "4 exits in 60 s: stopping the others" in server.logs()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in killed)
     finally:
         server.stop()

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from serving import codec
 from serving.batching import Batcher, run_unbatched
 from serving.inference import top_k
 from serving.metrics import Metrics
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.runtime import ModelRuntime, RuntimeOptions
 from tests.support import write_tiny_model
 
@@ -240,3 +243,30 @@ def test_small_batches_get_a_single_threaded_session_of_the_same_model(tmp_path:
     assert np.array_equal(rt.run_small(x), rt.run(x))
     one = ModelRuntime(path, RuntimeOptions(intra_op_threads=1, warmup_batch_sizes=(1,)))
     assert one._small_session is one.session  # nothing to gain: no second session
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_hand_encoded_classifications_equal_the_messages(tmp_path: Path, k: int) -> None:
+    """codec writes the classifications as wire bytes: they must parse to exactly the
+    messages protobuf itself would build (index 0 and a score of 0.0 included)."""
+    rt = ModelRuntime(write_tiny_model(tmp_path / "m.onnx"), RuntimeOptions())
+    served = types.SimpleNamespace(name="tiny", version=3, runtime=rt)
+    probs = np.array([[0.0, 0.3, 0.7], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3]], np.float32)
+    top = top_k(probs, k)
+    names = rt.info.class_names
+    expected = [
+        pb.Classification(
+            top=[
+                pb.ClassScore(index=int(i), label=names[int(i)], score=float(s))
+                for i, s in zip(row_i, row_s, strict=True)
+            ]
+        )
+        for row_i, row_s in zip(top.indices, top.scores, strict=True)
+    ]
+    got = codec.predict_response(served, probs, top, omit=False)  # type: ignore[arg-type]
+    assert list(got.classifications) == expected
+    assert (got.model, got.version) == ("tiny", 3)
+    assert np.array_equal(codec.decode_tensor(got.probabilities, "probabilities"), probs)
+    assert not codec.predict_response(served, probs, top, omit=True).HasField("probabilities")  # type: ignore[arg-type]
+    classify = codec.classify_response(served, top)  # type: ignore[arg-type]
+    assert list(classify.classifications) == expected
