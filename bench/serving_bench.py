@@ -993,44 +993,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             for api in apis
         }
         first = apis[0]
+        extra: list[tuple[str, list[str], int, str]] = []  # name, flags, health checks, note
         if args.workers_compare > 1:
-            w_proc, w_port, w_metrics = start_server(
-                models,
-                [*server_args, "--workers", str(args.workers_compare)],
-                logs / "server-workers.log",
-                args.server_root.resolve(),
-            )
-            started.append(w_proc)
-            for _ in range(4 * args.workers_compare):  # fresh connections reach every worker
-                wait_serving(f"127.0.0.1:{w_port}", w_proc, timeout=120)
-            targets_at[f"{first}-w{args.workers_compare}"] = (
-                w_proc,
-                {b: f"http://127.0.0.1:{w_port}{APIS[first]}" for b in inputs},
-                {b: payloads[first, b] for b in inputs},
-                w_metrics,
-            )
-            report.notes.append(
-                f"{first}-w{args.workers_compare}: the same server with --workers "
-                f"{args.workers_compare} (processes sharing the port via SO_REUSEPORT; h2load's "
-                "connections spread over them; CPU and memory summed over the processes)"
-            )
+            n = args.workers_compare
+            extra.append((f"w{n}", ["--workers", str(n)], 4 * n,
+                          f"the same server with --workers {n} (processes sharing the port via "
+                          "SO_REUSEPORT; h2load's connections spread over them; CPU and memory "
+                          "summed over the processes)"))  # fmt: skip
         for variant in args.variant:
             name, _, flags = variant.partition("=")
+            extra.append((name, flags.split(), 1, f"the same server with `{flags}`"))
+        for name, flags, checks, note in extra:
             v_proc, v_port, v_metrics = start_server(
                 models,
-                [*server_args, *flags.split()],
+                [*server_args, *flags],
                 logs / f"server-{name}.log",
                 args.server_root.resolve(),
             )
             started.append(v_proc)
-            wait_serving(f"127.0.0.1:{v_port}", v_proc, timeout=120)
+            for _ in range(checks):  # fresh connections: with workers, each gets some
+                wait_serving(f"127.0.0.1:{v_port}", v_proc, timeout=120)
             targets_at[f"{first}-{name}"] = (
                 v_proc,
                 {b: f"http://127.0.0.1:{v_port}{APIS[first]}" for b in inputs},
                 {b: payloads[first, b] for b in inputs},
                 v_metrics,
             )
-            report.notes.append(f"{first}-{name}: the same server with `{flags}`")
+            report.notes.append(f"{first}-{name}: {note}")
         if not args.no_echo:
             echo_urls: dict[int, str] = {}
             echo_procs: dict[int, Process] = {}
