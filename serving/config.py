@@ -22,7 +22,7 @@ class Settings:
     port: int = 50051
     metrics_port: int = 8002  # 0: no metrics endpoint
     provider: str = "cpu"
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core), or the CPU limit
     concurrent_runs: int = 0  # runs of one model at once; 0: one per core on the CPU, 1 on cuda
     inter_op_threads: int = 1
     ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait (off: they sleep)
@@ -62,9 +62,11 @@ _HELP: dict[str, str] = {
     "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda "
     "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
     "whenever the batch size changes",
-    "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core)",
+    "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core, or the "
+    "container's CPU limit when it has one)",
     "concurrent_runs": "ONNX Runtime runs of one model at once when requests queue up, each on "
-    "one thread (0: one per core on the CPU, 1 on cuda); a batch alone gets all the threads",
+    "one thread (0: one per core this process may use on the CPU, its affinity and container "
+    "CPU limit counted; 1 on cuda); a batch alone gets all the threads",
     "inter_op_threads": "ONNX Runtime threads across operators",
     "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
     "on a machine of its own; on a shared one they take the cores gRPC needs)",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from serving.cores import available_cores, cpu_quota
 from serving.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,18 @@ class RuntimeOptions:
 
 
 def default_concurrent_runs(provider: str) -> int:
-    """One run per core this process may use on the CPU (each single-threaded: measured on 2
-    cores, two runs of one thread beat one run of two by 15-70 % from batch 1 to 64,
-    bench/PROFILE.md); one on CUDA, whose runs queue on one device anyway."""
+    """One run per available core on the CPU (each single-threaded: measured on 2 cores, two
+    runs of one thread beat one run of two by 7-73 % from batch 1 to 64, bench/PROFILE.md);
+    one on CUDA, whose runs queue on one device anyway."""
     if provider == "cuda" and PROVIDER_NAMES["cuda"] in ort.get_available_providers():
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return available_cores()
+
+
+def default_intra_op_threads() -> int:
+    """0 (ONNX Runtime's own default: one per core of the machine), unless a CPU limit caps
+    this process below that: then the limit."""
+    return available_cores() if cpu_quota() else 0
 
 
 def run_in_fixed_batches(run: Callable[[F32], F32], x: F32, size: int) -> F32:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,13 @@ from serving.api.inference import GRPCInferenceServiceServicer
 from serving.auth import TokenAuthInterceptor
 from serving.batching import Observer
 from serving.config import Settings, read_auth_token
+from serving.cores import available_cores
 from serving.inference import DataPlane, Limits, Statistics
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2
 from serving.pb.inference import grpc_predict_v2_pb2
 from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import RuntimeOptions, default_concurrent_runs
+from serving.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,13 @@ class Server:
         self.health = HealthServicer()
         runs = settings.concurrent_runs or default_concurrent_runs(settings.provider)
         self.executor = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 2, runs), thread_name_prefix="ort"
+            max_workers=max(2, available_cores(), runs), thread_name_prefix="ort"
         )
         self.repository = ModelRepository(
             settings.model_repository,
             runtime_options=RuntimeOptions(
                 provider=settings.provider,
-                intra_op_threads=settings.intra_op_threads,
+                intra_op_threads=settings.intra_op_threads or default_intra_op_threads(),
                 inter_op_threads=settings.inter_op_threads,
                 warmup_batch_sizes=warmup_sizes(settings),
                 spinning=settings.ort_spinning,

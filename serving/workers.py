@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from serving.config import Settings
+from serving.cores import available_cores
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
@@ -57,7 +58,7 @@ def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[s
         sys.executable, "-m", "serving", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "0",
     ]  # fmt: skip
-    share = str(max(1, (os.cpu_count() or 1) // settings.workers))
+    share = str(max(1, available_cores() // settings.workers))
     if settings.intra_op_threads == 0:
         cmd += ["--intra-op-threads", share]
     if settings.concurrent_runs == 0:

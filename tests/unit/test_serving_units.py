@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from serving import codec, config, images
 from serving.batching import Batcher
+from serving.cores import available_cores, cpu_quota
 from serving.errors import InvalidArgument, NotFound, Unavailable
 from serving.inference import DataPlane, Limits, top_k
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -104,6 +106,32 @@ def test_images_refuse_garbage_bombs_and_empties() -> None:
     truncated = _png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), "L")[:200]
     with pytest.raises(InvalidArgument, match="image 2"):
         images.open_encoded(truncated, 2, 10_000)
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, limits.cpu: 2
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 cores: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_reads_the_container_limit(
+    tmp_path: Path, files: dict[str, str], cores: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == cores
+
+
+def test_available_cores_is_within_the_affinity() -> None:
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_runtime_contract_and_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
