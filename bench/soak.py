@@ -39,14 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from grpc_health.v1 import health_pb2  # noqa: E402
 
-from bench.fuzz import _png  # noqa: E402
+from bench.fuzz import CNN, HEALTH, V2, Code, _png  # noqa: E402
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
 from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
 
-CNN = "/cnnserve.v1.CnnServe/"
-V2 = "/inference.GRPCInferenceService/"
-HEALTH = "/grpc.health.v1.Health/Check"
-Code = grpc.StatusCode
 DEADLINE_S = 30.0
 MAX_GROWTH = 0.10
 F32 = npt.NDArray[np.float32]

@@ -42,6 +42,25 @@ def check_shape(shape: tuple[int, ...], what: str) -> None:
         raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
 
 
+def array_from_bytes(
+    data: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...], what: str, type_name: str
+) -> npt.NDArray[np.generic]:
+    """Raw little-endian tensor bytes as an array (a view, no copy), once the byte length fits
+    dtype and shape; both APIs' tensors come through here."""
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} of {type_name} needs {expected:,} bytes, "
+            f"received {len(data):,}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def le_bytes(array: npt.NDArray[np.generic]) -> bytes:
+    """An array's values as contiguous little-endian bytes (what both APIs send)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]:
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
@@ -51,24 +70,23 @@ def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]
         )
     shape = tuple(t.shape)
     check_shape(shape, what)
-    expected = math.prod(shape) * dtype.itemsize
-    if len(t.data) != expected:
-        raise InvalidArgument(
-            f"{what}: shape {list(shape)} of {np.dtype(dtype).name} needs {expected:,} bytes, "
-            f"received {len(t.data):,}"
-        )
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return array_from_bytes(t.data, dtype, shape, what, dtype.name)
 
 
-def encode_tensor(array: npt.NDArray[np.generic]) -> pb.Tensor:
+def encode_tensor(array: npt.NDArray[np.generic], out: pb.Tensor | None = None) -> pb.Tensor:
+    """`array` as a Tensor: written into `out` (a field of a response, so nothing is copied
+    into it afterwards) or a new one."""
     if array.dtype == np.float32:
         dtype = pb.DATA_TYPE_FLOAT32
     elif array.dtype == np.uint8:
         dtype = pb.DATA_TYPE_UINT8
     else:
         raise TypeError(f"cannot encode {array.dtype}")
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return pb.Tensor(dtype=dtype, shape=array.shape, data=data)
+    t = pb.Tensor() if out is None else out
+    t.dtype = dtype
+    t.shape.extend(array.shape)
+    t.data = le_bytes(array)
+    return t
 
 
 def decode_classify_images(request: pb.ClassifyRequest) -> list[bytes | npt.NDArray[np.uint8]]:
@@ -137,10 +155,7 @@ def predict_response(
     response = pb.PredictResponse(model=served.name, version=served.version)
     response.MergeFromString(classifications_wire(served, top, _PREDICT_CLASSIFICATIONS))
     if not omit:
-        t = response.probabilities
-        t.dtype = pb.DATA_TYPE_FLOAT32
-        t.shape.extend(probabilities.shape)
-        t.data = probabilities.astype("<f4", copy=False).tobytes()
+        encode_tensor(probabilities, response.probabilities)
     return response
 
 
@@ -283,7 +298,6 @@ def decode_v2_input(
         )
     shape = tuple(t.shape)
     check_shape(shape, what)
-    count = math.prod(shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidArgument(
@@ -292,14 +306,8 @@ def decode_v2_input(
             )
         if t.HasField("contents"):
             raise InvalidArgument(f"{what}: contents must be empty when raw_input_contents is used")
-        data = request.raw_input_contents[0]
-        expected = count * dtype.itemsize
-        if len(data) != expected:
-            raise InvalidArgument(
-                f"{what}: shape {list(shape)} of {t.datatype} needs {expected:,} bytes, "
-                f"received {len(data):,}"
-            )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        return array_from_bytes(request.raw_input_contents[0], dtype, shape, what, t.datatype)
+    count = math.prod(shape)
     field = V2_CONTENTS[t.datatype]
     values = getattr(t.contents, field)
     if len(values) != count:
@@ -368,7 +376,7 @@ def v2_infer_response(
     for k in outputs:
         if k == 0:
             response.outputs.add(name=info.output_name, datatype="FP32", shape=probabilities.shape)
-            data = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+            data = le_bytes(probabilities)
         else:
             top = top_k(probabilities, k)
             names = info.class_names

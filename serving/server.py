@@ -151,11 +151,10 @@ class Server:
             ]
         return options
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    def _interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         """Token auth first (an unauthenticated request is never parsed), then the guard that
         turns unparsable requests into INVALID_ARGUMENT and drains calls at shutdown."""
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        token = read_auth_token(self.settings)
         if token is not None:
             interceptors.append(TokenAuthInterceptor(token, self.metrics))
         interceptors.append(self.guard)
@@ -183,7 +182,8 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        server = grpc.aio.server(options=self._options(), interceptors=self._interceptors())
+        token = read_auth_token(s)  # read once: what the log says is what the interceptor checks
+        server = grpc.aio.server(options=self._options(), interceptors=self._interceptors(token))
         from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
 
         cnnserve_pb2_grpc.add_CnnServeServicer_to_server(
@@ -223,7 +223,7 @@ class Server:
             s.host,
             self.port,
             self.transport,
-            "on" if read_auth_token(s) is not None else "off",
+            "on" if token is not None else "off",
             s.model_repository,
             s.provider,
             "on" if s.batching else "off",

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 
 from serving.config import Settings
@@ -66,12 +66,19 @@ def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[s
     return cmd
 
 
+def _drop_live_gauges(pid: int, metrics_dir: str) -> None:
+    """A dead worker's live gauges (in flight, model state) leave the summed /metrics; its
+    counters stay, they counted what happened."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     port = settings.port or _free_port(settings.host)
     metrics_dir = tempfile.mkdtemp(prefix="cnnserve-metrics-")
     env = {**os.environ, MULTIPROC_ENV: metrics_dir}
     httpd = None
-    forget: Callable[[int], None] = lambda pid: None  # noqa: E731
     if settings.metrics_port:
         os.environ[MULTIPROC_ENV] = metrics_dir  # before prometheus_client is imported
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -79,9 +86,6 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
-
-        def forget(pid: int) -> None:  # a dead worker's live gauges (in flight, state) go
-            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -140,7 +144,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     dead.returncode,
                     extra=extra,
                 )
-                forget(dead.pid)
+                _drop_live_gauges(dead.pid, metrics_dir)
                 procs[i] = subprocess.Popen(worker_command(settings, argv, port), env=env)
             if all(p.poll() is not None for p in procs):
                 break
