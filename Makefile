@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train serve demo test test-fast lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-train bench-profile fuzz soak
+.PHONY: help setup train serve demo test test-fast test-gpu lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-cuda bench-train bench-profile fuzz soak
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
