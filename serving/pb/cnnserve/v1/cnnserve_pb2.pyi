@@ -43,18 +43,20 @@ class Classification(_message.Message):
     def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "top_k", "omit_probabilities")
+    __slots__ = ("model", "version", "images", "top_k", "omit_probabilities", "id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     OMIT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     images: Tensor
     top_k: int
     omit_probabilities: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., omit_probabilities: _Optional[bool] = ...) -> None: ...
+    id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., omit_probabilities: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "probabilities", "classifications")
@@ -67,6 +69,24 @@ class PredictResponse(_message.Message):
     probabilities: Tensor
     classifications: _containers.RepeatedCompositeFieldContainer[Classification]
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., classifications: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PredictStreamResponse(_message.Message):
+    __slots__ = ("response", "error", "id")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    response: PredictResponse
+    error: Status
+    id: str
+    def __init__(self, response: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("encoded", "pixels")

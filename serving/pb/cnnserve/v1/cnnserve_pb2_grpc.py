@@ -39,6 +39,11 @@ class CnnServeStub:
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/cnnserve.v1.CnnServe/PredictStream',
+                request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictStreamResponse.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/cnnserve.v1.CnnServe/Classify',
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.ClassifyRequest.SerializeToString,
@@ -66,6 +71,14 @@ class CnnServeServicer:
 
     def Predict(self, request, context):
         """A batch of images as one NHWC tensor; returns probabilities and the top-k classes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictStream(self, request_iterator, context):
+        """Many predictions over one call: one answer per request, in order. A bad request gets its
+        own error answer and the stream goes on; messages from many streams batch together.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +117,11 @@ def add_CnnServeServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.PredictStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -153,6 +171,33 @@ class CnnServe:
             '/cnnserve.v1.CnnServe/Predict',
             cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.SerializeToString,
             cnnserve_dot_v1_dot_cnnserve__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cnnserve.v1.CnnServe/PredictStream',
+            cnnserve_dot_v1_dot_cnnserve__pb2.PredictRequest.SerializeToString,
+            cnnserve_dot_v1_dot_cnnserve__pb2.PredictStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
