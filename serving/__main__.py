@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         from serving.workers import supervise
 
         return supervise(settings, sys.argv[1:] if argv is None else argv)
+    from serving.memory import configure_malloc
+
+    configure_malloc()  # before gRPC's and ONNX Runtime's threads exist
     from serving.server import serve
 
     return asyncio.run(serve(settings))

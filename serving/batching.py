@@ -1,9 +1,23 @@
-"""Dynamic batching: concurrent requests for one model coalesce into one ONNX Runtime run.
+"""Dynamic batching: the one place that decides where, how and with how many images a model runs.
 
-The first queued request, then everything else queued by the loop's next turn (and, with
-`max_delay_s` > 0, what arrives within that delay), up to `max_batch_size` images, form one
-batch; it runs, and each caller gets its slice. While one batch computes in a worker thread,
-the next one fills, so batches grow with load and cost no waiting when idle.
+Requests for one model queue here; the batcher cuts the queue into runs. The rule, the same on
+any machine and for any model size:
+
+- up to `max_runs` runs go at once (one per core on the CPU, each on one thread of its own);
+- what is queued is shared out evenly over the runs that are free, at most `max_batch_size`
+  images a run, so that under load every core has a run and a lone large request is split
+  over all of them; a request is cut wherever a share ends (rows of this kind of model do not
+  depend on each other), and its caller is answered when its last rows are back;
+- requests that arrive while every run is busy queue up and form the next, larger runs: batches
+  grow with load and cost no waiting when idle (unless `max_delay_s` asks to wait for them);
+- a run goes to a worker thread, so that the event loop goes on reading and answering calls
+  while ONNX Runtime computes (it releases the GIL), unless handing it over costs more than
+  running it: `RunCosts` measures both as the server runs (never at start-up, so the rule
+  follows the machine and its load), and a run that is cheaper than the hand-off runs on the
+  loop's own thread. With a single core every run does (a worker could only take turns with
+  the loop).
+
+`decide` and `RunCosts` hold the rule, as pure code unit-tested on its decisions.
 Knows nothing of gRPC.
 """
 
@@ -16,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -24,41 +39,111 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 RunFn = Callable[[F32], F32]
-# A batch whose warm-up run took at most this long runs on the event loop's own thread: for a
-# small CNN a hop to a worker thread and back (and the GIL hand-offs it brings) costs more than
-# the run itself (bench/PROFILE.md). Longer runs go to the executor, so the loop never stalls
-# for longer than this.
-INLINE_BUDGET_S = 0.002
-# Called once per batch run: (batch size, seconds queued per request, compute seconds).
+# Called once per run: (images in the run, seconds queued per request part, compute seconds).
 Observer = Callable[[int, list[float], float], None]
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What the next run takes and where it runs."""
+
+    images: int  # rows to take from the head of the queue (0: start no run now)
+    inline: bool  # on the loop's thread (True) or in a worker thread
+
+
+def decide(
+    queued: int,
+    running: int,
+    *,
+    max_runs: int,
+    max_batch_size: int,
+    inline: Callable[[int], bool],
+) -> Decision:
+    """The next run, from `queued` images waiting, `running` runs in workers, and whether a run
+    of n images is better made on the loop's thread (`inline(n)`).
+
+    A run that is cheaper inline takes all it can hold (runs on the loop go one after the
+    other: splitting them gains nothing). Otherwise a free run takes an even share of the queue
+    over the free runs (rounded up), capped at `max_batch_size`: two free runs and 32 queued
+    images make two runs of 16; one free run takes everything it can hold. Nothing starts when
+    the queue is empty or, for worker runs, when every run is busy."""
+    if queued <= 0:
+        return Decision(0, False)
+    whole = min(queued, max_batch_size)
+    if inline(whole):
+        return Decision(whole, True)
+    free = max_runs - running
+    if free <= 0:
+        return Decision(0, False)
+    return Decision(min(max_batch_size, -(-queued // free)), False)
+
+
+class RunCosts:
+    """What a run of n images and a hand-off to a worker thread cost, as measured: moving
+    averages of the runs' seconds per size class (powers of two) and of the hand-off's latency
+    (from `submit` to the loop learning of the end, less the run itself: thread wake-ups, the
+    GIL, the loop's wake-up). `inline(n)` is True when a run of n is expected to take less than
+    the hand-off. Every `RECHECK`-th run that would go inline goes to a worker instead, so the
+    hand-off's figure follows the load."""
+
+    ALPHA = 0.1  # weight of a new sample: about the last 10-20 runs count
+    RECHECK = 32
+
+    def __init__(self) -> None:
+        self.run_s: dict[int, float] = {}  # size class -> seconds per run
+        self.hop_s: float | None = None
+        self._inline_streak = 0
+
+    @staticmethod
+    def size_class(n: int) -> int:
+        return max(1, n).bit_length()
+
+    def observe_run(self, n: int, seconds: float) -> None:
+        key = self.size_class(n)
+        old = self.run_s.get(key)
+        self.run_s[key] = seconds if old is None else old + self.ALPHA * (seconds - old)
+
+    def observe_hop(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        old = self.hop_s
+        self.hop_s = seconds if old is None else old + self.ALPHA * (seconds - old)
+
+    def inline(self, n: int) -> bool:
+        run = self.run_s.get(self.size_class(n))
+        if run is None or self.hop_s is None or run >= self.hop_s:
+            return False  # unknown or worth a worker: measure it there
+        self._inline_streak += 1
+        if self._inline_streak >= self.RECHECK:
+            self._inline_streak = 0
+            return False
+        return True
+
+
 class _Pending:
-    __slots__ = ("enqueued", "future", "x")
+    """One request: its rows, how many of them have gone into runs, and where answers land."""
+
+    __slots__ = ("enqueued", "future", "out", "parts", "taken", "x")
 
     def __init__(self, x: F32, future: asyncio.Future[F32], enqueued: float) -> None:
         self.x = x
         self.future = future
         self.enqueued = enqueued
+        self.taken = 0  # rows handed to runs so far
+        self.parts = 0  # runs of its rows not yet answered
+        self.out: F32 | None = None  # the answer being assembled, when split over runs
 
 
-# One ONNX Runtime run of a batch: its callers, their output rows (or the error), when it
-# started (perf_counter) and how long it ran.
-_Run = tuple[list[_Pending], "F32 | Exception", float, float]
+# A slice of one request inside a run: the request, and its rows [start, stop).
+_Part = tuple[_Pending, int, int]
+# One ONNX Runtime run: its parts, their output rows (or the error), start time, seconds.
+_Run = tuple[list[_Part], "F32 | Exception", float, float]
 
 
 class Batcher:
     """Driven by callbacks on the event loop, with no task of its own: `submit` queues the
-    request and, when the batcher is idle, schedules `_dispatch` for the loop's next turn (or
-    after `max_delay_s`), by which time every request that arrived in this turn is queued too.
-    A batch of at most `inline_max_images` images runs right there on the loop thread: ONNX
-    Runtime releases the GIL while it computes, and for a small model a hop to a worker thread
-    and back costs more than the run itself. Larger batches run in the executor, and the next
-    ones fill meanwhile. A batch that is all there is to do (nothing else queued or running)
-    gets `run`, all of ONNX Runtime's threads, and the other runs wait for it. When there is
-    more, up to `max_runs` batches go at once, each with `run_parallel` (one thread), and
-    what is queued is shared out among them rather than merged into one big batch: on 2 cores
-    two one-thread runs of 32 images beat one two-thread run of 64 by half (bench/PROFILE.md)."""
+    request and schedules `_dispatch` for the loop's next turn (or after `max_delay_s`), by
+    which time every request that arrived in this turn is queued too. `_dispatch` starts runs
+    as `decide` says; each run's end frees its slot and dispatches again."""
 
     def __init__(
         self,
@@ -68,27 +153,28 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float = 0.0,
         observer: Observer | None = None,
-        inline_max_images: int = 0,
-        run_inline: RunFn | None = None,
         max_runs: int = 1,
-        run_parallel: RunFn | None = None,
+        inline: bool = False,
     ) -> None:
         self._run = run
-        self._run_inline = run_inline or run  # the same model, for the loop's own thread
         self._executor = executor
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, max_batch_size)
         self.max_delay_s = max_delay_s
-        self.inline_max_images = inline_max_images
         self.max_runs = max(1, max_runs)
-        self._run_parallel = run_parallel or run
-        self._exclusive: list[_Pending] | None = None  # a batch running on all the threads
+        self.costs = RunCosts()
+        self._inline: Callable[[int], bool] = (lambda n: True) if inline else self.costs.inline
         self._observer = observer
         self._queue: deque[_Pending] = deque()
-        self._queued_images = 0
-        self._running: list[list[_Pending]] = []  # the batches in the executor
+        self.queued_images = 0  # rows queued and not yet in a run
+        self.running_images = 0  # rows in runs now
+        self._running: list[list[_Part]] = []
         self._scheduled: asyncio.Handle | None = None  # the next _dispatch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+
+    @property
+    def runs_in_progress(self) -> int:
+        return len(self._running)
 
     async def submit(self, x: F32) -> F32:
         """Queue `x` ([n, ...]) and wait for its output rows."""
@@ -99,13 +185,13 @@ class Batcher:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[F32] = loop.create_future()
         self._queue.append(_Pending(x, future, time.perf_counter()))
-        self._queued_images += len(x)
-        if self._free():
-            if self._scheduled is None:
-                self._schedule(loop)
-            elif self.max_delay_s > 0 and self._queued_images >= self.max_batch_size:
-                self._scheduled.cancel()  # full: no reason to wait out the delay
-                self._scheduled = loop.call_soon(self._dispatch)
+        self.queued_images += len(x)
+        # Even with every worker busy: the run may be one for the loop's thread.
+        if self._scheduled is None:
+            self._schedule(loop)
+        elif self.max_delay_s > 0 and self.queued_images >= self.max_batch_size:
+            self._scheduled.cancel()  # a full run is ready: no reason to wait out the delay
+            self._scheduled = loop.call_soon(self._dispatch)
         return await future
 
     async def close(self) -> None:
@@ -114,142 +200,166 @@ class Batcher:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        waiting = [p for batch in self._running for p in batch]
+        waiting = [p for parts in self._running for p, _, _ in parts]
         waiting += self._queue
         self._queue.clear()
-        self._queued_images = 0
+        self.queued_images = self.running_images = 0
+        self._running.clear()
         for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("model unloaded"))
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.max_delay_s > 0 and self._queued_images < self.max_batch_size:
+        if self.max_delay_s > 0 and self.queued_images < self.max_batch_size:
             self._scheduled = loop.call_later(self.max_delay_s, self._dispatch)
         else:
             self._scheduled = loop.call_soon(self._dispatch)
 
-    def _take_batch(self, limit: int) -> list[_Pending]:
-        """Queued requests in order, up to `limit` images. Callers that gave up (cancelled,
-        past their deadline) are dropped; the first one always goes, however large; one that
-        does not fit leads the next batch."""
-        queue, size = self._queue, 0
-        batch: list[_Pending] = []
-        while queue:
+    def _take(self, limit: int) -> list[_Part]:
+        """Up to `limit` rows from the head of the queue, cutting the last request if it does
+        not fit. Callers that gave up (cancelled, past their deadline) are dropped."""
+        queue = self._queue
+        parts: list[_Part] = []
+        size = 0
+        while queue and size < limit:
             p = queue[0]
             n = len(p.x)
-            if not p.future.done():
-                if batch and size + n > limit:
-                    break
-                batch.append(p)
-                size += n
-            queue.popleft()
-            self._queued_images -= n
-            if size >= limit:
-                break
-        return batch
-
-    def _free(self) -> int:
-        """How many more runs may start now."""
-        return 0 if self._exclusive is not None else self.max_runs - len(self._running)
-
-    def _share(self) -> int:
-        """How many images the next batch takes: everything (up to max_batch_size) when it
-        can run on the loop or only one run is free; else an even share per free run."""
-        free = self._free()
-        queued = self._queued_images
-        if free <= 1 or queued <= self.inline_max_images:
-            return self.max_batch_size
-        return min(self.max_batch_size, -(-queued // free))
+            if p.future.done():  # its caller is gone: what is left of it never runs
+                queue.popleft()
+                self.queued_images -= n - p.taken
+                continue
+            stop = min(n, p.taken + limit - size)
+            parts.append((p, p.taken, stop))
+            p.parts += 1
+            size += stop - p.taken
+            self.queued_images -= stop - p.taken
+            p.taken = stop
+            if stop == n:
+                queue.popleft()
+        return parts
 
     def _dispatch(self) -> None:
         self._scheduled = None
         loop = self._loop
         if self._closed or loop is None:
             return
-        while self._queue and self._free():
-            batch = self._take_batch(self._share())
-            if not batch:
+        while True:
+            decision = decide(
+                self.queued_images,
+                len(self._running),
+                max_runs=self.max_runs,
+                max_batch_size=self.max_batch_size,
+                inline=self._inline,
+            )
+            if not decision.images:
                 return
-            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
-            if len(x) <= self.inline_max_images:
-                self._complete(self._work(batch, x, self._run_inline))
+            parts = self._take(decision.images)
+            if not parts:
+                return
+            if len(parts) == 1:
+                p, start, stop = parts[0]
+                x = p.x if stop - start == len(p.x) else p.x[start:stop]
+            else:
+                x = np.concatenate([p.x[start:stop] for p, start, stop in parts])
+            if decision.inline:
+                runs = self._work(parts, x)
+                self.costs.observe_run(len(x), runs[0][3])
+                self._complete(runs)
                 continue
-            run = self._run
-            if self.max_runs > 1:
-                if self._running or self._queue:
-                    run = self._run_parallel
-                else:
-                    self._exclusive = batch
-            self._running.append(batch)
+            self._running.append(parts)
+            self.running_images += len(x)
+            submitted = time.perf_counter()
             try:
-                future = self._executor.submit(self._work, batch, x, run)
+                future = self._executor.submit(self._work, parts, x)
             except RuntimeError:  # the executor is shut down: the server is stopping
-                self._running.remove(batch)
-                self._exclusive = None
-                self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
+                self._running.remove(parts)
+                self.running_images -= len(x)
+                self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
                 return
 
-            def done(f: Future[list[_Run]], batch: list[_Pending] = batch) -> None:
+            def done(
+                f: Future[list[_Run]], parts: list[_Part] = parts, s: float = submitted
+            ) -> None:
                 with contextlib.suppress(RuntimeError):  # (worker thread) the loop is closed
-                    loop.call_soon_threadsafe(self._finished, batch, f)
+                    loop.call_soon_threadsafe(self._finished, parts, s, f)
 
             future.add_done_callback(done)
 
-    def _finished(self, batch: list[_Pending], f: Future[list[_Run]]) -> None:
-        if self._closed or not any(b is batch for b in self._running):
+    def _finished(self, parts: list[_Part], submitted: float, f: Future[list[_Run]]) -> None:
+        if self._closed or not any(r is parts for r in self._running):
             return  # close() has answered every caller
-        self._running = [b for b in self._running if b is not batch]
-        if self._exclusive is batch:
-            self._exclusive = None
+        self._running = [r for r in self._running if r is not parts]
+        n = sum(stop - start for _, start, stop in parts)
+        self.running_images -= n
+        if not f.cancelled() and f.exception() is None:
+            runs = f.result()
+            if len(runs) == 1:
+                seconds = runs[0][3]
+                self.costs.observe_run(n, seconds)
+                self.costs.observe_hop(time.perf_counter() - submitted - seconds)
         if f.cancelled():
-            self._complete([(batch, RuntimeError("model unloaded"), 0.0, 0.0)])
+            self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:
             self._complete(
-                [(batch, exc if isinstance(exc, Exception) else RuntimeError(exc), 0.0, 0.0)]
+                [(parts, exc if isinstance(exc, Exception) else RuntimeError(exc), 0.0, 0.0)]
             )
         else:
             self._complete(f.result())
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
 
-    def _work(self, batch: list[_Pending], x: F32, run: RunFn) -> list[_Run]:
-        """Run a batch (in the executor, or inline); no asyncio here."""
+    def _work(self, parts: list[_Part], x: F32) -> list[_Run]:
+        """Run one batch (in the executor, or inline); no asyncio here."""
         started = time.perf_counter()
         try:
-            return [(batch, run(x), started, time.perf_counter() - started)]
+            return [(parts, self._run(x), started, time.perf_counter() - started)]
         except Exception as exc:
-            if len(batch) == 1:
-                return [(batch, exc, started, 0.0)]
-        # One caller's input may be what failed: each runs alone, so only it fails.
+            if len(parts) == 1:
+                return [(parts, exc, started, 0.0)]
+        # One caller's input may be what failed: each part runs alone, so only it fails.
         runs: list[_Run] = []
-        for p in batch:
+        for part in parts:
+            p, start, stop = part
             started = time.perf_counter()
             try:
-                runs.append(([p], run(p.x), started, time.perf_counter() - started))
+                y = self._run(p.x[start:stop])
+                runs.append(([part], y, started, time.perf_counter() - started))
             except Exception as exc:
-                runs.append(([p], exc, started, 0.0))
+                runs.append(([part], exc, started, 0.0))
         return runs
 
     def _complete(self, runs: list[_Run]) -> None:
-        """On the loop: answer each caller, and feed the observer once per successful run."""
-        for batch, y, started, seconds in runs:
+        """On the loop: hand each part its rows, answer callers whose last part is back, and
+        feed the observer once per successful run."""
+        for parts, y, started, seconds in runs:
             if isinstance(y, Exception):
-                for p in batch:
+                for p, _, _ in parts:
+                    p.parts -= 1
                     if not p.future.done():
                         p.future.set_exception(y)
                 continue
             if self._observer is not None:
-                self._observer(len(y), [started - p.enqueued for p in batch], seconds)
-            if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_result(y)
-                continue
+                self._observer(len(y), [started - p.enqueued for p, _, _ in parts], seconds)
             offset = 0
-            for p in batch:
-                n = len(p.x)
+            for p, start, stop in parts:
+                rows = stop - start
+                p.parts -= 1
                 if not p.future.done():
-                    p.future.set_result(y[offset : offset + n])
-                offset += n
+                    self._deliver(p, start, y, offset, rows)
+                offset += rows
+
+    @staticmethod
+    def _deliver(p: _Pending, start: int, y: F32, offset: int, rows: int) -> None:
+        n = len(p.x)
+        whole = rows == n
+        if whole:  # the common case: the request ran in one piece
+            p.future.set_result(y if len(y) == rows else y[offset : offset + rows])
+            return
+        if p.out is None:
+            p.out = np.empty((n, *y.shape[1:]), dtype=y.dtype)
+        p.out[start : start + rows] = y[offset : offset + rows]
+        if p.parts == 0 and p.taken == n:
+            p.future.set_result(p.out)
 
 
 async def run_unbatched(
@@ -260,6 +370,7 @@ async def run_unbatched(
     *,
     inline: bool = False,
 ) -> F32:
+    """One request, one run (--no-batching): in the executor, or inline on a single core."""
     started = time.perf_counter()
     y = run(x) if inline else await asyncio.get_running_loop().run_in_executor(executor, run, x)
     if observer is not None:

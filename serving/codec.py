@@ -73,6 +73,13 @@ def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]
     return array_from_bytes(t.data, dtype, shape, what, dtype.name)
 
 
+def tensor_extent(t: pb.Tensor) -> tuple[tuple[int, ...], int]:
+    """A tensor's shape and item size, read without touching its bytes (0: a dtype that
+    decoding refuses), for admission before decoding."""
+    dtype = DTYPES.get(t.dtype)
+    return tuple(t.shape), 0 if dtype is None else dtype.itemsize
+
+
 def encode_tensor(array: npt.NDArray[np.generic], out: pb.Tensor | None = None) -> pb.Tensor:
     """`array` as a Tensor: written into `out` (a field of a response, so nothing is copied
     into it afterwards) or a new one."""
@@ -87,6 +94,12 @@ def encode_tensor(array: npt.NDArray[np.generic], out: pb.Tensor | None = None) 
     t.shape.extend(array.shape)
     t.data = le_bytes(array)
     return t
+
+
+def classify_extent(request: pb.ClassifyRequest) -> tuple[int, int]:
+    """How many images a Classify request carries and its size on the wire (protobuf computes
+    it without copying anything), for admission before decoding."""
+    return len(request.images), request.ByteSize()
 
 
 def decode_classify_images(request: pb.ClassifyRequest) -> list[bytes | npt.NDArray[np.uint8]]:
@@ -157,6 +170,24 @@ def predict_response(
     if not omit:
         encode_tensor(probabilities, response.probabilities)
     return response
+
+
+def predict_stream_response(
+    request: pb.PredictRequest | None, index: int, response: pb.PredictResponse
+) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(response=response, id=_stream_id(request, index))
+
+
+def predict_stream_error(
+    request: pb.PredictRequest | None, index: int, code: int, message: str
+) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(
+        error=pb.Status(code=code, message=message), id=_stream_id(request, index)
+    )
+
+
+def _stream_id(request: pb.PredictRequest | None, index: int) -> str:
+    return request.id if request is not None and request.id else str(index)
 
 
 def classify_response(served: ServedVersion, top: TopK) -> pb.ClassifyResponse:
@@ -275,6 +306,16 @@ def parse_v2_version(text: str) -> int:
     return int(text)
 
 
+def v2_input_extent(request: v2.ModelInferRequest) -> tuple[tuple[int, ...], int]:
+    """The one input's shape and item size, read without touching its bytes (0: nothing to
+    hold yet; decoding refuses what is wrong)."""
+    if len(request.inputs) != 1:
+        return (), 0
+    t = request.inputs[0]
+    dtype = V2_DTYPES.get(t.datatype)
+    return tuple(t.shape), 0 if dtype is None else dtype.itemsize
+
+
 def decode_v2_input(
     request: v2.ModelInferRequest, served: ServedVersion
 ) -> npt.NDArray[np.generic]:
@@ -391,6 +432,23 @@ def v2_infer_response(
             data = _bytes_tensor(items)
         response.raw_output_contents.append(data)
     return response
+
+
+def v2_stream_response(response: v2.ModelInferResponse) -> v2.ModelStreamInferResponse:
+    return v2.ModelStreamInferResponse(infer_response=response)
+
+
+def v2_stream_error(
+    request: v2.ModelInferRequest | None, code_name: str, message: str
+) -> v2.ModelStreamInferResponse:
+    """Triton's form: the message in error_message (here after the status name, which the
+    message type has no field for), the request's id and model in infer_response."""
+    answer = v2.ModelStreamInferResponse(error_message=f"{code_name}: {message}")
+    if request is not None:
+        answer.infer_response.id = request.id
+        answer.infer_response.model_name = request.model_name
+        answer.infer_response.model_version = request.model_version
+    return answer
 
 
 def v2_model_metadata(served: ServedVersion, versions: list[int]) -> v2.ModelMetadataResponse:

@@ -22,21 +22,29 @@ class Settings:
     port: int = 50051
     metrics_port: int = 8002  # 0: no metrics endpoint
     provider: str = "cpu"
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core), or the CPU limit
+    intra_op_threads: int = 0  # 0: one per run when runs go side by side, else one per core
     concurrent_runs: int = 0  # runs of one model at once; 0: one per core on the CPU, 1 on cuda
     inter_op_threads: int = 1
     ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait (off: they sleep)
     batching: bool = True
     max_batch_size: int = 64  # largest batch the batcher forms from concurrent requests
     max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 = take what is queued
-    inline_budget_ms: float = 2.0  # batches that ran this fast at warm-up run on the loop thread
     max_request_batch: int = 1024  # largest batch one request may carry
+    max_inflight_mb: int = 0  # request data held at once; 0: from the container's memory limit
+    max_queue_images: int = 8192  # images queued per model before new requests are refused
+    max_stream_inflight: int = 64  # messages of one stream in flight before reading pauses
     max_message_mb: int = 64
     max_image_pixels: int = 16_000_000  # per decoded image in Classify
     max_versions: int = 2  # newest versions kept loaded per model
     poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
     grace_seconds: float = 10.0  # drain time on SIGTERM
     max_connection_age_s: float = 300.0  # so clients reconnect and spread over replicas
+    max_connection_idle_s: float = 120.0  # a connection without calls this long is closed
+    handshake_timeout_s: float = 10.0  # to finish the HTTP/2 (and TLS) handshake; then closed
+    max_concurrent_streams: int = 256  # calls in flight on one connection; more wait client-side
+    keepalive_time_s: float = 30.0  # ping a connection with calls that has gone quiet this long
+    keepalive_timeout_s: float = 10.0  # unanswered ping: the connection and its calls are closed
+    min_ping_interval_s: float = 10.0  # clients' pings allowed this often; more often is abuse
     workers: int = 1  # server processes on the one port (SO_REUSEPORT), metrics summed
     reuse_port: bool = False  # let other processes listen on the port too (what --workers sets)
     warmup: bool = True
@@ -62,20 +70,29 @@ _HELP: dict[str, str] = {
     "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda "
     "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
     "whenever the batch size changes",
-    "intra_op_threads": "ONNX Runtime threads inside one operator (0: one per core, or the "
-    "container's CPU limit when it has one)",
-    "concurrent_runs": "ONNX Runtime runs of one model at once when requests queue up, each on "
-    "one thread (0: one per core this process may use on the CPU, its affinity and container "
-    "CPU limit counted; 1 on cuda); a batch alone gets all the threads",
+    "intra_op_threads": "ONNX Runtime threads inside one operator of one run (0: one when several "
+    "runs go side by side, which is the default on the CPU; else one per core this process may "
+    "use, its container's CPU limit counted)",
+    "concurrent_runs": "ONNX Runtime runs of one model at once; the batcher shares what is queued "
+    "out over the free runs, splitting a large request, so that every core has work under load "
+    "(0: one per core this process may use on the CPU, its affinity and container CPU limit "
+    "counted; 1 on cuda)",
     "inter_op_threads": "ONNX Runtime threads across operators",
     "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
     "on a machine of its own; on a shared one they take the cores gRPC needs)",
     "batching": "dynamic batching of concurrent requests (--no-batching turns it off)",
     "max_batch_size": "largest batch formed from concurrent requests",
     "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",
-    "inline_budget_ms": "batches whose warm-up run took at most this long run on the event loop's "
-    "own thread instead of the executor's (0: every run goes to the executor)",
     "max_request_batch": "largest batch a single request may carry",
+    "max_inflight_mb": "budget, in MiB, for the request data the server holds at once (queued and "
+    "running, both APIs, unary and streaming; what a request costs is counted from its tensor's "
+    "shape before it is decoded); a request that would pass it is refused UNAVAILABLE (0: half of "
+    "what the container's memory limit leaves after the models, or a fixed default without a limit)",
+    "max_queue_images": "images that may wait in one model's queue; a request that would pass it "
+    "is refused UNAVAILABLE (Triton's max_queue_size)",
+    "max_stream_inflight": "messages of one stream (PredictStream, ModelStreamInfer) being answered "
+    "at once; beyond it the server stops reading that stream until an answer is sent (HTTP/2 flow "
+    "control then holds the client back)",
     "max_message_mb": "largest gRPC message, in MiB, received or sent",
     "max_image_pixels": "largest decoded image (width x height) Classify accepts; also Pillow's "
     "decompression-bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
@@ -83,6 +100,25 @@ _HELP: dict[str, str] = {
     "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
     "grace_seconds": "how long in-flight calls may drain on SIGTERM",
     "max_connection_age_s": "connections are recycled after this age so load spreads (0: never)",
+    "max_connection_idle_s": "a connection with no call for this long is closed (GOAWAY; the client "
+    "reconnects when it next calls), so that idle clients do not hold file descriptors and memory "
+    "(0: never)",
+    "handshake_timeout_s": "a new connection that has not finished its handshake (the HTTP/2 "
+    "preface and settings, and TLS) within this time is closed: connections that connect and say "
+    "nothing are dropped (0: gRPC's default of 120 s)",
+    "max_concurrent_streams": "calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_"
+    "STREAMS); a client's further calls wait on its side until one finishes, so one connection "
+    "cannot pile up unbounded half-sent requests here. Enough for dynamic batching to fill "
+    "batches from one channel (0: no limit)",
+    "keepalive_time_s": "ping a connection that has calls open but has been quiet this long, so "
+    "that clients which vanished without closing (a node gone, a network partition) are found and "
+    "their calls freed (0: gRPC's default of 2 hours)",
+    "keepalive_timeout_s": "how long a keepalive ping may go unanswered before the connection and "
+    "its calls are closed",
+    "min_ping_interval_s": "how often a client may ping while no data flows (client keepalive); "
+    "pinging more often counts as abuse and the connection is closed with GOAWAY too_many_pings "
+    "after two strikes. gRPC's default of 5 minutes would punish common client keepalives (ours "
+    "pings every 20 s) (0: any rate)",
     "workers": "server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads "
     "connections, not calls, over them), each with its own sessions; /metrics sums them",
     "reuse_port": "let other processes listen on the same gRPC port (SO_REUSEPORT)",
@@ -195,21 +231,40 @@ def validate(s: Settings) -> None:
         "max_message_mb",
         "max_versions",
         "workers",
+        "max_queue_images",
+        "max_stream_inflight",
     ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")
-    for name in ("intra_op_threads", "concurrent_runs", "inter_op_threads", "max_image_pixels"):
+    for name in (
+        "intra_op_threads",
+        "concurrent_runs",
+        "inter_op_threads",
+        "max_image_pixels",
+        "max_inflight_mb",
+    ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
     for name in (
         "max_queue_delay_ms",
-        "inline_budget_ms",
         "poll_seconds",
         "grace_seconds",
         "max_connection_age_s",
     ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
+    for name in (
+        "max_connection_idle_s",
+        "handshake_timeout_s",
+        "keepalive_time_s",
+        "min_ping_interval_s",
+    ):
+        if getattr(s, name) < 0:
+            raise bad(name, "expected a number >= 0")
+    if s.max_concurrent_streams < 0:
+        raise bad("max_concurrent_streams", "expected a whole number >= 0")
+    if s.keepalive_timeout_s <= 0:
+        raise bad("keepalive_timeout_s", "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(s, name)
         if path is not None and not path.is_file():

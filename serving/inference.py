@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from serving import images
+from serving.admission import Admission, Ticket, request_cost
 from serving.batching import Observer
 from serving.errors import InvalidArgument
 from serving.repository import ModelRepository, ServedVersion
@@ -111,11 +112,40 @@ class Statistics:
 
 class DataPlane:
     def __init__(
-        self, repository: ModelRepository, limits: Limits, stats: Statistics | None = None
+        self,
+        repository: ModelRepository,
+        limits: Limits,
+        stats: Statistics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
         self.stats = stats or Statistics()
+        self.admission = admission or Admission(1 << 62, 1 << 62)
+
+    def admit(self, served: ServedVersion, shape: tuple[int, ...], itemsize: int) -> Ticket:
+        """Before a tensor's bytes are touched: its shape checked against the model, then its
+        cost held against the server's budget and the model's queue (`Unavailable` when it
+        would pass either). `itemsize` 0 (a dtype decoding will refuse) holds nothing."""
+        if not itemsize:
+            return Ticket(self.admission, 0)
+        self.check_shape(served, shape)
+        info = served.runtime.info
+        h, w, c = info.input_shape
+        cost = request_cost(shape[0], h * w * c, itemsize, info.num_classes)
+        return self.admission.admit(served.name, served.batcher, shape[0], cost)
+
+    def admit_images(self, served: ServedVersion, count: int, encoded_bytes: int) -> Ticket:
+        """The same for encoded images (Classify), before they are decoded: their bytes, and the
+        model-sized pixels, float32 input and outputs they become."""
+        if count > self.limits.max_request_batch:
+            raise InvalidArgument(
+                f"{count} images is over the limit of {self.limits.max_request_batch} per request"
+            )
+        info = served.runtime.info
+        h, w, c = info.input_shape
+        cost = 2 * encoded_bytes + request_cost(count, h * w * c, 1, info.num_classes)
+        return self.admission.admit(served.name, served.batcher, count, cost)
 
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
         if not model:
@@ -126,17 +156,21 @@ class DataPlane:
         return self.repository.get(model, version)
 
     def check_batch(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> None:
-        h, w, c = served.runtime.info.input_shape
         if pixels.dtype not in ACCEPTED_DTYPES:
             raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
-        if pixels.ndim != 4 or pixels.shape[1:] != (h, w, c):
+        self.check_shape(served, pixels.shape)
+
+    def check_shape(self, served: ServedVersion, shape: tuple[int, ...]) -> None:
+        h, w, c = served.runtime.info.input_shape
+        if len(shape) != 4 or shape[1:] != (h, w, c):
             raise InvalidArgument(
-                f"images of shape {list(pixels.shape)} do not fit model {served.name!r} v"
+                f"images of shape {list(shape)} do not fit model {served.name!r} v"
                 f"{served.version}: expected [N, {h}, {w}, {c}] (NHWC)"
             )
-        n = pixels.shape[0]
-        if n == 0:
-            raise InvalidArgument(f"empty batch: expected [N, {h}, {w}, {c}] with N >= 1")
+        n = shape[0]
+        if n <= 0:
+            what = "empty batch" if n == 0 else f"batch of {n} images"
+            raise InvalidArgument(f"{what}: expected [N, {h}, {w}, {c}] with N >= 1")
         if n > self.limits.max_request_batch:
             raise InvalidArgument(
                 f"batch of {n} images is over the limit of {self.limits.max_request_batch} per request"

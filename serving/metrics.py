@@ -114,6 +114,33 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",  # with --workers: summed over the live workers
         )
+        self.streams = Gauge(
+            f"{PREFIX}_inflight_streams",
+            "Inference streams (PredictStream, ModelStreamInfer) open right now; their messages "
+            "in flight count in cnnserve_inflight_requests.",
+            ["method"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected",
+            "Requests refused (UNAVAILABLE) before decoding because the server was full: reason "
+            "memory (--max-inflight-mb) or queue (--max-queue-images).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.held_bytes = Gauge(
+            f"{PREFIX}_inflight_bytes",
+            "Request data held now (queued and running), as admission control counts it.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.budget_bytes = Gauge(
+            f"{PREFIX}_inflight_budget_bytes",
+            "The budget for request data held at once (--max-inflight-mb).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.model_state = Gauge(
             f"{PREFIX}_model_state",
             "1 for the state each model version is in (LOADING, READY, FAILED, UNLOADED).",
@@ -146,6 +173,8 @@ class Metrics:
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
         self._inflight_counts: dict[str, InFlight | Gauge] = {}
+        self._stream_counts: dict[str, InFlight | Gauge] = {}
+        self._held = InFlight()
         # Worker processes (--workers) write their values to files that one /metrics sums.
         self.multiprocess = bool(getattr(values.ValueClass, "_multiprocess", False))
 
@@ -153,15 +182,40 @@ class Metrics:
         """The in-flight count of one method: a plain counter on the event loop, which the
         gauge reads at scrape time (no lock per call); in a worker process the gauge itself,
         whose file the supervisor's /metrics reads."""
-        count = self._inflight_counts.get(method)
+        return self._count_of(self.inflight, self._inflight_counts, method)
+
+    def streams_for(self, method: str) -> InFlight | Gauge:
+        """The open-streams count of one streaming method (as `inflight_for`)."""
+        return self._count_of(self.streams, self._stream_counts, method)
+
+    def _count_of(
+        self, gauge: Gauge, counts: dict[str, InFlight | Gauge], method: str
+    ) -> InFlight | Gauge:
+        count = counts.get(method)
         if count is None:
             if self.multiprocess:
-                count = self.inflight.labels(method)
+                count = gauge.labels(method)
             else:
                 count = InFlight()
-                self.inflight.labels(method).set_function(count.get)
-            self._inflight_counts[method] = count
+                gauge.labels(method).set_function(count.get)
+            counts[method] = count
         return count
+
+    def reject(self, model: str, reason: str) -> None:
+        self.rejected.labels(model, reason).inc()
+
+    def set_held_bytes(self, held: int) -> None:
+        """Called on every admission change: a plain store, read at scrape time (in a worker
+        process, the gauge's file, which the supervisor reads)."""
+        if self.multiprocess:
+            self.held_bytes.set(held)
+        else:
+            self._held.value = held
+
+    def watch_admission(self, budget_bytes: int) -> None:
+        self.budget_bytes.set(budget_bytes)
+        if not self.multiprocess:
+            self.held_bytes.set_function(self._held.get)
 
     def count_call(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
         """One answered RPC: its status code counted, its time observed."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from serving.batching import INLINE_BUDGET_S, Batcher, Observer, run_unbatched
+from serving.batching import Batcher, Observer, run_unbatched
 from serving.errors import NotFound, Unavailable
 from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 
@@ -42,8 +42,8 @@ class BatchingOptions:
     enabled: bool = True
     max_batch_size: int = 64
     max_delay_s: float = 0.0
-    inline_budget_s: float = INLINE_BUDGET_S  # see Batcher: small batches on the loop's thread
-    max_runs: int = 1  # runs of one model in the executor at once
+    max_runs: int = 1  # runs of one model at once
+    inline: bool = False  # runs on the event loop's thread (one core: a worker could not help)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ServedVersion:
     batcher: Batcher | None
     executor: Executor
     observer: Observer | None = None
-    inline_max_images: int = 0  # batches up to this size run on the event loop's thread
+    inline: bool = False  # unbatched runs on the event loop's thread
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,13 +65,11 @@ class ServedVersion:
         self.inflight += 1
         self._idle.clear()
         try:
-            if self.batcher is not None and len(x) <= self.batcher.max_batch_size:
+            if self.batcher is not None:
                 return await self.batcher.submit(x)
-            if len(x) <= self.inline_max_images:
-                return await run_unbatched(
-                    self.runtime.run_small, self.executor, x, self.observer, inline=True
-                )
-            return await run_unbatched(self.runtime.run, self.executor, x, self.observer)
+            return await run_unbatched(
+                self.runtime.run, self.executor, x, self.observer, inline=self.inline
+            )
         finally:
             self.inflight -= 1
             if self.inflight == 0:
@@ -269,27 +267,25 @@ class ModelRepository:
         observer = (
             self._observer_for(name, version, runtime.provider) if self._observer_for else None
         )
-        inline_max_images = runtime.inline_limit(self.batching.inline_budget_s)
+        batching = self.batching
         batcher = None
-        if self.batching.enabled:
+        if batching.enabled:
             batcher = Batcher(
                 runtime.run,
                 self.executor,
-                max_batch_size=self.batching.max_batch_size,
-                max_delay_s=self.batching.max_delay_s,
+                max_batch_size=batching.max_batch_size,
+                max_delay_s=batching.max_delay_s,
                 observer=observer,
-                inline_max_images=inline_max_images,
-                run_inline=runtime.run_small,
-                max_runs=self.batching.max_runs,
-                run_parallel=runtime.run_small,
+                max_runs=batching.max_runs,
+                inline=batching.inline,
             )
         self._served[name][version] = ServedVersion(
-            name, version, runtime, batcher, self.executor, observer, inline_max_images
+            name, version, runtime, batcher, self.executor, observer, batching.inline
         )
         status.state, status.reason = State.READY, ""
         log.info(
-            "model %s v%d ready in %.2fs on %s (input %s, %d classes, dataset %s; batches of up "
-            "to %d images run on the event loop's thread)",
+            "model %s v%d ready in %.2fs on %s (input %s, %d classes, dataset %s; up to %d runs "
+            "at once, %s)",
             name,
             version,
             runtime.load_seconds,
@@ -297,14 +293,15 @@ class ModelRepository:
             "x".join(map(str, runtime.info.input_shape)),
             runtime.info.num_classes,
             runtime.info.dataset or "?",
-            inline_max_images,
+            batching.max_runs if batching.enabled else 1,
+            "on the event loop's thread" if batching.inline else "in worker threads",
             extra=_event(
                 "model_ready",
                 name,
                 version,
                 runtime.load_seconds,
                 provider=runtime.provider,
-                inline_max_images=str(inline_max_images),
+                runs=str(batching.max_runs),
             ),
         )
         self._notify(name, version, State.READY, runtime.load_seconds)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from serving.cores import available_cores, cpu_quota
+from serving.cores import available_cores
 from serving.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 MAX_OPSET = 21  # the newest default-domain opset this server is tested with
 MIN_OPSET = 7
-TIMED_UP_TO_S = 0.01  # warm-up times batch sizes until one takes longer than this
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # TF32 (ONNX Runtime's default on Ampere and newer) rounds convolution inputs to 10 bits of
 # mantissa: measured on an H200, outputs moved by up to 8e-4 from the CPU's and the exported
@@ -57,18 +56,19 @@ class RuntimeOptions:
 
 
 def default_concurrent_runs(provider: str) -> int:
-    """One run per available core on the CPU (each single-threaded: measured on 2 cores, two
-    runs of one thread beat one run of two by 7-73 % from batch 1 to 64, bench/PROFILE.md);
+    """One run per available core on the CPU, each single-threaded (runs side by side on their
+    own threads beat one run spread over the cores' pool for this size of model: bench/PROFILE.md);
     one on CUDA, whose runs queue on one device anyway."""
     if provider == "cuda" and PROVIDER_NAMES["cuda"] in ort.get_available_providers():
         return 1
     return available_cores()
 
 
-def default_intra_op_threads() -> int:
-    """0 (ONNX Runtime's own default: one per core of the machine), unless a CPU limit caps
-    this process below that: then the limit."""
-    return available_cores() if cpu_quota() else 0
+def default_intra_op_threads(concurrent_runs: int) -> int:
+    """One thread per run when several runs go side by side (the batcher splits the work over
+    them, so a pool per run would only fight for the same cores); with a single run, every
+    core this process may use (its affinity and CPU limit counted, not the node's)."""
+    return 1 if concurrent_runs > 1 else available_cores()
 
 
 def run_in_fixed_batches(run: Callable[[F32], F32], x: F32, size: int) -> F32:
@@ -188,13 +188,9 @@ def check_opset(path: Path) -> int:
 
 
 class ModelRuntime:
-    """A loaded, warmed-up session and the contract of its input.
-
-    On the CPU with more than one intra-op thread, a second session of the same file runs small
-    batches (`run_small`) on the calling thread alone: for a batch of a few images, handing each
-    operator to a second thread and waiting for it costs more than it saves (measured: batch 1
-    in 110 us and 120 us of CPU single-threaded, 170 us and 240 us of CPU with two threads; a
-    batch of 32 in 1.7 ms with two, 3.2 ms with one). `run` keeps the configured threads."""
+    """A loaded, warmed-up session and the contract of its input. `run` may be called from
+    several threads at once: the batcher runs one batch per thread, each on the session's
+    intra-op threads (one by default on the CPU, so that runs side by side share no pool)."""
 
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         started = time.perf_counter()
@@ -206,13 +202,9 @@ class ModelRuntime:
         self.fixed_batch = (
             options.cuda_fixed_batch if self.provider == PROVIDER_NAMES["cuda"] else 0
         )
-        self._small_session = self.session
-        if self.provider == PROVIDER_NAMES["cpu"] and options.intra_op_threads != 1:
-            self._small_session = self._session(options, 1)
         self._run_options = ort.RunOptions()
         self._output_names = [self.info.output_name]
         self._feeds_name = self.info.input_name
-        self.run_seconds: dict[int, float] = {}  # batch size -> a warm run_small's time
         if options.warmup_batch_sizes:
             self.warm_up(options.warmup_batch_sizes)
         self.load_seconds = time.perf_counter() - started
@@ -237,25 +229,9 @@ class ModelRuntime:
             raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run each batch size once so that no first request pays for allocation; time the
-        power-of-two sizes with `run_small` (`run_seconds`, what `inline_limit` decides by),
-        and warm `run_small` for every size too."""
+        """Run each batch size once so that no first request pays for allocation and planning."""
         for n in batch_sizes:
             self._warm(self.run, n)
-        for n in sorted(n for n in batch_sizes if n & (n - 1) == 0):
-            x = self._warm(self.run_small, n)
-            seconds = []
-            for _ in range(3):  # the best of three: a busy machine only ever adds time
-                started = time.perf_counter()
-                self.run_small(x)
-                seconds.append(time.perf_counter() - started)
-            self.run_seconds[n] = min(seconds)
-            if self.run_seconds[n] > TIMED_UP_TO_S:
-                break
-        if self._small_session is not self.session:  # it also runs batches side by side
-            for n in batch_sizes:
-                if n not in self.run_seconds:
-                    self._warm(self.run_small, n)
 
     def _warm(self, run: Callable[[F32], F32], n: int) -> F32:
         """One checked run of a batch of n zero images; returns that batch."""
@@ -272,16 +248,6 @@ class ModelRuntime:
             )
         return x
 
-    def inline_limit(self, budget_s: float) -> int:
-        """The largest batch such that it and every smaller warmed-up batch ran within
-        `budget_s` at warm-up (0: none, or no warm-up)."""
-        limit = 0
-        for n in sorted(self.run_seconds):
-            if self.run_seconds[n] > budget_s:
-                break
-            limit = n
-        return limit
-
     def prepare(self, pixels: npt.NDArray[np.generic]) -> F32:
         """uint8 pixels -> scaled float32 model input; float32 passes through unchanged."""
         if pixels.dtype == np.float32:
@@ -295,19 +261,10 @@ class ModelRuntime:
         raise InvalidArgument(f"dtype {pixels.dtype} not accepted; expected uint8 or float32")
 
     def run(self, x: F32) -> F32:
-        """With the configured intra-op threads (for the executor)."""
+        """Thread-safe; on CUDA in batches of exactly `fixed_batch` images."""
         if self.fixed_batch:
             return run_in_fixed_batches(self._run_session, x, self.fixed_batch)
         return self._run_session(x)
-
-    def run_small(self, x: F32) -> F32:
-        """On the calling thread alone (a small batch, on the event loop's thread)."""
-        if self._small_session is self.session:
-            return self.run(x)
-        out: F32 = self._small_session.run(
-            self._output_names, {self._feeds_name: x}, self._run_options
-        )[0]
-        return out
 
     def _run_session(self, x: F32) -> F32:
         out: F32 = self.session.run(self._output_names, {self._feeds_name: x}, self._run_options)[0]

@@ -16,14 +16,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from serving import images
+from serving.admission import Admission, MiB
 from serving.api.calls import CallGuard
 from serving.api.cnnserve import CnnServeServicer
 from serving.api.inference import GRPCInferenceServiceServicer
+from serving.api.streams import Streams
 from serving.auth import TokenAuthInterceptor
 from serving.batching import Observer
 from serving.config import Settings, read_auth_token
 from serving.cores import available_cores
 from serving.inference import DataPlane, Limits, Statistics
+from serving.memory import IdleTrimmer, default_inflight_budget_bytes
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2
 from serving.pb.inference import grpc_predict_v2_pb2
@@ -63,14 +66,15 @@ class Server:
         self.stats = Statistics()
         self.health = HealthServicer()
         runs = settings.concurrent_runs or default_concurrent_runs(settings.provider)
+        cores = available_cores()
         self.executor = ThreadPoolExecutor(
-            max_workers=max(2, available_cores(), runs), thread_name_prefix="ort"
+            max_workers=max(2, cores, runs), thread_name_prefix="ort"
         )
         self.repository = ModelRepository(
             settings.model_repository,
             runtime_options=RuntimeOptions(
                 provider=settings.provider,
-                intra_op_threads=settings.intra_op_threads or default_intra_op_threads(),
+                intra_op_threads=settings.intra_op_threads or default_intra_op_threads(runs),
                 inter_op_threads=settings.inter_op_threads,
                 warmup_batch_sizes=warmup_sizes(settings),
                 spinning=settings.ort_spinning,
@@ -80,8 +84,10 @@ class Server:
                 enabled=settings.batching,
                 max_batch_size=settings.max_batch_size,
                 max_delay_s=settings.max_queue_delay_ms / 1000.0,
-                inline_budget_s=settings.inline_budget_ms / 1000.0,
                 max_runs=runs,
+                # One core: a worker thread could only take turns with the loop's, at the
+                # price of the hand-offs.
+                inline=cores == 1 and runs == 1,
             ),
             executor=self.executor,
             max_versions=settings.max_versions,
@@ -89,18 +95,32 @@ class Server:
             on_state=self._on_state,
         )
         images.configure(settings.max_image_pixels)  # Pillow's bomb check, the same limit
+        self.trimmer = IdleTrimmer()  # gives a burst's memory back once the server is quiet
+        self.admission = Admission(
+            settings.max_inflight_mb * MiB or default_inflight_budget_bytes(),
+            settings.max_queue_images,
+            on_reject=self.metrics.reject,
+            on_change=self._on_held,
+        )
+        self.metrics.watch_admission(self.admission.budget_bytes)
         self.plane = DataPlane(
             self.repository,
             Limits(settings.max_request_batch, settings.max_image_pixels),
             self.stats,
+            self.admission,
         )
-        self.guard = CallGuard(self.metrics)
+        self.streams = Streams(settings.max_stream_inflight)
+        self.guard = CallGuard(self.metrics, self.streams)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _on_held(self, held: int) -> None:
+        self.metrics.set_held_bytes(held)
+        self.trimmer.note(held)
 
     # ------------------------------------------------------------ health
 
@@ -138,6 +158,15 @@ class Server:
     # ------------------------------------------------------------ lifecycle
 
     def _options(self) -> list[tuple[str, int]]:
+        """The gRPC core options of the server.
+
+        grpc.aio's `maximum_concurrent_rpcs` is left unset, on purpose: past it gRPC answers
+        RESOURCE_EXHAUSTED, which clients do not retry and which means "message too large"
+        here; it counts every call the server has begun, health checks included (a client's
+        health Watch lasts as long as its channel, and a refused probe gets a pod restarted
+        under load) and half-sent requests too (so slow clients could lock everyone else out).
+        Overload is refused by the data plane instead, by what requests cost (UNAVAILABLE,
+        which clients retry with backoff), and what one connection may hold is bounded here."""
         s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -149,6 +178,26 @@ class Server:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000)),
             ]
+        # Idle and slow clients: a connection that never finishes its handshake, one that holds
+        # no call, and one whose peer vanished while calls were open are all closed in bounded
+        # time; one connection holds at most max_concurrent_streams calls.
+        if s.max_connection_idle_s > 0:
+            options.append(("grpc.max_connection_idle_ms", int(s.max_connection_idle_s * 1000)))
+        if s.handshake_timeout_s > 0:
+            options.append(("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)))
+        if s.max_concurrent_streams > 0:
+            options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
+        if s.keepalive_time_s > 0:
+            options += [
+                ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+                # Keep pinging a quiet connection with calls open, however long it stays quiet
+                # (recent gRPC cores never cap a server's pings; older ones stopped after 2).
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        options.append(
+            ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_ping_interval_s * 1000))
+        )
         return options
 
     def _interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
@@ -183,16 +232,21 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         token = read_auth_token(s)  # read once: what the log says is what the interceptor checks
-        server = grpc.aio.server(options=self._options(), interceptors=self._interceptors(token))
+        server = grpc.aio.server(
+            options=self._options(),
+            interceptors=self._interceptors(token),
+            maximum_concurrent_rpcs=None,  # no: see _options
+        )
         from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
 
         cnnserve_pb2_grpc.add_CnnServeServicer_to_server(
-            CnnServeServicer(self.plane, self.metrics), server
+            CnnServeServicer(self.plane, self.metrics, self.streams), server
         )
         from serving.pb.inference import grpc_predict_v2_pb2_grpc
 
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            GRPCInferenceServiceServicer(self.plane, self.metrics, self.is_ready), server
+            GRPCInferenceServiceServicer(self.plane, self.metrics, self.is_ready, self.streams),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -219,7 +273,8 @@ class Server:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         log.info(
             "listening on %s:%d (gRPC, %s, token auth %s); repository %s; provider %s; "
-            "batching %s (max %d, delay %.2f ms); %d concurrent runs per model",
+            "batching %s (max %d, delay %.2f ms); %d concurrent runs per model; request data "
+            "budget %d MiB, up to %d images queued per model, %d messages in flight per stream",
             s.host,
             self.port,
             self.transport,
@@ -230,6 +285,9 @@ class Server:
             s.max_batch_size,
             s.max_queue_delay_ms,
             self.repository.batching.max_runs,
+            self.admission.budget_bytes // MiB,
+            self.admission.max_queue_images,
+            self.streams.max_inflight,
             extra={"event": "server_started", "port": self.port, "metrics_port": self.metrics_port},
         )
         await self.repository.scan()
@@ -274,6 +332,7 @@ class Server:
                 log.warning("%d calls still running after the grace period", left)
             await self.grpc_server.stop(max(0.0, grace - (time.perf_counter() - started)))
         await self.repository.close()
+        await self.trimmer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         seconds = time.perf_counter() - started

@@ -17,6 +17,7 @@ from serving.errors import Kind, ServingError
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 if TYPE_CHECKING:
+    from serving.api.streams import Streams
     from serving.inference import DataPlane
     from serving.repository import ServedVersion
 
@@ -39,6 +40,10 @@ CODES: dict[Kind, grpc.StatusCode] = {
     Kind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+
+# Stream methods that answer an undecodable message themselves (the stream goes on) instead
+# of the guard ending the whole call.
+SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -106,8 +111,9 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
     return wrap
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes are not the message they should be."""
+class Undecodable:
+    """Stands in for a request whose bytes are not the message they should be. Streaming
+    inference methods (SELF_CHECKED) get it as a message and answer it with an error."""
 
     __slots__ = ("error",)
 
@@ -129,12 +135,13 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     Every registered method is wrapped once; unknown methods pass through (UNIMPLEMENTED)."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, streams: Streams | None = None) -> None:
         self._metrics = metrics
+        self._streams = streams
         self._wrapped: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
         ] = {}
-        self.active = 0  # unary calls in their handlers now
+        self.active = 0  # unary calls and inference streams in their handlers now
         self.draining = False
         self._idle: asyncio.Event | None = None
 
@@ -142,6 +149,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Refuse new calls from now on; wait (at most `timeout` s) for the running ones to
         finish. Returns how many are still running."""
         self.draining = True
+        if self._streams is not None:
+            self._streams.stop_reading()
         if self.active:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -177,13 +186,17 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         service, _, method = full_method.lstrip("/").rpartition("/")
         probe = service in PROBE_SERVICES
 
+        async def refuse_draining(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            self._count(method, grpc.StatusCode.UNAVAILABLE)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
         def parse(data: bytes) -> Any:
             try:
                 return deserialize(data)
             except Exception as exc:  # DecodeError, or anything a parser raises on garbage
-                return _Undecodable(exc)
+                return Undecodable(exc)
 
-        async def refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Undecodable) -> None:
+        async def refuse(context: grpc.aio.ServicerContext[Any, Any], bad: Undecodable) -> None:
             self._count(method, grpc.StatusCode.INVALID_ARGUMENT)
             log.debug("%s: undecodable request: %s", method, bad.error)
             await context.abort(
@@ -194,27 +207,32 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
             async for request in requests:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable) and method not in SELF_CHECKED:
                     await refuse(context, request)
                 yield request
+
+        def enter() -> None:
+            self.active += 1
+
+        def leave() -> None:
+            self.active -= 1
+            if not self.active and self._idle is not None:
+                self._idle.set()
 
         serialize = handler.response_serializer
         if handler.unary_unary is not None:
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     await refuse(context, request)
                 if self.draining and not probe:
-                    self._count(method, grpc.StatusCode.UNAVAILABLE)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-                self.active += 1
+                    await refuse_draining(context)
+                enter()
                 try:
                     return await inner_uu(request, context)
                 finally:
-                    self.active -= 1
-                    if not self.active and self._idle is not None:
-                        self._idle.set()
+                    leave()
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
         if handler.stream_unary is not None:
@@ -226,8 +244,10 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await inner_su(checked(requests, context), context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
-        # Streaming responses (health Watch, reflection): the servicer is an async generator or
-        # a coroutine that writes. Not counted: a Watch lasts as long as its client wants.
+        # Streaming responses: health Watch and reflection (probes: not counted, a Watch lasts
+        # as long as its client wants), and the inference streams, counted like unary calls
+        # and refused while draining. The servicer is an async generator or a coroutine that
+        # writes.
         inner: Any = handler.unary_stream or handler.stream_stream
         streaming_requests = handler.unary_stream is None
 
@@ -237,7 +257,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if inspect.isasyncgenfunction(inner):
 
             async def generate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     await refuse(context, request)
                 async for response in inner(args(request, context), context):
                     yield response
@@ -246,9 +266,17 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         else:
 
             async def write(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     await refuse(context, request)
-                return await inner(args(request, context), context)
+                if probe:
+                    return await inner(args(request, context), context)
+                if self.draining:
+                    await refuse_draining(context)
+                enter()
+                try:
+                    return await inner(args(request, context), context)
+                finally:
+                    leave()
 
             behaviour = write
         if streaming_requests:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 
 from serving import codec
 from serving.api.calls import Call, rpc
+from serving.api.streams import StreamMethod, Streams, serve_stream
 from serving.inference import DataPlane, top_k
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -18,31 +20,55 @@ Ctx = grpc.aio.ServicerContext
 
 
 class CnnServeServicer(pb_grpc.CnnServeServicer):
-    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+    def __init__(self, plane: DataPlane, metrics: Metrics, streams: Streams) -> None:
         self.plane = plane
         self.metrics = metrics
+        self.streams = streams
         self._summaries: dict[tuple[str, int, int], ParameterSummary] = {}
+        self._stream = StreamMethod("PredictStream", self._predict_one, self._predict_stream_error)
+
+    async def _predict_one(
+        self, request: pb.PredictRequest, call: Call
+    ) -> pb.PredictStreamResponse:
+        return codec.predict_stream_response(request, 0, await self._predict(request, call))
+
+    @staticmethod
+    def _predict_stream_error(
+        request: pb.PredictRequest | None, index: int, code: grpc.StatusCode, message: str
+    ) -> pb.PredictStreamResponse:
+        return codec.predict_stream_error(request, index, code.value[0], message)
+
+    async def _predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
+        served = call.resolve(self.plane, request.model, request.version)
+        # Held against the budget from its shape, before its bytes are touched.
+        with self.plane.admit(served, *codec.tensor_extent(request.images)):
+            pixels = codec.decode_tensor(request.images)
+            probabilities = await self.plane.predict(served, pixels)
+            top = top_k(probabilities, request.top_k or 1)
+            return codec.predict_response(served, probabilities, top, request.omit_probabilities)
 
     @rpc("Predict")
     async def Predict(
         self, request: pb.PredictRequest, context: Ctx, call: Call
     ) -> pb.PredictResponse:
-        served = call.resolve(self.plane, request.model, request.version)
-        pixels = codec.decode_tensor(request.images)
-        probabilities = await self.plane.predict(served, pixels)
-        top = top_k(probabilities, request.top_k or 1)
-        return codec.predict_response(served, probabilities, top, request.omit_probabilities)
+        return await self._predict(request, call)
+
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: Ctx
+    ) -> None:
+        await serve_stream(request_iterator, context, self._stream, self.streams, self.metrics)
 
     @rpc("Classify")
     async def Classify(
         self, request: pb.ClassifyRequest, context: Ctx, call: Call
     ) -> pb.ClassifyResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        items = codec.decode_classify_images(request)
-        # Decoding images is CPU work: keep it off the event loop.
-        batch = await asyncio.to_thread(self.plane.decode_images, served, items)
-        probabilities = await self.plane.predict(served, batch)
-        return codec.classify_response(served, top_k(probabilities, request.top_k or 1))
+        with self.plane.admit_images(served, *codec.classify_extent(request)):
+            items = codec.decode_classify_images(request)
+            # Decoding images is CPU work: keep it off the event loop.
+            batch = await asyncio.to_thread(self.plane.decode_images, served, items)
+            probabilities = await self.plane.predict(served, batch)
+            return codec.classify_response(served, top_k(probabilities, request.top_k or 1))
 
     @rpc("GetParameterSummary")
     async def GetParameterSummary(

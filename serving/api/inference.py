@@ -7,13 +7,14 @@ through `DataPlane.predict` whichever protocol asked.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 
 import grpc
 
 from serving import codec
 from serving.api.calls import Call, rpc
+from serving.api.streams import StreamMethod, Streams, serve_stream
 from serving.errors import InvalidArgument
 from serving.inference import DataPlane
 from serving.metrics import Metrics
@@ -35,11 +36,15 @@ def server_version() -> str:
 
 
 class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, plane: DataPlane, metrics: Metrics, ready: Callable[[], bool], streams: Streams
+    ) -> None:
         self.plane = plane
         self.metrics = metrics
+        self.streams = streams
         self._ready = ready  # the server's own readiness rule (the overall health status)
         self._version = server_version()
+        self._stream = StreamMethod("ModelStreamInfer", self._infer_one, self._stream_error)
 
     @rpc("ServerLive")
     async def ServerLive(
@@ -76,17 +81,38 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
         return codec.v2_model_metadata(served, self.plane.repository.ready_versions(served.name))
 
+    async def _infer(self, request: v2.ModelInferRequest, call: Call) -> v2.ModelInferResponse:
+        served = call.resolve(
+            self.plane, request.model_name, codec.parse_v2_version(request.model_version)
+        )
+        # Held against the budget from its shape, before its bytes are touched.
+        with self.plane.admit(served, *codec.v2_input_extent(request)):
+            pixels = codec.decode_v2_input(request, served)
+            outputs = codec.v2_requested_outputs(request, served)
+            probabilities = await self.plane.predict(served, pixels)
+            return codec.v2_infer_response(served, request.id, probabilities, outputs)
+
+    async def _infer_one(
+        self, request: v2.ModelInferRequest, call: Call
+    ) -> v2.ModelStreamInferResponse:
+        return codec.v2_stream_response(await self._infer(request, call))
+
+    @staticmethod
+    def _stream_error(
+        request: v2.ModelInferRequest | None, index: int, code: grpc.StatusCode, message: str
+    ) -> v2.ModelStreamInferResponse:
+        return codec.v2_stream_error(request, code.name, message)
+
     @rpc("ModelInfer")
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Ctx, call: Call
     ) -> v2.ModelInferResponse:
-        served = call.resolve(
-            self.plane, request.model_name, codec.parse_v2_version(request.model_version)
-        )
-        pixels = codec.decode_v2_input(request, served)
-        outputs = codec.v2_requested_outputs(request, served)
-        probabilities = await self.plane.predict(served, pixels)
-        return codec.v2_infer_response(served, request.id, probabilities, outputs)
+        return await self._infer(request, call)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[v2.ModelInferRequest], context: Ctx
+    ) -> None:
+        await serve_stream(request_iterator, context, self._stream, self.streams, self.metrics)
 
     @rpc("ModelConfig")
     async def ModelConfig(

@@ -77,7 +77,6 @@ def test_runtime_runs_on_cuda_and_matches_cpu(
     assert runtime.provider == CUDA and runtime.fixed_batch == 64
     x = runtime.prepare(images[0][:batch])
     assert_matches(runtime.run(x), expected[:batch])
-    assert_matches(runtime.run_small(x), expected[:batch])
 
 
 def test_server_reports_cuda_everywhere(cuda_server: ServerProcess) -> None:

@@ -1,11 +1,10 @@
-"""The lean request path: the callback-driven batcher (inline and executor runs), the warm-up
-timings that choose between them, and the cached metric children."""
+"""The lean request path: the batcher's rule (how many images, which thread), its runs, and the
+cached metric children."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,11 +13,11 @@ import numpy as np
 import pytest
 
 from serving import codec
-from serving.batching import Batcher, run_unbatched
+from serving.batching import Batcher, Decision, RunCosts, decide, run_unbatched
 from serving.inference import top_k
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
 from tests.support import write_tiny_model
 
 
@@ -32,36 +31,87 @@ def _recording_run(threads: list[str], sizes: list[int]):  # type: ignore[no-unt
     return run
 
 
-async def test_small_batches_run_inline_and_coalesce() -> None:
+@pytest.mark.parametrize(
+    ("queued", "running", "max_runs", "expected"),
+    [
+        (0, 0, 2, 0),  # nothing queued: no run
+        (32, 2, 2, 0),  # every run busy: the queue waits for one to end
+        (32, 0, 2, 16),  # two free runs share 32 images: 16 each
+        (33, 0, 2, 17),  # shares round up, so no third run is needed
+        (32, 1, 2, 32),  # one free run takes what it can hold
+        (1, 0, 2, 1),  # one image alone: a run of one
+        (1000, 0, 2, 64),  # capped at max_batch_size
+        (1000, 0, 1, 64),
+        (100, 0, 4, 25),  # four cores: four runs of 25
+    ],
+)
+def test_decide_shares_the_queue_over_the_free_runs(
+    queued: int, running: int, max_runs: int, expected: int
+) -> None:
+    d = decide(queued, running, max_runs=max_runs, max_batch_size=64, inline=lambda n: False)
+    assert d.images == expected and not d.inline
+    inline = decide(queued, running, max_runs=max_runs, max_batch_size=64, inline=lambda n: True)
+    # On the loop's thread a run takes all it can hold, busy workers or not.
+    assert inline.images == min(queued, 64) and inline.inline == (queued > 0)
+
+
+def test_decide_sends_runs_cheaper_than_the_hand_off_to_the_loop() -> None:
+    def cheap(n: int) -> bool:
+        return n <= 4
+
+    assert decide(3, 0, max_runs=2, max_batch_size=64, inline=cheap) == Decision(3, True)
+    assert decide(3, 2, max_runs=2, max_batch_size=64, inline=cheap) == Decision(3, True)
+    assert decide(32, 0, max_runs=2, max_batch_size=64, inline=cheap) == Decision(16, False)
+
+
+def test_run_costs_choose_inline_only_for_runs_cheaper_than_the_hand_off() -> None:
+    costs = RunCosts()
+    assert not costs.inline(1)  # nothing measured yet: a worker, which measures both
+    costs.observe_run(1, 100e-6)
+    assert not costs.inline(1)  # the hand-off is not known yet
+    costs.observe_hop(300e-6)
+    assert costs.inline(1)
+    costs.observe_run(32, 1.5e-3)
+    assert not costs.inline(32) and not costs.inline(20)  # same size class as 32
+    for _ in range(100):  # the hand-off got cheap (an idle machine): runs of 1 go to workers
+        costs.observe_hop(20e-6)
+    assert not costs.inline(1)
+
+
+def test_run_costs_recheck_the_hand_off_now_and_then() -> None:
+    costs = RunCosts()
+    costs.observe_run(1, 1e-6)
+    costs.observe_hop(1.0)
+    choices = [costs.inline(1) for _ in range(RunCosts.RECHECK * 3)]
+    assert choices.count(False) == 3
+
+
+async def test_runs_go_to_the_executor_and_coalesce_while_the_next_fills() -> None:
     threads: list[str] = []
     sizes: list[int] = []
     with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
-        batcher = Batcher(
-            _recording_run(threads, sizes), pool, max_batch_size=8, inline_max_images=8
-        )
-        outs = await asyncio.gather(
-            *(batcher.submit(np.full((1, 3), i, np.float32)) for i in range(5))
-        )
-        await batcher.close()
-    assert [o.tolist() for o in outs] == [[[2.0 * i]] for i in range(5)]
-    assert sizes == [5]  # everything queued in one turn of the loop: one run
-    assert threads == [threading.current_thread().name]  # on the loop's own thread
-
-
-async def test_large_batches_run_in_the_executor_while_the_next_fills() -> None:
-    threads: list[str] = []
-    sizes: list[int] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
-        batcher = Batcher(
-            _recording_run(threads, sizes), pool, max_batch_size=4, inline_max_images=2
-        )
+        batcher = Batcher(_recording_run(threads, sizes), pool, max_batch_size=4)
         first = asyncio.ensure_future(batcher.submit(np.ones((4, 1), np.float32)))
         await asyncio.sleep(0)  # the first batch is dispatched alone
         rest = [asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32))) for _ in "abc"]
         await asyncio.gather(first, *rest)
         await batcher.close()
     assert sizes == [4, 3]  # three requests queued while the first ran: one batch of 3
-    assert all(t.startswith("worker") for t in threads)
+    assert threads and all(t.startswith("worker") for t in threads)
+
+
+async def test_inline_runs_stay_on_the_loop_thread_and_coalesce() -> None:
+    threads: list[str] = []
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+        batcher = Batcher(_recording_run(threads, sizes), pool, max_batch_size=8, inline=True)
+        outs = await asyncio.gather(
+            *(batcher.submit(np.full((1, 3), i, np.float32)) for i in range(5))
+        )
+        await batcher.close()
+    assert [o.tolist() for o in outs] == [[[2.0 * i]] for i in range(5)]
+    assert sizes == [5]  # everything queued in one turn of the loop: one run
+    assert threads == [threading.current_thread().name]
 
 
 async def test_several_runs_go_at_once_and_share_the_queue() -> None:
@@ -78,9 +128,7 @@ async def test_several_runs_go_at_once_and_share_the_queue() -> None:
         return record(x)  # type: ignore[no-any-return]
 
     with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
-        batcher = Batcher(
-            _recording_run([], []), pool, max_batch_size=64, max_runs=2, run_parallel=run
-        )
+        batcher = Batcher(run, pool, max_batch_size=64, max_runs=2)
         outs = await asyncio.gather(
             *(batcher.submit(np.full((8, 1), i, np.float32)) for i in range(4))
         )
@@ -90,30 +138,35 @@ async def test_several_runs_go_at_once_and_share_the_queue() -> None:
     assert [o[:, 0].tolist() for o in outs] == [[2.0 * i] * 8 for i in range(4)]
 
 
-async def test_a_batch_alone_gets_every_thread_and_the_others_wait() -> None:
-    """Nothing else queued or running: `run` (all of ONNX Runtime's threads), and a request
-    arriving meanwhile waits for it rather than running beside it on too few cores."""
-    spans: list[tuple[str, float, float]] = []
+async def test_a_lone_request_is_split_over_every_free_run() -> None:
+    """One request of 40 rows and two free runs: two runs of 20 side by side (the barrier
+    opens only then), and the caller gets its 40 rows back in order."""
+    barrier = threading.Barrier(2, timeout=10)
+    sizes: list[int] = []
 
-    def timed(name: str):  # type: ignore[no-untyped-def]
-        def run(x: np.ndarray) -> np.ndarray:
-            started = time.perf_counter()
-            time.sleep(0.05)
-            spans.append((name, started, time.perf_counter()))
-            return x[:, :1]
+    def run(x: np.ndarray) -> np.ndarray:
+        barrier.wait()
+        sizes.append(len(x))
+        return x[:, :1] * 2
 
-        return run
-
-    with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
-        batcher = Batcher(
-            timed("all threads"), pool, max_batch_size=64, max_runs=2, run_parallel=timed("one")
-        )
-        first = asyncio.ensure_future(batcher.submit(np.ones((8, 1), np.float32)))
-        await asyncio.sleep(0.01)  # the first is running alone by now
-        await asyncio.gather(first, batcher.submit(np.ones((8, 1), np.float32)))
+    with ThreadPoolExecutor(2) as pool:
+        batcher = Batcher(run, pool, max_batch_size=64, max_runs=2)
+        x = np.arange(40, dtype=np.float32).reshape(40, 1)
+        out = await batcher.submit(x)
         await batcher.close()
-    assert [s[0] for s in spans] == ["all threads", "all threads"]
-    assert spans[1][1] >= spans[0][2]  # one after the other
+    assert sizes == [20, 20]
+    assert out[:, 0].tolist() == (2 * x[:, 0]).tolist()
+
+
+async def test_a_request_larger_than_a_batch_is_cut_into_batches() -> None:
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(_recording_run([], sizes), pool, max_batch_size=8, max_runs=1)
+        x = np.arange(20, dtype=np.float32).reshape(20, 1)
+        a, b = await asyncio.gather(batcher.submit(x), batcher.submit(np.ones((3, 1), np.float32)))
+        await batcher.close()
+    assert sizes == [8, 8, 7]  # the last run takes the request's tail and the next request
+    assert a[:, 0].tolist() == (2 * x[:, 0]).tolist() and b[:, 0].tolist() == [2.0] * 3
 
 
 async def test_one_run_at_a_time_merges_what_is_queued() -> None:
@@ -123,6 +176,30 @@ async def test_one_run_at_a_time_merges_what_is_queued() -> None:
         await asyncio.gather(*(batcher.submit(np.ones((8, 1), np.float32)) for _ in range(4)))
         await batcher.close()
     assert sizes == [32]
+
+
+async def test_a_caller_that_gave_up_is_never_run() -> None:
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        sizes.append(len(x))
+        return x
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(run, pool, max_batch_size=64, max_runs=1)
+        first = asyncio.ensure_future(batcher.submit(np.ones((2, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((5, 1), np.float32)))
+        kept = asyncio.ensure_future(batcher.submit(np.ones((3, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        release.set()
+        await asyncio.gather(first, kept)
+        await batcher.close()
+    assert sizes == [2, 3]
+    assert batcher.queued_images == 0 and batcher.running_images == 0
 
 
 async def test_a_full_batch_does_not_wait_out_the_delay() -> None:
@@ -137,8 +214,8 @@ async def test_a_full_batch_does_not_wait_out_the_delay() -> None:
     assert len(outs) == 4 and sizes == [4]
 
 
-@pytest.mark.parametrize("inline", [0, 8])
-async def test_a_failing_batch_is_retried_one_by_one(inline: int) -> None:
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_failing_batch_is_retried_one_by_one(inline: bool) -> None:
     def run(x: np.ndarray) -> np.ndarray:
         if (x < 0).any():
             raise ValueError("negative input")
@@ -146,7 +223,7 @@ async def test_a_failing_batch_is_retried_one_by_one(inline: int) -> None:
         return out
 
     with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(run, pool, max_batch_size=8, inline_max_images=inline)
+        batcher = Batcher(run, pool, max_batch_size=8, inline=inline)
         results = await asyncio.gather(
             batcher.submit(np.ones((1, 1), np.float32)),
             batcher.submit(-np.ones((1, 1), np.float32)),
@@ -188,16 +265,6 @@ async def test_run_unbatched_inline_stays_on_the_loop_thread() -> None:
     assert threads[0] == threading.current_thread().name and threads[1].startswith("worker")
 
 
-def test_warm_up_times_power_of_two_batches(tmp_path: Path) -> None:
-    path = write_tiny_model(tmp_path / "m.onnx")
-    rt = ModelRuntime(path, RuntimeOptions(warmup_batch_sizes=tuple(range(1, 17))))
-    assert sorted(rt.run_seconds) == [1, 2, 4, 8, 16]
-    assert rt.inline_limit(10.0) == 16 and rt.inline_limit(0.0) == 0
-    rt.run_seconds[4] = 1.0  # one slow size caps the limit below it
-    assert rt.inline_limit(0.5) == 2
-    assert ModelRuntime(path, RuntimeOptions(warmup_batch_sizes=())).inline_limit(10.0) == 0
-
-
 def test_top_k_of_one_matches_argmax() -> None:
     p = np.random.default_rng(0).random((6, 10)).astype(np.float32)
     top = top_k(p, 1)
@@ -234,15 +301,11 @@ def test_count_call_reuses_labelled_children() -> None:
     assert len(m._call_children) == 2
 
 
-def test_small_batches_get_a_single_threaded_session_of_the_same_model(tmp_path: Path) -> None:
+def test_the_default_session_has_one_thread_per_run(tmp_path: Path) -> None:
     path = write_tiny_model(tmp_path / "m.onnx")
-    rt = ModelRuntime(path, RuntimeOptions(intra_op_threads=2, warmup_batch_sizes=(1, 2, 3, 4)))
-    assert rt._small_session is not rt.session
-    assert rt._small_session.get_session_options().intra_op_num_threads == 1
-    x = np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32)
-    assert np.array_equal(rt.run_small(x), rt.run(x))
-    one = ModelRuntime(path, RuntimeOptions(intra_op_threads=1, warmup_batch_sizes=(1,)))
-    assert one._small_session is one.session  # nothing to gain: no second session
+    rt = ModelRuntime(path, RuntimeOptions(intra_op_threads=default_intra_op_threads(2)))
+    assert rt.session.get_session_options().intra_op_num_threads == 1
+    assert default_intra_op_threads(1) >= 1
 
 
 @pytest.mark.parametrize("k", [1, 3])
