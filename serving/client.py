@@ -7,14 +7,24 @@ labels = client.classify("mnist", ["digit.png"])  # files or bytes
 Over TLS (mutual TLS with a client certificate) and with a bearer token:
 client = Client("host:50051", root_certificates="ca.pem", client_cert="me.pem",
                 client_key="me.key", token=open("token").read().strip())
+
+Several servers, calls spread over them (round_robin), a refused call retried on another:
+client = Client("ipv4:10.0.0.1:50051,10.0.0.2:50051")   # or "dns:///cnnserve-headless:50051"
+
+Retries are gRPC's own (its service config, gRFC A6): a call that ends UNAVAILABLE (a server
+refusing work under overload, shutting down, or not reachable) is attempted again after a
+jittered exponential backoff, within the call's deadline. Every RPC of cnnserve is idempotent
+(inference has no side effects), so a repeated call is always safe. SERVICE_CONFIG is the JSON,
+for clients in other languages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,10 +39,93 @@ from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 MiB = 1024 * 1024
-# Spread calls over every address a name resolves to (e.g. a headless Kubernetes Service).
-ROUND_ROBIN = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+# The services our calls go to: the retry policy applies to these (all of their methods).
+SERVICES = ("cnnserve.v1.CnnServe", "inference.GRPCInferenceService", "grpc.health.v1.Health")
 TOKEN_ENV = "CNNSERVE_AUTH_TOKEN"  # the CLI's token when --token-file is not given
 Pem = bytes | str | Path  # PEM bytes, or the path of a PEM file
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC's retry policy (gRFC A6). Attempt n+1 starts after a backoff drawn within ±20 % of
+    min(initial_backoff_s * backoff_multiplier**(n-1), max_backoff_s); with the defaults about
+    0.1, 0.2, 0.4 and 0.8 s, so a call gives up about 1.5 s after its first refusal (or at its
+    deadline, whichever comes first). gRPC caps max_attempts at 5.
+
+    Retry throttling (per server name, shared by the channels of one process) keeps retries
+    from piling onto servers that refuse much of their load: each failed call takes a token,
+    each success gives back `throttle_token_ratio`, and retries stop while fewer than half of
+    `throttle_max_tokens` are left; with the defaults, once more than about 1 call in 11 fails
+    for a while. 0 turns throttling off."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+    retryable_codes: tuple[str, ...] = ("UNAVAILABLE",)
+    throttle_max_tokens: int = 100
+    throttle_token_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_attempts <= 5:
+            raise ValueError("max_attempts: 2..5 (gRPC caps it at 5)")
+        if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("backoffs and their multiplier must be > 0")
+        if not self.retryable_codes:
+            raise ValueError("retryable_codes: at least one status code")
+        for code in self.retryable_codes:
+            if code not in grpc.StatusCode.__members__ or code == "OK":
+                raise ValueError(f"retryable_codes: {code!r} is not a gRPC error code")
+        if not 0 <= self.throttle_max_tokens <= 1000 or self.throttle_token_ratio <= 0:
+            raise ValueError("throttling: max tokens 0..1000, token ratio > 0")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": _duration(self.initial_backoff_s),
+            "maxBackoff": _duration(self.max_backoff_s),
+            "backoffMultiplier": self.backoff_multiplier,
+            "retryableStatusCodes": list(self.retryable_codes),
+        }
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"  # protobuf JSON Duration: "0.1s"
+
+
+def service_config(
+    retry: RetryPolicy | None = DEFAULT_RETRY,
+    *,
+    load_balancing: str = "round_robin",
+    health_check: bool = True,
+) -> str:
+    """The gRPC service config our Client uses, as JSON (`grpc.service_config`):
+    - `load_balancing`: round_robin keeps a connection to every address the target resolves
+      to (an `ipv4:a:port,b:port` list, or a `dns:///` name such as a headless Kubernetes
+      Service) and sends each call to the next ready one; pick_first uses one at a time;
+    - `health_check`: each address's `grpc.health.v1` status ("" service: SERVING once a model
+      is ready, NOT_SERVING while draining) is watched, and round_robin skips the ones that are
+      not SERVING (a server without the health service counts as healthy);
+    - `retry`: the retry policy of every method of SERVICES (None: no retries)."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": ""}
+    if retry is not None:
+        config["methodConfig"] = [
+            {"name": [{"service": s} for s in SERVICES], "retryPolicy": retry.as_json()}
+        ]
+        if retry.throttle_max_tokens:
+            config["retryThrottling"] = {
+                "maxTokens": retry.throttle_max_tokens,
+                "tokenRatio": retry.throttle_token_ratio,
+            }
+    return json.dumps(config)
+
+
+SERVICE_CONFIG = service_config()
 
 
 def _pem(source: Pem | None) -> bytes | None:
@@ -50,7 +143,11 @@ class _CallDetails(NamedTuple):
     compression: grpc.Compression | None
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+class _BearerToken(  # type: ignore[misc]
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
     """Adds `authorization: Bearer <token>` to every call (works on plaintext channels too,
     where gRPC refuses call credentials; send tokens over TLS)."""
 
@@ -78,6 +175,11 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
     ) -> Any:
         return continuation(self._details(details), request)
 
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -96,6 +198,58 @@ def _classifications(
     return labels, indices
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A streamed batch the server answered with an error (the other batches go on)."""
+
+    index: int  # the batch's position on the stream, from 0
+    code: grpc.StatusCode
+    message: str
+
+
+def predict_request(
+    model: str,
+    images: npt.NDArray[np.uint8] | npt.NDArray[np.float32],
+    version: int = 0,
+    top_k: int = 1,
+    omit_probabilities: bool = False,
+) -> pb.PredictRequest:
+    array = np.ascontiguousarray(images)
+    if array.dtype == np.uint8:
+        dtype = pb.DATA_TYPE_UINT8
+    elif array.dtype == np.float32:
+        dtype = pb.DATA_TYPE_FLOAT32
+    else:
+        raise TypeError(f"images must be uint8 or float32, not {array.dtype}")
+    return pb.PredictRequest(
+        model=model,
+        version=version,
+        images=pb.Tensor(
+            dtype=dtype,
+            shape=array.shape,
+            data=array.astype(array.dtype.newbyteorder("<")).tobytes(),
+        ),
+        top_k=top_k,
+        omit_probabilities=omit_probabilities,
+    )
+
+
+def _prediction(response: pb.PredictResponse) -> Prediction:
+    probabilities = None
+    if response.HasField("probabilities"):
+        t = response.probabilities
+        probabilities = np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape))
+    labels, indices = _classifications(response.classifications)
+    return Prediction(response.model, response.version, probabilities, labels, indices)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
+
+
 class Client:
     def __init__(
         self,
@@ -109,16 +263,51 @@ class Client:
         client_cert: Pem | None = None,
         client_key: Pem | None = None,
         token: str | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        load_balancing: str = "round_robin",
+        health_check: bool = True,
+        keepalive_s: float | None = 20.0,
+        max_reconnect_backoff_s: float = 2.0,
+        options: Sequence[tuple[str, int | str]] = (),
     ) -> None:
-        """TLS when `tls` is set or any certificate is given: `root_certificates` (the CA that
+        """`target`: host:port, `ipv4:a:port,b:port` (several servers), `dns:///name:port`
+        (every address of the name: a headless Kubernetes Service) or any gRPC target.
+
+        TLS when `tls` is set or any certificate is given: `root_certificates` (the CA that
         signed the server's certificate; the system's roots when None), `client_cert` and
-        `client_key` for mutual TLS. `token`: sent as `authorization: Bearer <token>`."""
+        `client_key` for mutual TLS. `token`: sent as `authorization: Bearer <token>`.
+
+        Reliability (see `service_config`): `retry` (None: a call is attempted once; all our
+        RPCs are idempotent, so retrying is safe), `load_balancing` and `health_check` of the
+        addresses; `keepalive_s`: ping a connection with calls open that has gone quiet this
+        long, so a server that vanished is noticed in seconds, not at each call's deadline
+        (None: off; our server accepts pings every 10 s); `max_reconnect_backoff_s`: the
+        longest wait between attempts to reach an address that is down (gRPC's own is 120 s,
+        too slow to take back a restarted replica). `options`: more gRPC channel arguments,
+        last word. None of this applies to a `channel` passed in."""
         if (client_cert is None) != (client_key is None):
             raise ValueError("mutual TLS needs both client_cert and client_key")
-        options = [
+        channel_options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", max_message_mb * MiB),
             ("grpc.max_send_message_length", max_message_mb * MiB),
-            ("grpc.service_config", ROUND_ROBIN),
+            (
+                "grpc.service_config",
+                service_config(retry, load_balancing=load_balancing, health_check=health_check),
+            ),
+            ("grpc.enable_retries", 0 if retry is None else 1),
+            # A call is only retried while its request fits in this buffer (gRPC's default is
+            # 256 KiB: a 400-image 28x28 batch would be attempted once).
+            ("grpc.per_rpc_retry_buffer_size", max_message_mb * MiB),
+            ("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000)),
+            *(
+                [
+                    ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", 10_000),
+                ]
+                if keepalive_s
+                else []
+            ),
+            *options,
         ]
         if channel is None:
             if tls or root_certificates is not None or client_cert is not None:
@@ -127,9 +316,9 @@ class Client:
                     private_key=_pem(client_key),
                     certificate_chain=_pem(client_cert),
                 )
-                channel = grpc.secure_channel(target, credentials, options=options)
+                channel = grpc.secure_channel(target, credentials, options=channel_options)
             else:
-                channel = grpc.insecure_channel(target, options=options)
+                channel = grpc.insecure_channel(target, options=channel_options)
         self._raw_channel = channel
         self._channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self.stub = pb_grpc.CnnServeStub(self._channel)
@@ -154,31 +343,36 @@ class Client:
         top_k: int = 1,
         omit_probabilities: bool = False,
     ) -> Prediction:
-        array = np.ascontiguousarray(images)
-        if array.dtype == np.uint8:
-            dtype = pb.DATA_TYPE_UINT8
-        elif array.dtype == np.float32:
-            dtype = pb.DATA_TYPE_FLOAT32
-        else:
-            raise TypeError(f"images must be uint8 or float32, not {array.dtype}")
-        request = pb.PredictRequest(
-            model=model,
-            version=version,
-            images=pb.Tensor(
-                dtype=dtype,
-                shape=array.shape,
-                data=array.astype(array.dtype.newbyteorder("<")).tobytes(),
-            ),
-            top_k=top_k,
-            omit_probabilities=omit_probabilities,
+        request = predict_request(model, images, version, top_k, omit_probabilities)
+        return _prediction(self.stub.Predict(request, timeout=self.timeout))
+
+    def predict_stream(
+        self,
+        model: str,
+        batches: Iterable[npt.NDArray[np.uint8] | npt.NDArray[np.float32]],
+        *,
+        version: int = 0,
+        top_k: int = 1,
+        omit_probabilities: bool = False,
+        timeout: float | None = None,
+    ) -> Generator[Prediction | Failure, None, None]:
+        """Every batch over one PredictStream call; yields one answer per batch, in order: a
+        `Prediction`, or a `Failure` for a batch the server refused (the stream goes on).
+        Batches are sent as the server takes them (HTTP/2 flow control), so `batches` may be a
+        generator of any length. `timeout`: for the whole stream (default none). Closing the
+        iterator early cancels the stream."""
+        requests = (
+            predict_request(model, images, version, top_k, omit_probabilities) for images in batches
         )
-        response = self.stub.Predict(request, timeout=self.timeout)
-        probabilities = None
-        if response.HasField("probabilities"):
-            t = response.probabilities
-            probabilities = np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape))
-        labels, indices = _classifications(response.classifications)
-        return Prediction(response.model, response.version, probabilities, labels, indices)
+        call = self.stub.PredictStream(requests, timeout=timeout)
+        try:
+            for index, answer in enumerate(call):
+                if answer.WhichOneof("result") == "error":
+                    yield Failure(index, _status_code(answer.error.code), answer.error.message)
+                else:
+                    yield _prediction(answer.response)
+        finally:
+            call.cancel()  # a no-op once the stream has ended
 
     def classify(
         self,

@@ -91,3 +91,47 @@ def infer_error(
         except InferenceServerException as exc:
             return str(exc.status()), str(exc.message())
     raise AssertionError(f"ModelInfer on {model!r} succeeded; expected an error")
+
+
+def stream_infer(
+    target: str, model: str, streams: list[list[tuple[str, np.ndarray]]]
+) -> list[list[tuple[str, Any]]]:
+    """Each list of (request id, images) over a stream of its own (`start_stream` /
+    `async_stream_infer`), all streams at once; per stream, the answers in the order they came:
+    (response id, probabilities) or ("", error message)."""
+    import queue
+    import threading
+
+    def run(messages: list[tuple[str, np.ndarray]], out: list[tuple[str, Any]]) -> None:
+        answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        with client(target) as c:
+            c.start_stream(callback=lambda result, error: answers.put((result, error)))
+            for request_id, x in messages:
+                c.async_stream_infer(model, _inputs(x), request_id=request_id)
+            for _ in messages:
+                result, error = answers.get(timeout=60)
+                if error is not None:
+                    out.append(("", str(error.message())))
+                else:
+                    out.append((result.get_response().id, result.as_numpy(OUTPUT)))
+            c.stop_stream()
+
+    results: list[list[tuple[str, Any]]] = [[] for _ in streams]
+    threads = [
+        threading.Thread(target=run, args=(messages, out))
+        for messages, out in zip(streams, results, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def stream_then_cancel(target: str, model: str, x: np.ndarray, messages: int) -> None:
+    """Send `messages` requests on a stream and cancel it without waiting for the answers."""
+    with client(target) as c:
+        c.start_stream(callback=lambda result, error: None)
+        for i in range(messages):
+            c.async_stream_infer(model, _inputs(x), request_id=str(i))
+        c.stop_stream(cancel_requests=True)
