@@ -163,19 +163,25 @@ def classifications_wire(served: ServedVersion, top: TopK, field: bytes) -> byte
 
 
 def predict_response(
-    served: ServedVersion, probabilities: npt.NDArray[np.float32], top: TopK, omit: bool
+    served: ServedVersion,
+    probabilities: npt.NDArray[np.float32],
+    top: TopK,
+    omit: bool,
+    out: pb.PredictResponse | None = None,
 ) -> pb.PredictResponse:
-    response = pb.PredictResponse(model=served.name, version=served.version)
+    """Written into `out` (a stream answer's field: nothing is copied afterwards) or a new one."""
+    response = pb.PredictResponse() if out is None else out
+    response.model = served.name
+    response.version = served.version
     response.MergeFromString(classifications_wire(served, top, _PREDICT_CLASSIFICATIONS))
     if not omit:
         encode_tensor(probabilities, response.probabilities)
     return response
 
 
-def predict_stream_response(
-    request: pb.PredictRequest | None, index: int, response: pb.PredictResponse
-) -> pb.PredictStreamResponse:
-    return pb.PredictStreamResponse(response=response, id=_stream_id(request, index))
+def predict_stream_answer(request: pb.PredictRequest, index: int) -> pb.PredictStreamResponse:
+    """An answer whose `response` the prediction is then written into."""
+    return pb.PredictStreamResponse(id=_stream_id(request, index))
 
 
 def predict_stream_error(
@@ -407,13 +413,16 @@ def v2_infer_response(
     request_id: str,
     probabilities: npt.NDArray[np.float32],
     outputs: list[int],
+    out: v2.ModelInferResponse | None = None,
 ) -> v2.ModelInferResponse:
     """Probabilities as FP32, or (classification) a BYTES tensor [N, k] of Triton's
-    "score:index:label" strings, best first."""
+    "score:index:label" strings, best first; written into `out` (a stream answer's field) or
+    a new one."""
     info = served.runtime.info
-    response = v2.ModelInferResponse(
-        model_name=served.name, model_version=str(served.version), id=request_id
-    )
+    response = v2.ModelInferResponse() if out is None else out
+    response.model_name = served.name
+    response.model_version = str(served.version)
+    response.id = request_id
     for k in outputs:
         if k == 0:
             response.outputs.add(name=info.output_name, datatype="FP32", shape=probabilities.shape)
@@ -432,10 +441,6 @@ def v2_infer_response(
             data = _bytes_tensor(items)
         response.raw_output_contents.append(data)
     return response
-
-
-def v2_stream_response(response: v2.ModelInferResponse) -> v2.ModelStreamInferResponse:
-    return v2.ModelStreamInferResponse(infer_response=response)
 
 
 def v2_stream_error(

@@ -28,9 +28,11 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self._stream = StreamMethod("PredictStream", self._predict_one, self._predict_stream_error)
 
     async def _predict_one(
-        self, request: pb.PredictRequest, call: Call
+        self, request: pb.PredictRequest, index: int, call: Call
     ) -> pb.PredictStreamResponse:
-        return codec.predict_stream_response(request, 0, await self._predict(request, call))
+        answer = codec.predict_stream_answer(request, index)
+        await self._predict(request, call, answer.response)
+        return answer
 
     @staticmethod
     def _predict_stream_error(
@@ -38,14 +40,18 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     ) -> pb.PredictStreamResponse:
         return codec.predict_stream_error(request, index, code.value[0], message)
 
-    async def _predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
+    async def _predict(
+        self, request: pb.PredictRequest, call: Call, out: pb.PredictResponse | None = None
+    ) -> pb.PredictResponse:
         served = call.resolve(self.plane, request.model, request.version)
         # Held against the budget from its shape, before its bytes are touched.
         with self.plane.admit(served, *codec.tensor_extent(request.images)):
             pixels = codec.decode_tensor(request.images)
             probabilities = await self.plane.predict(served, pixels)
             top = top_k(probabilities, request.top_k or 1)
-            return codec.predict_response(served, probabilities, top, request.omit_probabilities)
+            return codec.predict_response(
+                served, probabilities, top, request.omit_probabilities, out
+            )
 
     @rpc("Predict")
     async def Predict(

@@ -81,7 +81,9 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
         return codec.v2_model_metadata(served, self.plane.repository.ready_versions(served.name))
 
-    async def _infer(self, request: v2.ModelInferRequest, call: Call) -> v2.ModelInferResponse:
+    async def _infer(
+        self, request: v2.ModelInferRequest, call: Call, out: v2.ModelInferResponse | None = None
+    ) -> v2.ModelInferResponse:
         served = call.resolve(
             self.plane, request.model_name, codec.parse_v2_version(request.model_version)
         )
@@ -90,12 +92,14 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
             pixels = codec.decode_v2_input(request, served)
             outputs = codec.v2_requested_outputs(request, served)
             probabilities = await self.plane.predict(served, pixels)
-            return codec.v2_infer_response(served, request.id, probabilities, outputs)
+            return codec.v2_infer_response(served, request.id, probabilities, outputs, out)
 
     async def _infer_one(
-        self, request: v2.ModelInferRequest, call: Call
+        self, request: v2.ModelInferRequest, index: int, call: Call
     ) -> v2.ModelStreamInferResponse:
-        return codec.v2_stream_response(await self._infer(request, call))
+        answer = v2.ModelStreamInferResponse()
+        await self._infer(request, call, answer.infer_response)
+        return answer
 
     @staticmethod
     def _stream_error(

@@ -60,11 +60,12 @@ class Streams:
 @dataclass(frozen=True)
 class StreamMethod(Generic[Req, Resp]):
     """What a stream method supplies: its name (the metrics' method label), how to answer one
-    message (raising ServingError when it fails), and how to say that one message failed:
-    (the request or None when it could not be parsed, its index on the stream, code, message)."""
+    message (request, its index on the stream, the call's labels; raising ServingError when it
+    fails), and how to say that one message failed: (the request or None when it could not be
+    parsed, its index, code, message)."""
 
     method: str
-    answer: Callable[[Req, Call], Awaitable[Resp]]
+    answer: Callable[[Req, int, Call], Awaitable[Resp]]
     error: Callable[[Req | None, int, grpc.StatusCode, str], Resp]
 
 
@@ -95,7 +96,7 @@ async def serve_stream(
                     None, index, code, f"cannot parse the request: {request.error}"
                 )
             try:
-                return await protocol.answer(request, call)
+                return await protocol.answer(request, index, call)
             except ServingError as exc:
                 code = CODES[exc.kind]
                 log.debug("%s %s #%d: %s %s", method, call.model, index, code.name, exc.message)

@@ -167,8 +167,9 @@ def test_predict_stream_answers_an_undecodable_message_and_echoes_ids(
     server: ServerProcess, images: np.ndarray
 ) -> None:
     good = predict_request(MODEL, images[:1])
-    good.id = "first"
-    messages = [good.SerializeToString(), b"\xff\xff\xff garbage", good.SerializeToString()]
+    named = predict_request(MODEL, images[:1])
+    named.id = "first"
+    messages = [named.SerializeToString(), b"\xff\xff\xff garbage", good.SerializeToString()]
     with grpc.insecure_channel(server.target) as channel:
         call = channel.stream_stream(
             "/cnnserve.v1.CnnServe/PredictStream",
@@ -177,7 +178,7 @@ def test_predict_stream_answers_an_undecodable_message_and_echoes_ids(
         )
         answers = list(call(iter(messages), timeout=30))
     assert [a.WhichOneof("result") for a in answers] == ["response", "error", "response"]
-    assert [a.id for a in answers] == ["first", "1", "first"]
+    assert [a.id for a in answers] == ["first", "1", "2"]  # without an id: the position
     assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "cannot parse" in answers[1].error.message
 
