@@ -23,6 +23,7 @@ import numpy.typing as npt
 from serving.batching import Batcher, Observer, run_unbatched
 from serving.errors import NotFound, Unavailable
 from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+from serving.summary import ParameterSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,13 @@ class ServedVersion:
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _summary: ParameterSummary | None = None
+
+    async def parameter_summary(self) -> ParameterSummary:
+        """The per-layer summary of the graph this version serves, read once (off the loop)."""
+        if self._summary is None:
+            self._summary = await asyncio.to_thread(summarize, self.runtime.path)
+        return self._summary
 
     async def infer(self, x: F32) -> F32:
         self.inflight += 1

@@ -19,6 +19,7 @@ reached) and the process_* series (the supervisor's /metrics has none of the wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from serving.config import Settings
@@ -42,11 +43,16 @@ RESTART_WINDOW_S = 60.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _free_port(host: str) -> int:
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """Hold `port` (0: a free one) for as long as the workers live: bound with SO_REUSEPORT so
+    that they can bind it too, never listening, so it takes no connections. Closing it between
+    choosing the port and the workers' binding would let another process take it meanwhile."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+        yield int(s.getsockname()[1])
 
 
 def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[str]:
@@ -75,7 +81,11 @@ def _drop_live_gauges(pid: int, metrics_dir: str) -> None:
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
-    port = settings.port or _free_port(settings.host)
+    with reserved_port(settings.host, settings.port) as port:
+        return _supervise(settings, argv, port)
+
+
+def _supervise(settings: Settings, argv: Sequence[str], port: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="cnnserve-metrics-")
     env = {**os.environ, MULTIPROC_ENV: metrics_dir}
     httpd = None

@@ -14,7 +14,6 @@ from serving.inference import DataPlane, top_k
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from serving.summary import ParameterSummary, summarize
 
 Ctx = grpc.aio.ServicerContext
 
@@ -24,7 +23,6 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self.plane = plane
         self.metrics = metrics
         self.streams = streams
-        self._summaries: dict[tuple[str, int, int], ParameterSummary] = {}
         self._stream = StreamMethod("PredictStream", self._predict_one, self._predict_stream_error)
 
     async def _predict_one(
@@ -81,12 +79,7 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self, request: pb.GetParameterSummaryRequest, context: Ctx, call: Call
     ) -> pb.GetParameterSummaryResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        key = (served.name, served.version, id(served.runtime))
-        summary = self._summaries.get(key)
-        if summary is None:
-            summary = await asyncio.to_thread(summarize, served.runtime.path)
-            self._summaries[key] = summary
-        return codec.summary_response(served, summary)
+        return codec.summary_response(served, await served.parameter_summary())
 
     @rpc("ListModels")
     async def ListModels(

@@ -22,7 +22,7 @@ from PIL import Image
 from serving.client import Client, format_summary
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import PYTHON, ROOT, ServerProcess, copy_repository
+from tests.support import PYTHON, ROOT, ServerProcess, copy_repository, write_tiny_model
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)
@@ -333,6 +333,22 @@ def test_reload_picks_new_version_and_refuses_corrupt(trained_repo: Path, tmp_pa
         assert client.predict("fashion", x).version == 2  # the old version keeps serving
         assert client.health("fashion") == "SERVING"
     assert "model fashion v3 refused" in proc.logs()
+
+
+def test_parameter_summary_follows_the_version_that_serves(tmp_path: Path) -> None:
+    """Versions unloaded and loaded again, with other graphs under the same name and number:
+    each summary is of the graph that serves now, never one remembered from before."""
+    repo = tmp_path / "models"
+    write_tiny_model(repo / "tiny" / "1" / "model.onnx", classes=3)
+    with ServerProcess(repo, ["--max-versions", "1"]) as proc, Client(proc.target) as client:
+        assert client.summary("tiny").total_parameters == 16 * 3 + 3
+        for version, classes in [(2, 5), (1, 7)]:
+            shutil.rmtree(repo / "tiny")
+            write_tiny_model(repo / "tiny" / str(version) / "model.onnx", classes=classes)
+            proc.signal(signal.SIGHUP)
+            _wait_for(lambda v=version: client.list_models().models[0].default_version == v)  # type: ignore[misc]
+            s = client.summary("tiny")
+            assert (s.version, s.total_parameters) == (version, 16 * classes + classes)
 
 
 def test_sigterm_lets_inflight_calls_finish(trained_repo: Path) -> None:
