@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train serve demo test test-fast test-gpu lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-cuda bench-train bench-profile fuzz soak
+.PHONY: help setup train serve demo test test-fast test-gpu lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-cuda bench-train bench-profile fuzz soak overload
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-cuda: setup ## CUDA against CPU, in-process and through the server (a GPU 
 
 bench-profile: setup ## py-spy profile of the server under h2load (PROFILE_ARGS="--batch 1 --concurrency 16")
 	$(PY) -m bench.profile_server $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(PROFILE_ARGS)
+
+overload: setup ## 1,500 concurrent 3.2 MB Predict calls under a 1 GiB pod's budget, idle memory after, goodput at 4x load (BENCH_ARGS="--publish")
+	$(PY) bench/overload.py $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(BENCH_ARGS)
 
 # Robustness: FUZZ_CASES hostile calls on both APIs; SOAK_SECONDS of mixed valid and invalid
 # traffic at concurrency 32 (each starts its own server over $(MODELS)/$(DATASET)).

@@ -2,9 +2,11 @@
 # Triton's perf_analyzer against a running cnnserve, over the Open Inference Protocol (gRPC).
 #
 #   bench/perf_analyzer.sh [MODEL] [TARGET]        defaults: fashion 127.0.0.1:50051
+#   bench/perf_analyzer.sh --setup                 set up only; prints "bin PATH" and "lib PATH"
 #
 #   BATCH_SIZES="1 32"        batch sizes to measure, one perf_analyzer run each
 #   CONCURRENCY="1:4:1"       perf_analyzer --concurrency-range (start:end:step)
+#   STREAMING=1               ModelStreamInfer instead of ModelInfer (--streaming): see below
 #   REQUESTS=200              requests per measurement window (count_windows mode)
 #   STABILITY=25              --stability-percentage (raise it on a busy machine)
 #   PA_ARGS="..."             more perf_analyzer flags, e.g. "-f results.csv"
@@ -19,8 +21,22 @@
 #   no root needed).
 # Inputs are zeros: perf_analyzer's random FP32 bytes include NaN and infinities, which the server
 # refuses (INVALID_ARGUMENT), and the CNN's cost does not depend on pixel values.
+#
+# Streams: with --streaming perf_analyzer runs asynchronously, and each of its worker threads
+# opens one stream (one client context per thread for a model without sequences) and keeps its
+# share of the concurrency in flight on it; it starts min(concurrency, --max-threads) threads,
+# and --max-threads defaults to 16. So concurrency 64 alone is 16 streams with 4 messages in
+# flight on each (measured with the server's cnnserve_inflight_streams gauge). STREAMING=1 sets
+# --max-threads to the top of CONCURRENCY, so that concurrency N is N streams with one message
+# in flight on each. Without --streaming (synchronous calls), concurrency N is N threads with one
+# call in flight each; the gRPC client shares one connection between up to 6 of them.
 set -euo pipefail
 
+SETUP_ONLY=0
+if [[ ${1:-} == --setup ]]; then
+  SETUP_ONLY=1
+  shift
+fi
 MODEL=${1:-fashion}
 TARGET=${2:-127.0.0.1:50051}
 BATCH_SIZES=${BATCH_SIZES:-1 32}
@@ -93,14 +109,29 @@ if missing=$(ldd "$BIN" | grep 'not found'); then
   echo "$missing" >&2
   exit 1
 fi
+if ((SETUP_ONLY)); then
+  echo "bin $BIN"
+  echo "lib $LIB"
+  exit 0
+fi
 "$BIN" --version
+
+STREAM_ARGS=()
+if [[ ${STREAMING:-0} == 1 ]]; then
+  IFS=: read -r _ top _ <<<"$CONCURRENCY:"
+  top=${top:-${CONCURRENCY%%:*}}
+  STREAM_ARGS=(--streaming)
+  if ((top > 0)); then  # 0: open-ended search; perf_analyzer's thread default then applies
+    STREAM_ARGS+=(--max-threads "$top")
+  fi
+fi
 
 for batch in $BATCH_SIZES; do
   echo
-  echo "=== model $MODEL at $TARGET: batch $batch, concurrency $CONCURRENCY ==="
+  echo "=== model $MODEL at $TARGET: batch $batch, concurrency $CONCURRENCY ${STREAM_ARGS[*]} ==="
   # shellcheck disable=SC2086  # PA_ARGS is a list of flags
   "$BIN" -m "$MODEL" -u "$TARGET" -i grpc -b "$batch" \
     --concurrency-range "$CONCURRENCY" --input-data zero \
     --measurement-mode count_windows --measurement-request-count "$REQUESTS" \
-    --stability-percentage "$STABILITY" --max-trials 10 $PA_ARGS
+    --stability-percentage "$STABILITY" --max-trials 10 "${STREAM_ARGS[@]}" $PA_ARGS
 done

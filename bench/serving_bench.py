@@ -7,23 +7,33 @@
 What runs, one after the other (never two at once, so each has the machine to itself):
 1. start-up: `python -m serving` over a repository of the one model, timed from process start
    to the health service's SERVING (polled), and its resident memory (VmRSS) once idle;
-2. the server over the whole models folder, loaded by `h2load` (nghttp2's native HTTP/2 load
-   generator, so the client is not the bottleneck) posting pre-encoded gRPC frames to our
-   `cnnserve.v1.CnnServe/Predict` and to the Open Inference Protocol's
+2. unary calls: the server over the whole models folder, loaded by `h2load` (nghttp2's native
+   HTTP/2 load generator, so the client is not the bottleneck) posting pre-encoded gRPC frames
+   to our `cnnserve.v1.CnnServe/Predict` and to the Open Inference Protocol's
    `inference.GRPCInferenceService/ModelInfer`: batch 1 at concurrency 1, 4, 16, 64 and batch 32
    at concurrency 1, 4 (concurrency C = C connections with one request in flight each);
-3. a do-nothing grpc.aio server (bench/echo_server.py) answering the same request with the same
-   response bytes, under the same load: the floor of the Python gRPC stack;
-4. ONNX Runtime in this process on the same model file, at each batch size: one session with
-   the server's thread settings, and one single-threaded session per core side by side; the
-   better of the two is the ceiling the ratios are taken against.
+3. streams: Triton's `perf_analyzer` (native, C++) on `ModelStreamInfer` with `--streaming`,
+   batch 1 and 8 over 1, 16 and 64 streams, one message in flight on each (perf_analyzer opens
+   one stream per worker thread and starts min(concurrency, --max-threads) threads, so
+   --max-threads is set to the concurrency; the server's cnnserve_inflight_streams gauge,
+   sampled during each run, is reported beside it), and the same tool on unary `ModelInfer` at
+   the same points, so that streams are compared with unary calls by one load generator;
+4. a do-nothing grpc.aio server (bench/echo_server.py) answering the same requests with the
+   same response bytes, under the same load from the same tool (h2load for h2load's rows,
+   perf_analyzer unary and streaming for perf_analyzer's): the floor of the Python gRPC stack;
+5. ONNX Runtime in this process on the same model file, at each batch size: one session with
+   the server's thread settings, one single-threaded session per core side by side, and at
+   batch 1 one single-threaded session alone; the best is the ceiling the ratios are taken
+   against.
 
 h2load does not read grpc-status trailers, so every run is checked against the server's own
 count: `cnnserve_requests_total{code="OK"}` must grow by exactly the number of requests sent, or
-the benchmark fails. Server CPU comes from /proc/<pid>/stat (utime + stime, all threads), the
-load generator's from its rusage. Outputs (bench/results/ by default): results.csv, report.md,
-report.png, the server logs and h2load's per-request logs; `--publish` copies the report and
-the plot to bench/REPORT.md and bench/report.png.
+the benchmark fails; a perf_analyzer run must leave no other code than OK and at least as many
+OK answers as it reports (it sends more than it measures). Server CPU comes from
+/proc/<pid>/stat (utime + stime, all threads), the load generator's from its rusage. Outputs
+(bench/results/ by default): results.csv, report.md, report.png, the server logs, h2load's
+per-request logs and perf_analyzer's outputs; `--publish` copies the report and the plot to
+bench/REPORT.md and bench/report.png.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -46,7 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -67,9 +78,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_MB = 1024 * 1024
 
 PREDICT = "/cnnserve.v1.CnnServe/Predict"
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+V2 = "/inference.GRPCInferenceService/"
+MODEL_INFER = V2 + "ModelInfer"
+MODEL_STREAM_INFER = V2 + "ModelStreamInfer"
 APIS = {"cnnserve": PREDICT, "v2": MODEL_INFER}
 METHOD_NAME = {PREDICT: "Predict", MODEL_INFER: "ModelInfer"}
+ECHO_STATUS = "/cnnserve.bench.Echo/Answered"
+# perf_analyzer's rows: target -> (streaming, the echo target it is compared with)
+PA_TARGETS = {"v2 pa": (False, "echo pa"), "v2 stream": (True, "echo stream")}
+ECHO_TARGETS = ("echo", "echo pa", "echo stream")
 
 
 class BenchError(SystemExit):
@@ -195,12 +212,28 @@ def start_server(
     return Process(cmd, log_path, cwd=root), port, metrics_port
 
 
-def start_echo(response: bytes, workdir: Path, tag: str = "") -> tuple[Process, int]:
-    response_path = workdir / f"echo-response{tag}.bin"
-    response_path.write_bytes(response)
+def start_echo(
+    workdir: Path,
+    tag: str,
+    *,
+    response: bytes | None = None,
+    unary: dict[str, bytes] | None = None,
+    streams: dict[str, bytes] | None = None,
+) -> tuple[Process, int]:
+    """bench/echo_server.py answering with canned bytes: `response` to any unary method not
+    in `unary` (h2load posts to one path), `unary[method]` to that method, and each message of
+    a `streams[method]` stream with those bytes (the request's id copied in)."""
     port = free_port()
-    cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port), "--response",
-           str(response_path)]  # fmt: skip
+    cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port)]
+    if response is not None:
+        path = workdir / f"echo-response{tag}.bin"
+        path.write_bytes(response)
+        cmd += ["--response", str(path)]
+    for flag, canned in (("--unary", unary or {}), ("--stream", streams or {})):
+        for method, body in canned.items():
+            path = workdir / f"echo{tag}-{method.rsplit('/', 1)[1]}.bin"
+            path.write_bytes(body)
+            cmd += [flag, f"{method}={path}"]
     proc = Process(cmd, workdir / f"echo-server{tag}.log")
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline:
@@ -209,6 +242,14 @@ def start_echo(response: bytes, workdir: Path, tag: str = "") -> tuple[Process, 
             return proc, port
         time.sleep(0.02)
     raise BenchError("echo server did not start")
+
+
+def echo_status(port: int) -> dict[str, object]:
+    """The echo server's counts: {"answered": {method: messages}, "streams": open now}."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        raw: bytes = channel.unary_unary(ECHO_STATUS, None, None)(b"", timeout=10)
+    status: dict[str, object] = json.loads(raw)
+    return status
 
 
 # ================================================================================== metrics
@@ -230,6 +271,30 @@ def scrape(metrics_port: int) -> dict[tuple[str, ...], float]:
                 continue
             out[key] = out.get(key, 0.0) + s.value
     return out
+
+
+def open_streams(metrics_port: int, method: str) -> float:
+    """`cnnserve_inflight_streams{method=...}` now (read with a regular expression, not the
+    Prometheus parser: this runs during measurements, in the benchmark's own process)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(
+        rf'^cnnserve_inflight_streams\{{method="{method}"\}} ([0-9.e+]+)$', text, re.MULTILINE
+    )
+    return float(found.group(1)) if found else math.nan
+
+
+def established(port: int) -> int:
+    """TCP connections established to 127.0.0.1:`port` now (the server's ends, /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    count = 0
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split(None, 4)
+            if parts[1] == local and parts[3] == "01":
+                count += 1
+    return count
 
 
 def delta(
@@ -271,9 +336,15 @@ def real_response(target: str, method: str, body: bytes) -> bytes:
 
 @dataclass
 class Point:
-    target: str  # cnnserve | v2 | echo | in-process | in-process xN (N cores)
+    # cnnserve | v2 | <api>-<variant> | echo (h2load, unary); v2 pa | echo pa (perf_analyzer,
+    # unary); v2 stream | echo stream (perf_analyzer, ModelStreamInfer); in-process (ORT's
+    # threads) | in-process 1t (one single-threaded session) | in-process xN (N such sessions)
+    target: str
     batch: int
-    concurrency: int
+    concurrency: int  # requests in flight (for streams: streams, one message in flight on each)
+    loadgen: str = "-"  # h2load | perf_analyzer | - (in-process)
+    streams: float = math.nan  # most streams open at once during the run (the server's gauge)
+    connections: float = math.nan  # most TCP connections to the target during the run
     requests: int = 0
     seconds: float = 0.0
     images_per_s: float = 0.0
@@ -287,6 +358,7 @@ class Point:
     rss_mb_max: float = math.nan
     vs_in_process: float = math.nan
     vs_echo: float = math.nan
+    vs_unary: float = math.nan  # stream rows: over perf_analyzer's unary row at the same point
 
 
 @dataclass
@@ -325,6 +397,22 @@ class LoadResult:
     output: str
 
 
+def wait_sampling(
+    proc: subprocess.Popen[bytes], sample: Callable[[], None], every: float
+) -> resource.struct_rusage:
+    """Wait for `proc`, calling `sample` every `every` seconds meanwhile; its rusage."""
+    next_sample = time.perf_counter()
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage
+        if time.perf_counter() >= next_sample:
+            sample()
+            next_sample = time.perf_counter() + every
+        time.sleep(min(every, 0.05))
+
+
 def h2load(
     url: str,
     payload: Path,
@@ -343,17 +431,16 @@ def h2load(
     ]  # fmt: skip
     out_path = log_path.with_suffix(".out")
     log_path.unlink(missing_ok=True)  # h2load appends to its log file
+    rss = 0.0
+
+    def sample_rss() -> None:
+        nonlocal rss
+        if sample is not None:
+            rss = max(rss, sample.memory_mb())
+
     with out_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        rss = 0.0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if sample is not None:
-                rss = max(rss, sample.memory_mb())
-            time.sleep(0.05)
+        usage = wait_sampling(proc, sample_rss, every=0.05)
     text = out_path.read_text()
     if proc.returncode != 0:
         raise BenchError(f"h2load exited with {proc.returncode}: {' '.join(cmd)}\n{text}")
@@ -381,6 +468,96 @@ def h2load(
             f"logged ({url}):\n{text}"
         )
     return result, rss
+
+
+@dataclass(frozen=True)
+class PerfAnalyzer:
+    binary: Path
+    lib: Path  # libcudart and libb64, for LD_LIBRARY_PATH
+
+
+def setup_perf_analyzer() -> tuple[PerfAnalyzer | None, str]:
+    """bench/perf_analyzer.sh --setup (idempotent; downloads once into the user's cache)."""
+    try:
+        done = subprocess.run(
+            ["bash", str(BENCH / "perf_analyzer.sh"), "--setup"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "bench/perf_analyzer.sh --setup timed out"
+    found = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("bin ", "lib "))
+    )
+    if done.returncode != 0 or "bin" not in found or "lib" not in found:
+        return None, f"bench/perf_analyzer.sh --setup failed: {done.stderr.strip()[-500:]}"
+    return PerfAnalyzer(Path(found["bin"]), Path(found["lib"])), ""
+
+
+@dataclass
+class PaResult:
+    requests: int  # in the measurement windows
+    seconds: float  # of the measurement windows
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_s: float  # user + system of perf_analyzer, its whole run
+    output: str
+
+
+def perf_analyzer(
+    pa: PerfAnalyzer,
+    *,
+    target: str,
+    model: str,
+    version: str,
+    batch: int,
+    concurrency: int,
+    streaming: bool,
+    window_ms: int,
+    log_path: Path,
+    sample: Callable[[], None],
+) -> PaResult:
+    """One perf_analyzer point: three time windows of `window_ms` (the first three are taken
+    as stable whatever they show: --stability-percentage 1000, --max-trials 3), zero inputs.
+    Streaming: concurrency N with --max-threads N is N streams, one message in flight on each
+    (one stream per worker thread); unary: N threads, each with one synchronous call."""
+    csv_path = log_path.with_suffix(".csv")
+    csv_path.unlink(missing_ok=True)
+    cmd = [
+        str(pa.binary), "-m", model, "-x", version, "-u", target, "-i", "grpc",
+        "-b", str(batch), "--input-data", "zero", "--concurrency-range", str(concurrency),
+        "--measurement-mode", "time_windows", "-p", str(window_ms),
+        "--stability-percentage", "1000", "--max-trials", "3", "-f", str(csv_path),
+    ]  # fmt: skip
+    if streaming:
+        cmd += ["--streaming", "--max-threads", str(concurrency)]
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(
+        filter(None, [str(pa.lib), os.environ.get("LD_LIBRARY_PATH")]))}  # fmt: skip
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        usage = wait_sampling(proc, sample, every=1.0)
+    text = log_path.read_text()
+    if proc.returncode != 0 or not csv_path.exists():
+        raise BenchError(f"perf_analyzer exited with {proc.returncode}: {' '.join(cmd)}\n{text}")
+    with csv_path.open() as f:
+        row = next(csv.DictReader(f))
+    count = re.search(r"Client:\s*\n\s*Request count: (\d+)", text)
+    if count is None:
+        raise BenchError(f"cannot read perf_analyzer's output:\n{text}")
+    images_per_s = float(row["Inferences/Second"])
+    requests = int(count.group(1))
+    return PaResult(
+        requests=requests,
+        seconds=requests * batch / images_per_s if images_per_s else math.nan,
+        images_per_s=images_per_s,
+        p50_ms=float(row["p50 latency"]) / 1000,
+        p99_ms=float(row["p99 latency"]) / 1000,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        output=text,
+    )
 
 
 # ================================================================================== runs
@@ -490,6 +667,119 @@ class Runner:
                 + (f" and also {other}" if other else "")
                 + " (cnnserve_requests_total): answers were not all successful"
             )
+
+
+    def load_pa(
+        self,
+        target: str,
+        *,
+        pa: PerfAnalyzer,
+        port: int,
+        model: str,
+        version: str,
+        batch: int,
+        concurrency: int,
+        proc: Process,
+        metrics_port: int | None,
+    ) -> Point:
+        """One perf_analyzer point on the server (`metrics_port` given: its counts are checked)
+        or on the echo server (its own counts)."""
+        streaming = target.endswith("stream")
+        method = "ModelStreamInfer" if streaming else "ModelInfer"
+        tag = f"{target.replace(' ', '-')}-b{batch}-c{concurrency}"
+        rss, streams, connections = 0.0, 0.0, 0
+
+        def sample() -> None:  # once a second: the scrape costs the server a little CPU
+            nonlocal rss, streams, connections
+            rss = max(rss, proc.memory_mb())
+            connections = max(connections, established(port))
+            if streaming:
+                now = (
+                    open_streams(metrics_port, method)
+                    if metrics_port
+                    else float(echo_status(port)["streams"])  # type: ignore[arg-type]
+                )
+                streams = max(streams, now)
+
+        before_cpu = proc.cpu_seconds()
+        before = scrape(metrics_port) if metrics_port else {}
+        echo_before = self._echo_answered(port) if not metrics_port else {}
+        result = perf_analyzer(
+            pa,
+            target=f"127.0.0.1:{port}",
+            model=model,
+            version=version,
+            batch=batch,
+            concurrency=concurrency,
+            streaming=streaming,
+            window_ms=max(100, round(self.options.duration * 1000 / 3)),
+            log_path=self.logs / f"pa-{tag}.out",
+            sample=sample,
+        )
+        cpu = proc.cpu_seconds() - before_cpu
+        proc.check_alive()
+        point = Point(target, batch, concurrency, loadgen="perf_analyzer")
+        if metrics_port:
+            d = delta(scrape(metrics_port), before)
+            served = self._check_served(d, method, result.requests, target)
+            if d.get(("cnnserve_batch_size_count",)):
+                point.mean_batch = (
+                    d[("cnnserve_batch_size_sum",)] / d[("cnnserve_batch_size_count",)]
+                )
+        else:
+            answered = self._echo_answered(port)
+            served = answered.get(V2 + method, 0) - echo_before.get(V2 + method, 0)
+            if served < result.requests:
+                raise BenchError(
+                    f"{target}: perf_analyzer counted {result.requests} answers, the echo "
+                    f"server sent {served}"
+                )
+        # CPU over the whole perf_analyzer run, divided by what was served in it (it sends
+        # before and after its windows too); cores: that CPU per image at the windows' rate.
+        images = served * batch
+        point.requests = result.requests
+        point.seconds = result.seconds
+        point.images_per_s = result.images_per_s
+        point.p50_ms, point.p99_ms = result.p50_ms, result.p99_ms
+        point.server_cpu_us_per_image = cpu / images * 1e6
+        point.server_cores = cpu / images * result.images_per_s
+        point.loadgen_cpu_us_per_request = result.cpu_s / served * 1e6
+        point.loadgen_cores = result.cpu_s / served * result.images_per_s / batch
+        point.rss_mb_max = rss
+        point.connections = connections
+        if streaming:
+            point.streams = streams
+        print(
+            f"  {tag:<22} {point.images_per_s:>9,.0f} img/s  p50 {point.p50_ms:6.2f} ms  "
+            f"p99 {point.p99_ms:6.2f} ms  server {point.server_cores:.2f} cores  "
+            f"perf_analyzer {point.loadgen_cores:.2f} cores  batch {point.mean_batch:.1f}"
+            + (f"  streams {streams:.0f}" if streaming else "")
+            + f"  connections {connections}",
+            flush=True,
+        )
+        return point
+
+    @staticmethod
+    def _echo_answered(port: int) -> dict[str, int]:
+        answered = echo_status(port)["answered"]
+        assert isinstance(answered, dict)
+        return {str(k): int(v) for k, v in answered.items()}
+
+    @staticmethod
+    def _check_served(
+        d: dict[tuple[str, ...], float], method: str, reported: int, target: str
+    ) -> int:
+        """perf_analyzer's run: every call the server counted was OK (its metadata, config and
+        statistics calls too), and it counted at least the answers perf_analyzer measured."""
+        ok = d.get(("requests", method, "OK"), 0.0)
+        failed = {k: v for k, v in d.items() if k[0] == "requests" and k[2] != "OK"}
+        if failed or ok < reported or not reported:
+            raise BenchError(
+                f"{target}: perf_analyzer measured {reported} answers, the server counted "
+                f"{ok:.0f} {method} OK" + (f" and also {failed}" if failed else "")
+                + " (cnnserve_requests_total): answers were not all successful"
+            )
+        return int(ok)
 
 
 def in_process(
