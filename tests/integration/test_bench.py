@@ -1,6 +1,8 @@
 """`make bench` in miniature: the tooling runs end to end and its correctness check bites.
 
 Figures are not checked (benchmarks only, no timed assertions): the smoke run measures nothing.
+The streaming rows need perf_analyzer, which bench/perf_analyzer.sh sets up once (a download);
+where it cannot be set up they are left out and the rest is still checked.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.serving_bench import BenchError, Runner
+from bench import echo_server
+from bench.serving_bench import BenchError, Runner, setup_perf_analyzer
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from tests.support import PYTHON, ROOT, write_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -26,7 +30,15 @@ def h2load() -> str:
     return path
 
 
-def test_bench_smoke_writes_csv_table_and_plot(h2load: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def perf_analyzer() -> bool:
+    found, _ = setup_perf_analyzer()
+    return found is not None
+
+
+def test_bench_smoke_writes_csv_table_and_plot(
+    h2load: str, perf_analyzer: bool, tmp_path: Path
+) -> None:
     models = tmp_path / "models"
     write_tiny_model(models / "tiny" / "1" / "model.onnx")
     out = tmp_path / "out"
@@ -45,14 +57,39 @@ def test_bench_smoke_writes_csv_table_and_plot(h2load: str, tmp_path: Path) -> N
     for api in ("cnnserve", "v2", "echo"):
         assert {(api, 1, 1), (api, 1, 4), (api, 32, 1)} <= points, points
     assert {("in-process", 1, 1), ("in-process x2", 1, 2), ("in-process", 32, 1)} <= points
+    assert ("in-process 1t", 1, 1) in points
     assert all(float(r["images_per_s"]) > 0 for r in rows)
-    served = [r for r in rows if r["target"] in ("cnnserve", "v2")]
+    served = [r for r in rows if r["target"] in ("cnnserve", "v2", "v2 pa", "v2 stream")]
     assert all(float(r["server_cpu_us_per_image"]) > 0 for r in served)
-    assert all(r["vs_in_process"] and r["vs_echo"] for r in served)
+    assert all(r["vs_in_process"] != "nan" and r["vs_echo"] != "nan" for r in served)
+    if perf_analyzer:  # one streaming point (4 streams), against unary and the echo floor
+        pa = {r["target"]: r for r in rows if r["loadgen"] == "perf_analyzer"}
+        assert set(pa) == {"v2 pa", "v2 stream", "echo pa", "echo stream"}, set(pa)
+        assert all(int(r["batch"]) == 1 and int(r["concurrency"]) == 4 for r in pa.values())
+        assert float(pa["v2 stream"]["streams"]) == 4  # the server's gauge: one per thread
+        assert float(pa["echo stream"]["streams"]) == 4
+        assert float(pa["v2 stream"]["vs_unary"]) > 0
+        assert all(float(r["loadgen_cpu_us_per_request"]) > 0 for r in pa.values())
     report = (out / "report.md").read_text()
-    assert "| target | batch |" in report and "## Targets" in report
+    assert "| target | load gen. | batch |" in report and "## Targets" in report
     assert "start-up to SERVING" in report and "VmRSS" in report
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_echo_copies_the_request_id_into_each_stream_answer() -> None:
+    answer = v2.ModelStreamInferResponse()
+    answer.infer_response.model_name = "m"
+    answer.infer_response.id = "from-the-real-server"
+    answer.infer_response.raw_output_contents.append(b"\x00" * 40)
+    build = echo_server.with_id(answer.SerializeToString(), (2, 3))
+    request = v2.ModelInferRequest(model_name="m", id="17")
+    request.raw_input_contents.append(b"\x01" * 3136)
+    ident = echo_server.find_bytes(request.SerializeToString(), 3)
+    assert ident == b"17"
+    echoed = v2.ModelStreamInferResponse.FromString(build(ident))
+    answer.infer_response.id = "17"
+    assert echoed == answer
+    assert not v2.ModelStreamInferResponse.FromString(build(b"")).infer_response.id
 
 
 def test_bench_fails_when_the_server_did_not_answer_every_request_ok() -> None:
@@ -68,4 +105,21 @@ def test_bench_fails_when_the_server_did_not_answer_every_request_ok() -> None:
             },
             url,
             100,
+        )
+    # perf_analyzer: it sends more than it measures; any code but OK fails the run
+    assert Runner._check_served({("requests", "ModelStreamInfer", "OK"): 120.0},
+                                "ModelStreamInfer", 100, "v2 stream") == 120  # fmt: skip
+    with pytest.raises(BenchError, match="measured 100 answers, the server counted 90"):
+        Runner._check_served(
+            {("requests", "ModelStreamInfer", "OK"): 90.0}, "ModelStreamInfer", 100, "v2 stream"
+        )
+    with pytest.raises(BenchError, match="UNAVAILABLE"):
+        Runner._check_served(
+            {
+                ("requests", "ModelStreamInfer", "OK"): 120.0,
+                ("requests", "ModelStreamInfer", "UNAVAILABLE"): 1.0,
+            },
+            "ModelStreamInfer",
+            100,
+            "v2 stream",
         )
