@@ -2,11 +2,15 @@
 
 Every request has an expected outcome: valid ones must be answered OK with the right answer
 (the probabilities or classes of an in-process ONNX Runtime session on the same file), invalid
-ones with their status code (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED). The summary counts
-unexpected outcomes (any other code or a wrong answer), lost responses (a call not answered
-within its 30 s deadline, or never finished) and the server's resident memory (VmRSS of
-/proc/<pid>/status) after the warm-up against its end. The run passes with zero unexpected, zero
-lost and memory growth under 10% after warm-up.
+ones with their status code (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED). Beside the unary
+workers, stream workers (4, each one stream at a time) run streams of up to 32 messages on both
+streaming methods (PredictStream, ModelStreamInfer), valid and invalid messages mixed: every
+message must get its own answer, in order (its id), with its expected code and the right result,
+and every stream must end OK. The summary counts unexpected outcomes (any other code or a wrong
+answer, a stream ending other than OK), lost responses (a call not answered within its 30 s
+deadline, or never finished; a message on a stream left without an answer) and the server's
+resident memory (VmRSS of /proc/<pid>/status) after the warm-up against its end. The run passes
+with zero unexpected, zero lost and memory growth under 10% after warm-up.
 
     python bench/soak.py --models-dir models --model mnist --seconds 300
     python bench/soak.py --target host:port --pid PID --model-file models/mnist/1/model.onnx
@@ -39,7 +43,17 @@ sys.path.insert(0, str(ROOT))
 
 from grpc_health.v1 import health_pb2  # noqa: E402
 
-from bench.fuzz import CNN, HEALTH, V2, Code, _png  # noqa: E402
+from bench.fuzz import (  # noqa: E402
+    CNN,
+    HEALTH,
+    STATUS_BY_NUMBER,
+    STREAM_INFER,
+    STREAM_METHODS,
+    STREAM_PREDICT,
+    V2,
+    Code,
+    _png,
+)
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
 from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
 
@@ -55,6 +69,18 @@ class Request:
     payload: bytes
     expect: grpc.StatusCode
     check: Callable[[bytes], bool] | None = None  # for OK: is the answer right?
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One message of a stream and its expected answer."""
+
+    kind: str
+    payload: bytes
+    expect: grpc.StatusCode
+    check: Callable[[bytes], bool] | None = None  # for OK: is the answer (its bytes) right?
+    request_id: str = ""  # ModelStreamInfer: the id in the request, which its answer carries
+    parseable: bool = True  # PredictStream: a message an id can be added to (a later field wins)
 
 
 def _probabilities(response: pb.PredictResponse) -> F32:
@@ -132,6 +158,56 @@ class Traffic:
             ),
             Request("oversized", CNN + "Predict", bytes(max_message + 1), Code.RESOURCE_EXHAUSTED),
         ]
+        # Streams: the same valid requests; invalid ones that fail alone (an oversized message
+        # would end the whole call, so none is sent on a stream).
+        predict_stream = (
+            [
+                StreamMessage("predict", r.payload, r.expect, r.check)
+                for r in self.valid
+                if r.kind == "predict"
+            ],
+            [
+                StreamMessage(r.kind, r.payload, r.expect, parseable=r.kind != "garbage")
+                for r in self.invalid
+                if r.method == CNN + "Predict" and r.kind != "oversized"
+            ],
+        )
+        infer_valid = [
+            StreamMessage(
+                "infer_v2",
+                r.payload,
+                r.expect,
+                r.check,
+                v2.ModelInferRequest.FromString(r.payload).id,
+            )
+            for r in self.valid
+            if r.kind == "infer_v2"
+        ]
+        infer_invalid = [
+            StreamMessage("garbage_v2", b"\xff" * 40, bad),
+            StreamMessage(
+                "bad_shape_v2",
+                _infer_request(model, inp.name, wrong, "w").SerializeToString(),
+                bad,
+                request_id="w",
+            ),
+            StreamMessage(
+                "nan_v2",
+                _infer_request(model, inp.name, nan, "n").SerializeToString(),
+                bad,
+                request_id="n",
+            ),
+            StreamMessage(
+                "unknown_model_v2",
+                _infer_request("nope", inp.name, pool[:1], "u").SerializeToString(),
+                Code.NOT_FOUND,
+                request_id="u",
+            ),
+        ]
+        self.stream: dict[str, tuple[list[StreamMessage], list[StreamMessage]]] = {
+            STREAM_PREDICT: predict_stream,
+            STREAM_INFER: (infer_valid, infer_invalid),
+        }
 
     @staticmethod
     def _predict(model: str, images: npt.NDArray[np.uint8], want: F32) -> Request:
@@ -145,9 +221,7 @@ class Traffic:
 
     @staticmethod
     def _infer(model: str, name: str, images: npt.NDArray[np.uint8], want: F32, i: int) -> Request:
-        request = v2.ModelInferRequest(model_name=model, id=str(i))
-        request.inputs.add(name=name, datatype="UINT8", shape=images.shape)
-        request.raw_input_contents.append(images.tobytes())
+        request = _infer_request(model, name, images, str(i))
 
         def check(data: bytes) -> bool:
             response = v2.ModelInferResponse.FromString(data)
@@ -170,6 +244,21 @@ class Traffic:
     def pick(self, rng: random.Random) -> Request:
         """Four valid requests in five."""
         return rng.choice(self.valid if rng.random() < 0.8 else self.invalid)
+
+    def pick_stream(self, method: str, rng: random.Random) -> StreamMessage:
+        """Four valid messages in five."""
+        valid, invalid = self.stream[method]
+        return rng.choice(valid if rng.random() < 0.8 else invalid)
+
+
+def _infer_request(
+    model: str, name: str, images: npt.NDArray[np.generic], request_id: str
+) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name=model, id=request_id)
+    datatype = "FP32" if images.dtype == np.float32 else "UINT8"
+    request.inputs.add(name=name, datatype=datatype, shape=images.shape)
+    request.raw_input_contents.append(np.ascontiguousarray(images).tobytes())
+    return request
 
 
 def _predict_request(model: str, images: npt.NDArray[np.generic]) -> pb.PredictRequest:
@@ -194,11 +283,13 @@ class Result:
     seconds: float
     warmup: float
     concurrency: int
-    sent: int = 0
+    stream_workers: int = 0
+    sent: int = 0  # requests: unary calls and messages on streams
     answered: int = 0
     lost: int = 0
     recycled: int = 0  # calls retried once after a connection recycle (GOAWAY)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    streams: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, how it ended)
     unexpected: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, KiB)
@@ -231,8 +322,10 @@ class Result:
 
     def summary(self) -> str:
         kinds = sorted({k for k, _ in self.outcomes})
+        with_streams = f" + {self.stream_workers} stream workers" if self.stream_workers else ""
         lines = [
-            f"soak: {self.elapsed:.0f}s at concurrency {self.concurrency} (warm-up {self.warmup:.0f}s)",
+            f"soak: {self.elapsed:.0f}s at concurrency {self.concurrency}{with_streams} "
+            f"(warm-up {self.warmup:.0f}s)",
             f"  requests sent {self.sent:,}, answered {self.answered:,}, lost {self.lost}, "
             f"unexpected {sum(self.unexpected.values())} ({self.answered / max(self.elapsed, 1e-9):,.0f}/s)",
         ]
@@ -245,7 +338,17 @@ class Result:
             codes = ", ".join(
                 f"{code} {n:,}" for (k, code), n in sorted(self.outcomes.items()) if k == kind
             )
-            lines.append(f"    {kind:<14} {codes}")
+            lines.append(f"    {kind:<30} {codes}")
+        if self.streams:
+            lines.append(
+                f"  streams {sum(self.streams.values()):,} (their messages are counted above, "
+                "as METHOD/kind), by how they ended:"
+            )
+            for method in sorted({m for m, _ in self.streams}):
+                ends = ", ".join(
+                    f"{code} {n:,}" for (m, code), n in sorted(self.streams.items()) if m == method
+                )
+                lines.append(f"    {method:<30} {ends}")
         if self.unexpected:
             lines.append(f"  unexpected: {dict(self.unexpected)}")
             lines += [f"    {e}" for e in self.examples[:10]]
@@ -268,9 +371,15 @@ async def soak(
     seconds: float,
     warmup: float,
     concurrency: int = 32,
+    stream_workers: int = 4,
+    stream_messages: int = 32,
     seed: int = 0,
 ) -> Result:
-    result = Result(seconds=seconds, warmup=warmup, concurrency=concurrency)
+    """`concurrency` workers of unary calls and `stream_workers` more of streams (each one
+    stream at a time, of 1 to `stream_messages` messages)."""
+    result = Result(
+        seconds=seconds, warmup=warmup, concurrency=concurrency, stream_workers=stream_workers
+    )
     started = time.monotonic()
     stop_at = started + seconds
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
@@ -279,6 +388,98 @@ async def soak(
             m: channel.unary_unary(m, request_serializer=None, response_deserializer=None)
             for m in {r.method for r in traffic.valid + traffic.invalid}
         }
+        stream_calls = {
+            m: channel.stream_stream(m, request_serializer=None, response_deserializer=None)
+            for m in STREAM_METHODS
+        }
+
+        def unexpected(label: str, details: str) -> None:
+            result.unexpected[label] += 1
+            if len(result.examples) < 10:
+                result.examples.append(f"{label} {details[:200]}")
+
+        async def one_stream(
+            method: str, messages: list[StreamMessage], name: str
+        ) -> tuple[grpc.StatusCode, str, list[bytes]]:
+            payloads = [
+                m.payload + pb.PredictRequest(id=f"{name}.{i}").SerializeToString()
+                if method == STREAM_PREDICT and m.parseable
+                else m.payload
+                for i, m in enumerate(messages)
+            ]
+            call = stream_calls[method](iter(payloads), timeout=DEADLINE_S)
+            answers: list[bytes] = []
+            try:
+                async for answer in call:
+                    answers.append(answer)
+                return await call.code(), await call.details() or "", answers
+            except grpc.aio.AioRpcError as err:
+                return err.code(), err.details() or "", answers
+
+        def check_answer(
+            method: str, message: StreamMessage, index: int, name: str, data: bytes
+        ) -> tuple[str, bool, str]:
+            """(the answer's code name, is it right, what it said)."""
+            if method == STREAM_PREDICT:
+                answer = pb.PredictStreamResponse.FromString(data)
+                want_id = f"{name}.{index}" if message.parseable else str(index)
+                if answer.WhichOneof("result") == "response":
+                    right = answer.id == want_id and (
+                        message.check is None or message.check(answer.response.SerializeToString())
+                    )
+                    return "OK", right and message.expect == Code.OK, answer.id
+                code = STATUS_BY_NUMBER.get(answer.error.code)
+                label = code.name if code is not None else f"code {answer.error.code}"
+                right = code == message.expect and answer.id == want_id
+                return label, right, f"{answer.id}: {answer.error.message}"
+            reply = v2.ModelStreamInferResponse.FromString(data)
+            if reply.error_message:
+                code_name = reply.error_message.partition(": ")[0]
+                right = (
+                    code_name == message.expect.name
+                    and reply.infer_response.id == message.request_id
+                )
+                return code_name, right, reply.error_message
+            right = message.expect == Code.OK and (
+                message.check is None or message.check(reply.infer_response.SerializeToString())
+            )
+            return "OK", right, reply.infer_response.id
+
+        async def stream_worker(i: int) -> None:
+            rng = random.Random(seed * 1000 + 500 + i)
+            number = 0
+            while time.monotonic() < stop_at:
+                method = STREAM_METHODS[number % 2]
+                short = method.rpartition("/")[2]
+                name = f"{i}.{number}"
+                number += 1
+                messages = [
+                    traffic.pick_stream(method, rng) for _ in range(rng.randint(1, stream_messages))
+                ]
+                result.sent += len(messages)
+                for attempt in (1, 2):
+                    code, details, answers = await one_stream(method, messages, name)
+                    if attempt == 1 and code == Code.UNAVAILABLE and "GOAWAY" in details:
+                        result.recycled += 1  # as for unary calls: a client retries it
+                        continue
+                    break
+                result.streams[(short, code.name)] += 1
+                if code != Code.OK:
+                    unexpected(f"{short} stream: {code.name}", details)
+                if len(answers) > len(messages):
+                    unexpected(f"{short} stream: more answers than messages", name)
+                result.lost += max(0, len(messages) - len(answers))
+                for index, (message, data) in enumerate(zip(messages, answers, strict=False)):
+                    result.answered += 1
+                    kind = f"{short}/{message.kind}"
+                    try:
+                        code_name, right, said = check_answer(method, message, index, name, data)
+                    except Exception as exc:  # an answer the client cannot read
+                        code_name, right, said = "unreadable", False, repr(exc)
+                    result.outcomes[(kind, code_name)] += 1
+                    if not right:
+                        wrong = " (wrong answer)" if code_name == message.expect.name else ""
+                        unexpected(f"{kind}: {code_name}{wrong}", f"#{index} {said}")
 
         async def worker(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
@@ -310,9 +511,7 @@ async def soak(
                     label = f"{request.kind}: {code.name}" + (
                         "" if code != request.expect else " (wrong answer)"
                     )
-                    result.unexpected[label] += 1
-                    if len(result.examples) < 10:
-                        result.examples.append(f"{label} {details[:200]}")
+                    unexpected(label, details)
 
         async def sample_rss() -> None:
             while pid is not None:
@@ -321,6 +520,7 @@ async def soak(
 
         sampler = asyncio.create_task(sample_rss())
         workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        workers += [asyncio.create_task(stream_worker(i)) for i in range(stream_workers)]
         # Bounded: a worker stuck past its deadline means lost responses.
         done, pending = await asyncio.wait(workers, timeout=seconds + DEADLINE_S + 30)
         for task in pending:
@@ -369,7 +569,15 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="seconds before memory is measured (default: a fifth, at most 60)",
     )
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=32, help="workers of unary calls")
+    p.add_argument(
+        "--stream-workers",
+        type=int,
+        default=4,
+        help="more workers, each running one stream at a time (PredictStream and "
+        "ModelStreamInfer in turn; 0: none)",
+    )
+    p.add_argument("--stream-messages", type=int, default=32, help="most messages per stream")
     p.add_argument(
         "--max-message-mb", type=int, default=2, help="the server's message limit (own server)"
     )
@@ -383,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     with target_server(args) as (target, pid, model_file):
         traffic = Traffic(args.model, model_file, args.max_message_mb * 1024 * 1024)
         print(
-            f"soaking {target} for {args.seconds:.0f}s at concurrency {args.concurrency}",
+            f"soaking {target} for {args.seconds:.0f}s at concurrency {args.concurrency} "
+            f"+ {args.stream_workers} stream workers",
             flush=True,
         )
         result = asyncio.run(
@@ -394,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds=args.seconds,
                 warmup=warmup,
                 concurrency=args.concurrency,
+                stream_workers=args.stream_workers,
+                stream_messages=args.stream_messages,
             )
         )
     print(result.summary())

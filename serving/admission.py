@@ -1,5 +1,11 @@
 """Admission control: refuse, early and cheaply, what the server cannot hold.
 
+Before a unary call's message is even read, `reserve` holds what such a call is expected to
+cost (a moving average of what the method's requests really cost; until one has been measured,
+a sixteenth of the budget, so a cold burst of large calls cannot all be read at once): a server
+whose budget is taken refuses the call right there, and gRPC never hands its bytes to Python.
+Once the message is parsed, `admit` replaces the reservation with the request's real cost.
+
 Two bounds, checked before a request's tensor is decoded or copied, from its shape alone:
 
 - a memory budget for the request data held at once (queued and running, both APIs, unary and
@@ -13,6 +19,7 @@ value; the refusal is counted by reason. Knows nothing of gRPC.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +29,15 @@ MiB = 1024 * 1024
 # What a call holds besides its tensors: the message objects, the handler's coroutine and
 # futures, the response. Small, but a flood of tiny requests must cost something too.
 PER_CALL_BYTES = 16 * 1024
+# Until a method's requests have been measured, a call of it reserves this share of the budget.
+INITIAL_SHARE = 16
+EXPECTED_ALPHA = 0.1  # weight of a new cost in the moving average: about the last 10-20 calls
+UNREAD = "_unknown"  # the model label of a call refused before its message was read
+# The reservation of the call being handled: set where the call was accepted (before its
+# message was read), taken by `admit`. Each call runs in a task of its own, with its own value.
+RESERVATION: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+    "cnnserve_reservation", default=None
+)
 
 
 def request_cost(images: int, pixels_per_image: int, itemsize: int, classes: int) -> int:
@@ -41,13 +57,15 @@ class Queue(Protocol):
 
 
 class Ticket:
-    """Bytes held for one admitted request, given back once (on exit of the `with`)."""
+    """Bytes held for one admitted request (or reserved for one not yet read), given back once
+    (on exit of the `with`, or `release`)."""
 
-    __slots__ = ("_admission", "nbytes")
+    __slots__ = ("_admission", "key", "nbytes")
 
-    def __init__(self, admission: Admission, nbytes: int) -> None:
+    def __init__(self, admission: Admission, nbytes: int, key: str = "") -> None:
         self._admission = admission
         self.nbytes = nbytes
+        self.key = key  # what the reservation was for (its method); "" for an admission
 
     def release(self) -> None:
         if self.nbytes:
@@ -76,12 +94,44 @@ class Admission:
         self.budget_bytes = budget_bytes
         self.max_queue_images = max_queue_images
         self.held_bytes = 0
-        self.admitted = 0  # requests holding a ticket now
+        self.admitted = 0  # requests (and reservations) holding a ticket now
+        self._expected: dict[str, float] = {}  # method -> moving average of real costs
         self._on_reject = on_reject  # (model, reason)
         self._on_change = on_change  # held bytes, after each change
 
+    def reserve(self, key: str) -> Ticket | None:
+        """Hold what a call of `key` (its method) is expected to cost before its message is
+        read; None when the budget is taken (the caller refuses the call unread)."""
+        expected = self._expected.get(key)
+        nbytes = int(expected) if expected is not None else self.budget_bytes // INITIAL_SHARE
+        nbytes = max(nbytes, PER_CALL_BYTES)
+        held = self.held_bytes
+        if held and held + nbytes > self.budget_bytes:
+            self._reject(UNREAD, "memory")
+            return None
+        self._hold(nbytes)
+        return Ticket(self, nbytes, key)
+
+    def refusal(self) -> str:
+        """Why `reserve` refused, for the caller's status message."""
+        return (
+            f"server overloaded: {self.held_bytes / MiB:.1f} MiB of the --max-inflight-mb "
+            f"budget of {self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
+            "retry later with backoff"
+        )
+
     def admit(self, model: str, queue: Queue | None, images: int, nbytes: int) -> Ticket:
-        """A ticket for a request of `images` images costing `nbytes`, or `Unavailable`."""
+        """A ticket for a request of `images` images costing `nbytes`, or `Unavailable`. The
+        call's reservation (`RESERVATION`), if any, is given back first: the real cost
+        replaces it, and teaches what the next calls of its method are expected to cost."""
+        reservation = RESERVATION.get()
+        if reservation is not None:
+            RESERVATION.set(None)
+            reservation.release()
+            old = self._expected.get(reservation.key)
+            self._expected[reservation.key] = (
+                nbytes if old is None else old + EXPECTED_ALPHA * (nbytes - old)
+            )
         if queue is not None and queue.queued_images + images > self.max_queue_images:
             self._reject(model, "queue")
             raise Unavailable(
@@ -100,11 +150,14 @@ class Admission:
                 f"{self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
                 "retry later with backoff"
             )
-        self.held_bytes = held + nbytes
+        self._hold(nbytes)
+        return Ticket(self, nbytes)
+
+    def _hold(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
         self.admitted += 1
         if self._on_change is not None:
             self._on_change(self.held_bytes)
-        return Ticket(self, nbytes)
 
     def _release(self, nbytes: int) -> None:
         self.held_bytes -= nbytes

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from serving.api.calls import PROBE_SERVICES
+from serving.api.calls import PROBE_SERVICES, refusal
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,3 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 self._metrics.requests.labels(UNKNOWN_MODEL, "", method, "UNAUTHENTICATED").inc()
 
         return count
-
-
-def refusal(
-    handler: grpc.RpcMethodHandler[Any, Any] | None,
-    code: grpc.StatusCode,
-    message: str,
-    on_call: Callable[[], None] = lambda: None,
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind as `handler` that ends every call with `code` without reading
-    its request (no deserializer: the bytes are never parsed)."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        on_call()
-        await context.abort(code, message)
-
-    if handler is None or handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.stream_stream_rpc_method_handler(refuse)

@@ -100,7 +100,7 @@ def service_config(
     retry: RetryPolicy | None = DEFAULT_RETRY,
     *,
     load_balancing: str = "round_robin",
-    health_check: bool = True,
+    health_check: bool = False,
 ) -> str:
     """The gRPC service config our Client uses, as JSON (`grpc.service_config`):
     - `load_balancing`: round_robin keeps a connection to every address the target resolves
@@ -108,7 +108,9 @@ def service_config(
       Service) and sends each call to the next ready one; pick_first uses one at a time;
     - `health_check`: each address's `grpc.health.v1` status ("" service: SERVING once a model
       is ready, NOT_SERVING while draining) is watched, and round_robin skips the ones that are
-      not SERVING (a server without the health service counts as healthy);
+      not SERVING (a server without the health service counts as healthy). For fleets; off by
+      default, because a server that is not SERVING then cannot be reached at all (every call
+      fails UNAVAILABLE), not even to ask it what is wrong (ListModels, Check);
     - `retry`: the retry policy of every method of SERVICES (None: no retries)."""
     config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
     if health_check:
@@ -265,7 +267,7 @@ class Client:
         token: str | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         load_balancing: str = "round_robin",
-        health_check: bool = True,
+        health_check: bool = False,
         keepalive_s: float | None = 20.0,
         max_reconnect_backoff_s: float = 2.0,
         options: Sequence[tuple[str, int | str]] = (),
@@ -278,8 +280,8 @@ class Client:
         `client_key` for mutual TLS. `token`: sent as `authorization: Bearer <token>`.
 
         Reliability (see `service_config`): `retry` (None: a call is attempted once; all our
-        RPCs are idempotent, so retrying is safe), `load_balancing` and `health_check` of the
-        addresses; `keepalive_s`: ping a connection with calls open that has gone quiet this
+        RPCs are idempotent, so retrying is safe), `load_balancing`, and `health_check` (True:
+        skip the addresses that are not SERVING, e.g. draining replicas); `keepalive_s`: ping a connection with calls open that has gone quiet this
         long, so a server that vanished is noticed in seconds, not at each call's deadline
         (None: off; our server accepts pings every 10 s); `max_reconnect_backoff_s`: the
         longest wait between attempts to reach an address that is down (gRPC's own is 120 s,
@@ -452,8 +454,18 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m serving.client", description="Call a cnnserve server."
     )
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default {DEFAULT_TARGET})")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"host:port, ipv4:a:port,b:port or dns:///name:port (default {DEFAULT_TARGET}); "
+        "calls spread over every address (round_robin)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call, retries included")
+    p.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="attempt each call once (default: UNAVAILABLE is retried, up to 5 attempts)",
+    )
     p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     p.add_argument("--ca-cert", type=Path, help="PEM CA of the server's certificate (implies TLS)")
     p.add_argument("--client-cert", type=Path, help="PEM client certificate, for mutual TLS")
@@ -504,6 +516,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
             client_cert=args.client_cert,
             client_key=args.client_key,
             token=token,
+            retry=None if args.no_retry else DEFAULT_RETRY,
         ) as client:
             if args.command == "classify":
                 result = client.classify(

@@ -45,6 +45,7 @@ class Settings:
     keepalive_time_s: float = 30.0  # ping a connection with calls that has gone quiet this long
     keepalive_timeout_s: float = 10.0  # unanswered ping: the connection and its calls are closed
     min_ping_interval_s: float = 10.0  # clients' pings allowed this often; more often is abuse
+    max_connections: int = 0  # connections held at once; 0: the open-file limit less 256
     workers: int = 1  # server processes on the one port (SO_REUSEPORT), metrics summed
     reuse_port: bool = False  # let other processes listen on the port too (what --workers sets)
     warmup: bool = True
@@ -119,6 +120,9 @@ _HELP: dict[str, str] = {
     "pinging more often counts as abuse and the connection is closed with GOAWAY too_many_pings "
     "after two strikes. gRPC's default of 5 minutes would punish common client keepalives (ours "
     "pings every 20 s) (0: any rate)",
+    "max_connections": "connections held at once; a connection beyond it is closed as soon as "
+    "it is accepted, so a flood of idle connections cannot use up the file descriptors the server "
+    "needs for model files and metrics (0: the process's open-file limit less 256)",
     "workers": "server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads "
     "connections, not calls, over them), each with its own sessions; /metrics sums them",
     "reuse_port": "let other processes listen on the same gRPC port (SO_REUSEPORT)",
@@ -261,8 +265,9 @@ def validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
-    if s.max_concurrent_streams < 0:
-        raise bad("max_concurrent_streams", "expected a whole number >= 0")
+    for name in ("max_concurrent_streams", "max_connections"):
+        if getattr(s, name) < 0:
+            raise bad(name, "expected a whole number >= 0")
     if s.keepalive_timeout_s <= 0:
         raise bad("keepalive_timeout_s", "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):

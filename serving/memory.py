@@ -29,12 +29,12 @@ CGROUP = Path("/sys/fs/cgroup")
 NO_LIMIT_FROM = 1 << 60
 # What an idle server needs besides request data: Python, gRPC, ONNX Runtime and its warmed-up
 # sessions. Measured with `python -m serving` over one Fashion-MNIST model: 108 MiB resident,
-# 122 MiB with two; the rest is room for more or bigger models and for what a burst costs on
-# top of the request bytes themselves (gRPC's receive buffers, batches, responses).
+# 122 MiB with two (13 MiB a model of this size); the rest leaves room for more or bigger models.
 DEFAULT_RESERVE = 256 * MiB
-# Request data arrives as gRPC slices, then a Python bytes object; while a request is held the
-# process holds roughly twice its bytes (bench/OVERLOAD.md), so only part of what is left
-# beside the reserve is given to the budget.
+# The budget counts what admitted requests hold, as the data plane estimates it. Beside it the
+# process also holds what the budget cannot see: the messages gRPC has received of calls not yet
+# admitted or refused, responses on their way out, and the allocator's free but unreturned
+# memory. So only half of what the reserve leaves is given to the budget.
 BUDGET_FRACTION = 0.5
 NO_LIMIT_BUDGET = 512 * MiB  # without a memory limit there is nothing to derive it from
 MIN_BUDGET = 64 * MiB  # enough for a few of the largest requests (1,024 MNIST-sized float32 images)
@@ -63,10 +63,10 @@ def _limit(value: int) -> int | None:
 def default_inflight_budget_bytes(
     limit: int | None = None, reserve: int = DEFAULT_RESERVE, *, cgroup: Path = CGROUP
 ) -> int:
-    """The default budget for request data held at once (queued and running): `limit` (by
-    default this cgroup's memory limit) less a reserve for the models, runtime and Python,
-    times BUDGET_FRACTION, because the process holds about twice the bytes of the requests it
-    holds; NO_LIMIT_BUDGET without a limit, and never below MIN_BUDGET."""
+    """The default budget for request data held at once (queued and running): half of what
+    `limit` (by default this cgroup's memory limit) leaves after a reserve for the models,
+    runtime and Python, the other half being for what the budget does not count (see
+    BUDGET_FRACTION); NO_LIMIT_BUDGET without a limit; never below MIN_BUDGET."""
     if limit is None:
         limit = memory_limit(cgroup)
     if limit is None:

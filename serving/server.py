@@ -110,7 +110,7 @@ class Server:
             self.admission,
         )
         self.streams = Streams(settings.max_stream_inflight)
-        self.guard = CallGuard(self.metrics, self.streams)
+        self.guard = CallGuard(self.metrics, self.streams, self.admission)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -187,10 +187,20 @@ class Server:
             options.append(("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)))
         if s.max_concurrent_streams > 0:
             options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
+        connections = s.max_connections
+        if not connections:  # what the open-file limit leaves for model files, metrics, logs
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            connections = 1 << 20 if soft == resource.RLIM_INFINITY else max(16, soft - 256)
+        options.append(("grpc.max_allowed_incoming_connections", connections))
         if s.keepalive_time_s > 0:
             options += [
                 ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+                # The deadline this gRPC core enforces on the ping's answer (60 s by default;
+                # keepalive_timeout_ms alone did not close a peer that never answered).
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_s * 1000)),
                 # Keep pinging a quiet connection with calls open, however long it stays quiet
                 # (recent gRPC cores never cap a server's pings; older ones stopped after 2).
                 ("grpc.http2.max_pings_without_data", 0),

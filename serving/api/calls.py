@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from serving.admission import RESERVATION, Admission
 from serving.errors import Kind, ServingError
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
@@ -41,6 +42,9 @@ CODES: dict[Kind, grpc.StatusCode] = {
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+# Unary inference methods: each holds a reservation of the request data budget from before its
+# message is read (see serving.admission), and is refused unread when the budget is taken.
+RESERVING = frozenset({"Predict", "Classify", "ModelInfer"})
 # Stream methods that answer an undecodable message themselves (the stream goes on) instead
 # of the guard ending the whole call.
 SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})
@@ -111,6 +115,26 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
     return wrap
 
 
+def refusal(
+    handler: grpc.RpcMethodHandler[Any, Any] | None,
+    code: grpc.StatusCode,
+    message: str,
+    on_call: Callable[[], None] = lambda: None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that ends every call with `code` without reading its request. It takes the
+    request as a stream whatever the method's kind (on the wire a unary request is a stream of
+    one message), so that grpc.aio does not receive the message before the handler runs, as it
+    would for a unary handler: a refused 3 MB request costs no 3 MB, and is never parsed."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        on_call()
+        await context.abort(code, message)
+
+    if handler is None or not (handler.response_streaming):
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class Undecodable:
     """Stands in for a request whose bytes are not the message they should be. Streaming
     inference methods (SELF_CHECKED) get it as a message and answer it with an error."""
@@ -135,9 +159,15 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     Every registered method is wrapped once; unknown methods pass through (UNIMPLEMENTED)."""
 
-    def __init__(self, metrics: Metrics | None = None, streams: Streams | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        streams: Streams | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self._metrics = metrics
         self._streams = streams
+        self._admission = admission
         self._wrapped: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
         ] = {}
@@ -172,6 +202,21 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if cached is None or cached[0] is not handler:
             cached = (handler, self._guard(handler, full))
             self._wrapped[full] = cached
+        if self._admission is not None:
+            method = full.rpartition("/")[2]
+            if method in RESERVING and not self.draining:
+                reservation = self._admission.reserve(method)
+                if reservation is None:  # refused before a byte of the message is read
+                    return refusal(
+                        handler,
+                        grpc.StatusCode.UNAVAILABLE,
+                        self._admission.refusal(),
+                        functools.partial(self._count, method, grpc.StatusCode.UNAVAILABLE),
+                    )
+                RESERVATION.set(reservation)  # this call's task: the handler's admit takes it
+                task = asyncio.current_task()
+                if task is not None:  # whatever ends the call, the reservation goes with it
+                    task.add_done_callback(lambda _: reservation.release())
         return cached[1]
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:

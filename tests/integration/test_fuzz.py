@@ -1,6 +1,9 @@
 """Hostile input against a live server: Hypothesis-built requests for both APIs, raw bytes on
-the wire, hostile images. Every call gets a proper status code (never UNKNOWN or INTERNAL), the
-server process lives on, and a valid request after every burst gets the right answer.
+the wire, hostile images, and streams (PredictStream, ModelStreamInfer) that mix valid and
+hostile messages, cancel, close at once, send nothing or pass the message limit. Every call gets
+a proper status code (never UNKNOWN or INTERNAL); every message on a stream gets one answer, in
+order, the same as its unary call's; the server process lives on, holds nothing once a burst is
+over, and a valid request after every burst gets the right answer.
 
 The strategies live in bench/fuzz.py, whose `make fuzz` runs 10,000 and more of them."""
 
@@ -21,16 +24,31 @@ from bench.fuzz import (
     HEALTH,
     METHODS,
     PROPER,
+    STREAM_ENDS,
+    STREAM_INFER,
+    STREAM_METHODS,
+    STREAM_PREDICT,
+    STREAM_PROPER,
+    UNARY_OF,
     V2,
     Case,
+    Message,
     ModelFacts,
     Oracle,
+    StreamCase,
+    StreamOutcome,
     Tally,
+    call_unary,
+    check_stream,
+    fixed_stream_cases,
     fuzz,
     image_blobs,
     model_facts,
     run_burst,
+    sample_messages,
     send,
+    send_stream,
+    stream_settled,
 )
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -39,6 +57,7 @@ from tests.support import ServerProcess
 pytestmark = pytest.mark.slow
 
 MESSAGE_MB = 1  # small, so that oversized messages are cheap to send
+STREAM_INFLIGHT = 8  # small, so that long streams meet the bound
 
 
 @dataclass
@@ -51,11 +70,17 @@ class Target:
     def alive(self) -> bool:
         return self.proc.proc is not None and self.proc.proc.poll() is None
 
+    def settled(self) -> bool:
+        return stream_settled(f"http://127.0.0.1:{self.proc.metrics_port}/metrics")()
+
 
 @pytest.fixture(scope="module")
 def target(trained_repo: Path) -> Iterator[Target]:
     with (
-        ServerProcess(trained_repo, ["--max-message-mb", str(MESSAGE_MB)]) as proc,
+        ServerProcess(
+            trained_repo,
+            ["--max-message-mb", str(MESSAGE_MB), "--max-stream-inflight", str(STREAM_INFLIGHT)],
+        ) as proc,
         grpc.insecure_channel(proc.target) as channel,
     ):
         model = model_facts(channel, "fashion", MESSAGE_MB * 1024 * 1024)
@@ -63,11 +88,18 @@ def target(trained_repo: Path) -> Iterator[Target]:
         yield Target(proc, channel, model, oracle)
 
 
-def burst(target: Target, cases: list[Case]) -> Tally:
+def burst(target: Target, cases: list[Case], streams: list[StreamCase] | None = None) -> Tally:
     tally = Tally()
     with ThreadPoolExecutor(8) as pool:
         run_burst(
-            target.channel, cases, oracle=target.oracle, tally=tally, alive=target.alive, pool=pool
+            target.channel,
+            cases,
+            oracle=target.oracle,
+            tally=tally,
+            alive=target.alive,
+            pool=pool,
+            streams=streams or [],
+            settled=target.settled,
         )
     return tally
 
@@ -81,6 +113,7 @@ def test_hypothesis_fuzz_both_protocols(target: Target) -> None:
         tally=tally,
         alive=target.alive,
         cases=300,
+        settled=target.settled,
     )
     print(tally.report())
     assert tally.total >= 300, tally.report()
@@ -88,6 +121,11 @@ def test_hypothesis_fuzz_both_protocols(target: Target) -> None:
     assert {"predict", "v2_infer", "classify", "wire", "oversized"} <= families, families
     assert tally.codes["OK"] and tally.codes["INVALID_ARGUMENT"], tally.report()
     assert set(tally.codes) <= {code.name for code in PROPER}
+    # A stream or two beside every burst, on both methods, valid and hostile messages.
+    assert tally.streams >= tally.bursts, tally.report()
+    assert {how.split()[0] for how, _ in tally.stream_ends} == {"PredictStream", "ModelStreamInfer"}
+    assert tally.stream_codes["OK"] and tally.stream_codes["INVALID_ARGUMENT"], tally.report()
+    assert set(tally.stream_codes) <= {code.name for code in STREAM_PROPER}, tally.report()
 
 
 def test_random_bytes_on_every_method(target: Target) -> None:
@@ -166,7 +204,80 @@ def test_shapes_numpy_cannot_hold_are_invalid(target: Target) -> None:
         Case("v2_infer", V2 + "ModelInfer", infer.SerializeToString()),
     ):
         code, details = send(target.channel, case)
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "is too large" in details, details
+        # Refused by the model's shape (checked first since admission control) or by size.
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "do not fit model" in details or "is too large" in details, details
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_every_stream_behaviour_with_hostile_messages(target: Target, seed: int) -> None:
+    """Each behaviour on each stream method, with valid messages between hostile ones of each
+    kind: one answer per message, in order, as the unary call answers it; each stream ends as
+    its behaviour says; nothing is left in flight after."""
+    streams = fixed_stream_cases(target.model, seed)
+    assert max(len(s.messages) for s in streams) > 3 * STREAM_INFLIGHT
+    tally = burst(target, [], streams)
+    print(tally.report())
+    assert tally.streams == len(streams)
+    assert set(tally.stream_ends) == {
+        (f"{s.short} {s.behaviour}", STREAM_ENDS[s.behaviour].name) for s in streams
+    }
+    assert len(tally.stream_ends) == 2 * len(STREAM_ENDS)
+    kinds = {kind for kind, _ in tally.by_kind}
+    assert kinds == {m.kind for s in streams for m in s.messages} - {"oversized"}, kinds
+    assert tally.stream_codes["OK"] > 0 and tally.stream_codes["INVALID_ARGUMENT"] > 0
+    assert tally.stream_codes["NOT_FOUND"] > 0
+
+
+@pytest.mark.parametrize("method", STREAM_METHODS, ids=lambda m: m.rpartition("/")[2])
+def test_the_stream_checks_catch_a_wrong_stream(target: Target, method: str) -> None:
+    """The checks themselves: answers swapped, one lost, one extra, the wrong end."""
+    messages = tuple(sample_messages(target.model, method))
+    case = StreamCase(method, messages)
+    outcome = send_stream(target.channel, case)
+    twins = {m.payload: call_unary(target.channel, UNARY_OF[method], m.payload) for m in messages}
+    counted, problems = check_stream(case, outcome, twins)
+    assert not problems and len(counted) == len(messages)
+    answers = outcome.answers
+    # valid answers 0 and 2 swapped (uint8 and float32 images: different probabilities)
+    swapped = [answers[2], answers[1], answers[0], *answers[3:]]
+    wrong = [
+        StreamOutcome(grpc.StatusCode.OK, "", swapped),
+        StreamOutcome(grpc.StatusCode.OK, "", answers[:-1]),
+        StreamOutcome(grpc.StatusCode.OK, "", [*answers, answers[-1]]),
+        StreamOutcome(grpc.StatusCode.INTERNAL, "boom", answers),
+        StreamOutcome(grpc.StatusCode.OK, "", [answers[1], *answers[1:]]),  # an error for a valid
+    ]
+    for bad in wrong:
+        _, problems = check_stream(case, bad, twins)
+        assert problems, bad.code
+
+
+def test_streams_of_random_bytes_and_a_stream_method_called_unary(target: Target) -> None:
+    """Streams of nothing but random bytes, empty messages and valid ones cut short: each one
+    answered INVALID_ARGUMENT ("cannot parse ...") and the stream goes on to OK."""
+    rng = random.Random(2)
+    streams = []
+    for method in STREAM_METHODS:
+        valid = sample_messages(target.model, method)[0].payload
+        junk = [Message("wire", rng.randbytes(rng.randrange(1, 600))) for _ in range(20)]
+        junk += [Message("truncated", valid[: rng.randrange(1, len(valid))]) for _ in range(10)]
+        junk.append(Message("wire", b"\xff" * 7))
+        streams.append(StreamCase(method, tuple(junk)))
+    tally = burst(target, [], streams)
+    assert set(tally.stream_codes) <= {"INVALID_ARGUMENT", "NOT_FOUND", "OK"}, tally.report()
+    assert tally.stream_codes["INVALID_ARGUMENT"] >= 40, tally.report()
+    for method in STREAM_METHODS:
+        outcome = send_stream(target.channel, StreamCase(method, (Message("wire", b"\xff\xff"),)))
+        assert outcome.code == grpc.StatusCode.OK and len(outcome.answers) == 1
+        if method == STREAM_PREDICT:
+            error = pb.PredictStreamResponse.FromString(outcome.answers[0]).error
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert error.message.startswith("cannot parse the request: "), error.message
+        else:
+            assert method == STREAM_INFER
+            message = v2.ModelStreamInferResponse.FromString(outcome.answers[0]).error_message
+            assert message.startswith("INVALID_ARGUMENT: cannot parse the request: "), message
 
 
 def test_no_internal_or_unknown_codes_were_counted(target: Target) -> None:

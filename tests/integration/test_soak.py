@@ -1,15 +1,18 @@
 """A short soak (bench/soak.py; `make soak` runs 5 minutes): mixed valid and invalid traffic
-at concurrency 32 against the real server. Zero unexpected outcomes, zero lost responses, and
-the server's resident memory after the warm-up grows less than 10% by the end."""
+at concurrency 32 against the real server, with streams on both streaming methods beside it.
+Zero unexpected outcomes, zero lost responses (a message on a stream included), and the
+server's resident memory after the warm-up grows less than 10% by the end."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.fuzz import STREAM_INFER, STREAM_PREDICT, Code
 from bench.soak import MAX_GROWTH, Traffic, soak
 from tests.support import ServerProcess
 
@@ -33,15 +36,57 @@ def test_short_soak_mixed_traffic(trained_repo: Path) -> None:
         assert result.growth < MAX_GROWTH, result.summary()
         kinds = {kind for kind, _ in result.outcomes}
         assert {"predict", "infer_v2", "classify", "bomb", "garbage", "oversized"} <= kinds
+        streamed = {
+            "PredictStream/predict",
+            "PredictStream/garbage",
+            "PredictStream/nan",
+            "PredictStream/unknown_model",
+            "ModelStreamInfer/infer_v2",
+            "ModelStreamInfer/garbage_v2",
+            "ModelStreamInfer/bad_shape_v2",
+        }
+        assert streamed <= kinds, kinds
+        assert {method for method, _ in result.streams} == {"PredictStream", "ModelStreamInfer"}
+        assert {code for _, code in result.streams} == {"OK"}, result.summary()
+        stream_answers = sum(n for (k, _), n in result.outcomes.items() if "/" in k)
+        assert stream_answers > 500, result.summary()
         url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         inflight = [
             float(line.split()[-1])
             for line in text.splitlines()
-            if line.startswith("cnnserve_inflight_requests{")
+            if line.startswith(("cnnserve_inflight_requests{", "cnnserve_inflight_streams{"))
         ]
         assert inflight and not any(inflight)
         assert 'code="INTERNAL"' not in text and 'code="UNKNOWN"' not in text
+        assert 'method="PredictStream"' in text and 'method="ModelStreamInfer"' in text
+
+        # The checks themselves: streams whose expectations are wrong are counted unexpected.
+        for method in (STREAM_PREDICT, STREAM_INFER):
+            valid, invalid = traffic.stream[method]
+            traffic.stream[method] = (
+                [dataclasses.replace(valid[0], check=lambda data: False)],
+                [dataclasses.replace(m, expect=Code.OK) for m in invalid],
+            )
+        sabotaged = asyncio.run(
+            soak(
+                proc.target,
+                traffic,
+                pid=None,
+                seconds=2,
+                warmup=1,
+                concurrency=0,
+                stream_workers=2,
+                stream_messages=8,
+            )
+        )
+        labels = set(sabotaged.unexpected)
+        assert {
+            "PredictStream/predict: OK (wrong answer)",
+            "ModelStreamInfer/infer_v2: OK (wrong answer)",
+        } <= labels, labels
+        assert "PredictStream/nan: INVALID_ARGUMENT" in labels, labels
+        assert not sabotaged.passed
     assert proc.proc.returncode == 0
     assert "Traceback" not in proc.logs()

@@ -1,0 +1,843 @@
+"""`make overload`: the server under a burst far beyond its memory, and under 4x its capacity.
+
+    .venv/bin/python bench/overload.py                      # the whole run, ~3 minutes
+    .venv/bin/python bench/overload.py --publish            # and write bench/OVERLOAD.md
+    .venv/bin/python bench/overload.py --calls 300 --idle-seconds 10 --goodput-seconds 10
+
+Issue 13: 1,500 concurrent Predict calls of 1,024 float32 images each (3.2 MB a call, 4.8 GB
+in all, 60 s deadlines) took the server from 127 MB to 7.2 GB, and it stayed at 630-700 MB
+afterwards. Here the real server (`python -m serving`, a subprocess) runs with the admission
+budget a pod limited to 1 GiB would get (`--max-inflight-mb` from
+`serving.memory.default_inflight_budget_bytes(1 GiB)`), and, one after the other:
+
+1. three warm calls, then its idle resident memory (VmRSS) for a few seconds: the baseline;
+2. the burst: `--calls` concurrent calls over `--channels` grpc.aio channels (one TCP
+   connection each), every one sent at once; VmRSS is sampled every 50 ms and VmHWM read at
+   the end. Every call must end OK (with the right answer) or UNAVAILABLE naming the limit
+   that refused it; none DEADLINE_EXCEEDED; peak resident memory at most 1 GiB;
+3. one more valid call, answered correctly, then VmRSS sampled for `--idle-seconds`: the
+   memory must come back to within 1.5x of the baseline;
+4. goodput. Saturation is a closed loop of 8 callers, each sending its next call when the last
+   is answered: enough to keep every run busy (a 1,024-image call is split over the runs), so
+   its rate of OK images is what the server can do. Overload is an open loop at 4x that rate
+   in calls a second: calls arrive on schedule whether or not earlier ones were answered, as
+   from many independent clients. (A closed loop of 32 callers would be no overload at all:
+   each waits for its answer, so it only lengthens the queue and offers what is served.)
+   Goodput is the rate of OK images answered inside the measuring window; the target is at
+   least 90 % of saturation, i.e. refusing the excess costs the server little.
+
+The server's connection recycling (--max-connection-age-s) is off here: a recycled connection
+fails calls larger than gRPC's retry buffer with UNAVAILABLE, which would count as refusals.
+Writes bench/results/overload.json (and the server log beside it); `--publish` also writes
+bench/OVERLOAD.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serving.codec import encode_tensor  # noqa: E402
+from serving.memory import GiB, MiB, default_inflight_budget_bytes  # noqa: E402
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
+from tests.support import ServerProcess  # noqa: E402
+
+PREDICT = "/cnnserve.v1.CnnServe/Predict"
+MESSAGE_LIMIT = 64 * MiB
+LIMIT_NAMES = ("max-inflight-mb", "max-queue-images")  # what a refusal must name
+POD_LIMIT = 1 * GiB
+PEAK_TARGET = 1 * GiB
+IDLE_RATIO_TARGET = 1.5
+GOODPUT_TARGET = 0.90
+Code = grpc.StatusCode
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ================================================================================== memory
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    """A figure of /proc/<pid>/status (VmRSS, VmHWM) in KiB; None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@contextlib.contextmanager
+def cpu_used(pid: int, into: dict[str, float]) -> Iterator[None]:
+    """CPU seconds the server (`pid`) and this client process spend inside the `with`."""
+    server, client = cpu_seconds(pid), sum(os.times()[:2])
+    try:
+        yield
+    finally:
+        into["server"] = round(cpu_seconds(pid) - server, 2)
+        into["client"] = round(sum(os.times()[:2]) - client, 2)
+
+
+class RssSampler:
+    """VmRSS of a process every `interval_s`, from a thread of its own (the client's event loop
+    may be too busy to keep time during a burst)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int]] = []  # (monotonic seconds, bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            kib = proc_status_kib(self.pid, "VmRSS")
+            if kib is not None:
+                self.samples.append((time.monotonic(), kib * 1024))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def latest(self) -> int:
+        return self.samples[-1][1] if self.samples else 0
+
+    def between(self, start: float, stop: float = math.inf) -> list[int]:
+        return [b for t, b in self.samples if start <= t <= stop]
+
+
+# ================================================================================== traffic
+
+
+@dataclass
+class Workload:
+    """One serialized Predict request (sent by every call: the client holds one copy of it) and
+    the answer it must get, from ONNX Runtime in this process on the same file."""
+
+    model: str
+    payload: bytes
+    expected_top1: list[int]
+    images: int
+
+    @classmethod
+    def build(cls, model: str, model_file: Path, images: int, seed: int = 0) -> Workload:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        _, h, w, c = inp.shape
+        rng = np.random.default_rng(seed)
+        x = rng.random((images, h, w, c), dtype=np.float32)
+        expected: npt.NDArray[np.float32] = session.run(None, {inp.name: x})[0]
+        request = pb.PredictRequest(model=model, omit_probabilities=True)
+        encode_tensor(x, request.images)
+        return cls(model, request.SerializeToString(), expected.argmax(axis=1).tolist(), images)
+
+    def right(self, response: pb.PredictResponse) -> bool:
+        got = [c.top[0].index for c in response.classifications]
+        return got == self.expected_top1
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+        # A subchannel pool per channel: channels to one target otherwise share one connection.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def predict_stubs(
+    target: str, channels: int
+) -> AsyncIterator[list[grpc.aio.UnaryUnaryMultiCallable[bytes, pb.PredictResponse]]]:
+    opened = [grpc.aio.insecure_channel(target, options=channel_options()) for _ in range(channels)]
+    try:
+        for ch in opened:
+            await asyncio.wait_for(ch.channel_ready(), 30)
+        yield [
+            ch.unary_unary(
+                PREDICT,
+                request_serializer=None,
+                response_deserializer=pb.PredictResponse.FromString,
+            )
+            for ch in opened
+        ]
+    finally:
+        for ch in opened:
+            await ch.close(None)
+
+
+@dataclass
+class Outcome:
+    sent: float  # monotonic
+    done: float
+    code: str
+    details: str = ""
+    right: bool = True
+
+
+async def one_call(
+    stub: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.PredictResponse],
+    work: Workload,
+    deadline_s: float,
+) -> Outcome:
+    sent = time.monotonic()
+    try:
+        response = await stub(work.payload, timeout=deadline_s)
+    except grpc.aio.AioRpcError as err:
+        return Outcome(sent, time.monotonic(), err.code().name, err.details() or "")
+    return Outcome(sent, time.monotonic(), Code.OK.name, right=work.right(response))
+
+
+def refusal_names_limit(o: Outcome) -> bool:
+    details = o.details.replace("_", "-")
+    return any(name in details for name in LIMIT_NAMES)
+
+
+# ================================================================================== phases
+
+
+@dataclass
+class BurstResult:
+    calls: int
+    images_per_call: int
+    channels: int
+    deadline_s: float
+    seconds: float = 0.0
+    codes: dict[str, int] = field(default_factory=dict)
+    wrong_answers: int = 0
+    refusals_naming_no_limit: int = 0
+    refusal_messages: dict[str, int] = field(default_factory=dict)
+    other_messages: dict[str, int] = field(default_factory=dict)
+    latency_ok_s: dict[str, float] = field(default_factory=dict)
+    latency_refused_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # server and client CPU seconds
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    values = sorted(values)
+
+    def q(p: float) -> float:
+        return round(values[min(len(values) - 1, int(p * len(values)))], 3)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(values[-1], 3)}
+
+
+def _message_key(details: str) -> str:
+    """A refusal's message without its figures, so that like ones count together."""
+    return "".join("#" if ch.isdigit() else ch for ch in details)[:160]
+
+
+async def burst(
+    target: str,
+    work: Workload,
+    *,
+    calls: int,
+    channels: int = 8,
+    deadline_s: float = 60.0,
+    progress: Progress | None = None,
+) -> BurstResult:
+    """`calls` Predict calls sent at once over `channels` channels; waits for every answer."""
+    result = BurstResult(calls, work.images, channels, deadline_s)
+    codes: Counter[str] = Counter()
+    started = time.monotonic()
+    async with predict_stubs(target, channels) as stubs:
+
+        async def call(i: int) -> Outcome:
+            o = await one_call(stubs[i % channels], work, deadline_s)
+            codes[o.code] += 1
+            return o
+
+        tasks = [asyncio.create_task(call(i)) for i in range(calls)]
+        ticker = asyncio.create_task(_tick(progress, "burst", codes, calls))
+        outcomes = await asyncio.gather(*tasks)
+        ticker.cancel()
+    result.seconds = time.monotonic() - started
+    result.codes = dict(sorted(codes.items()))
+    refused = [o for o in outcomes if o.code == Code.UNAVAILABLE.name]
+    result.wrong_answers = sum(1 for o in outcomes if o.code == "OK" and not o.right)
+    result.refusals_naming_no_limit = sum(1 for o in refused if not refusal_names_limit(o))
+    result.refusal_messages = dict(Counter(_message_key(o.details) for o in refused).most_common(5))
+    result.other_messages = dict(
+        Counter(
+            f"{o.code}: {_message_key(o.details)}"
+            for o in outcomes
+            if o.code not in ("OK", Code.UNAVAILABLE.name)
+        ).most_common(5)
+    )
+    result.latency_ok_s = _quantiles([o.done - o.sent for o in outcomes if o.code == "OK"])
+    result.latency_refused_s = _quantiles([o.done - o.sent for o in refused])
+    return result
+
+
+@dataclass
+class RateResult:
+    mode: str  # "closed" (callers wait for their answers) or "open" (arrivals on schedule)
+    concurrency: int  # closed: callers; open: 0
+    offered_calls_per_s: float  # open: the schedule; closed: what was sent
+    seconds: float
+    warmup_s: float
+    sent: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    wrong_answers: int = 0
+    ok_images_per_s: float = 0.0  # OK images answered inside the window [warmup, seconds]
+    ok_calls_per_s: float = 0.0
+    latency_ok_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # server and client CPU seconds
+
+
+def _rate(result: RateResult, outcomes: list[Outcome], started: float, images: int) -> RateResult:
+    lo, hi = started + result.warmup_s, started + result.seconds
+    ok = [o for o in outcomes if o.code == "OK" and o.right and lo <= o.done <= hi]
+    window = result.seconds - result.warmup_s
+    result.sent = len(outcomes)
+    result.codes = dict(sorted(Counter(o.code for o in outcomes).items()))
+    result.wrong_answers = sum(1 for o in outcomes if o.code == "OK" and not o.right)
+    result.ok_calls_per_s = len(ok) / window
+    result.ok_images_per_s = len(ok) * images / window
+    result.latency_ok_s = _quantiles([o.done - o.sent for o in ok])
+    return result
+
+
+async def closed_loop(
+    target: str,
+    work: Workload,
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+    channels: int = 8,
+    deadline_s: float = 60.0,
+    progress: Progress | None = None,
+) -> RateResult:
+    """`concurrency` callers, each sending its next call when its last is answered."""
+    outcomes: list[Outcome] = []
+    codes: Counter[str] = Counter()
+    started = time.monotonic()
+    stop_at = started + seconds
+    async with predict_stubs(target, channels) as stubs:
+
+        async def caller(i: int) -> None:
+            while time.monotonic() < stop_at:
+                o = await one_call(stubs[i % channels], work, deadline_s)
+                codes[o.code] += 1
+                outcomes.append(o)
+
+        ticker = asyncio.create_task(_tick(progress, f"closed loop x{concurrency}", codes, None))
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        ticker.cancel()
+    result = RateResult("closed", concurrency, 0.0, seconds, warmup_s)
+    result.offered_calls_per_s = len(outcomes) / max(time.monotonic() - started, 1e-9)
+    return _rate(result, outcomes, started, work.images)
+
+
+async def open_loop(
+    target: str,
+    work: Workload,
+    *,
+    calls_per_s: float,
+    seconds: float,
+    warmup_s: float,
+    channels: int = 8,
+    deadline_s: float = 60.0,
+    progress: Progress | None = None,
+) -> RateResult:
+    """Calls sent on a fixed schedule of `calls_per_s` for `seconds`, answered or not; waits
+    for every answer (each within its deadline)."""
+    codes: Counter[str] = Counter()
+    started = time.monotonic()
+    n = max(1, round(calls_per_s * seconds))
+    async with predict_stubs(target, channels) as stubs:
+
+        async def call(i: int) -> Outcome:
+            o = await one_call(stubs[i % channels], work, deadline_s)
+            codes[o.code] += 1
+            return o
+
+        ticker = asyncio.create_task(_tick(progress, f"open loop {calls_per_s:.1f}/s", codes, n))
+        tasks = []
+        for i in range(n):
+            delay = started + i / calls_per_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(call(i)))
+        outcomes = list(await asyncio.gather(*tasks))
+        ticker.cancel()
+    result = RateResult("open", 0, calls_per_s, seconds, warmup_s)
+    return _rate(result, outcomes, started, work.images)
+
+
+# ================================================================================== output
+
+
+class Progress:
+    """One status line, rewritten in place on a terminal and printed every few seconds
+    elsewhere, with the server's memory from the sampler."""
+
+    def __init__(self, sampler: RssSampler | None) -> None:
+        self.sampler = sampler
+        self.tty = sys.stdout.isatty()
+        self._last_print = 0.0
+
+    def show(self, line: str, final: bool = False) -> None:
+        if self.sampler is not None:
+            line += f" | server RSS {self.sampler.latest() / MiB:,.0f} MiB"
+        now = time.monotonic()
+        if self.tty:
+            print(f"\r\x1b[K  {line}", end="\n" if final else "", flush=True)
+        elif final or now - self._last_print >= 5:
+            print(f"  {line}", flush=True)
+            self._last_print = now
+
+
+async def _tick(
+    progress: Progress | None, what: str, codes: Counter[str], total: int | None
+) -> None:
+    if progress is None:
+        return
+    started = time.monotonic()
+    try:
+        while True:
+            await asyncio.sleep(0.25)
+            done = sum(codes.values())
+            counts = ", ".join(f"{c} {n:,}" for c, n in sorted(codes.items()))
+            of = f"/{total:,}" if total else ""
+            progress.show(
+                f"{what}: {done:,}{of} answered ({counts}) {time.monotonic() - started:5.1f}s"
+            )
+    except asyncio.CancelledError:
+        done = sum(codes.values())
+        counts = ", ".join(f"{c} {n:,}" for c, n in sorted(codes.items()))
+        progress.show(
+            f"{what}: {done:,} answered ({counts}) in {time.monotonic() - started:.1f}s", final=True
+        )
+        raise
+
+
+def machine() -> dict[str, object]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        platform.processor() or "?",
+    )
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def newest_model_file(models: Path, model: str) -> Path:
+    versions = sorted(
+        (int(p.name) for p in (models / model).glob("[0-9]*") if p.name.isdigit()), reverse=True
+    )
+    if not versions:
+        raise SystemExit(
+            f"{models / model}: no model versions (train one: .venv/bin/python -m training "
+            f"--dataset fashion_mnist --epochs 1 --train-limit 5000 --name {model} "
+            f"--models-dir {models} --no-download)"
+        )
+    return models / model / str(versions[0]) / "model.onnx"
+
+
+def pick_model(models: Path, wanted: str | None) -> str:
+    names = sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+    if wanted:
+        return wanted
+    if not names:
+        raise SystemExit(f"no models in {models}: train one first (make train)")
+    return "fashion" if "fashion" in names else names[0]
+
+
+def fmt_mib(n: float) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+@dataclass
+class Memory:
+    """The server's resident memory, in bytes."""
+
+    idle_before: float  # the median over the idle seconds before the burst
+    vmhwm: int  # the kernel's high-water mark, read after the burst
+    peak_sampled: int  # the highest 50 ms sample during the burst
+    idle_seconds: float
+    idle_after: float  # the median of the last 2 s of the idle window after the burst
+    idle_after_min: int
+    series_mib: list[tuple[float, float]] = field(default_factory=list)  # (s from burst, MiB)
+
+    @property
+    def peak(self) -> int:
+        return max(self.vmhwm, self.peak_sampled)
+
+    @property
+    def idle_ratio(self) -> float:
+        return self.idle_after / self.idle_before if self.idle_before else math.inf
+
+
+@dataclass
+class Report:
+    burst: BurstResult
+    memory: Memory
+    after_burst_call_ok: bool
+    saturation: RateResult
+    overload: RateResult
+    overload_factor: float
+    server_alive: bool
+    budget_bytes: int
+    client_peak_rss_mib: float = 0.0
+
+    @property
+    def goodput_ratio(self) -> float:
+        sat = self.saturation.ok_images_per_s
+        return self.overload.ok_images_per_s / sat if sat else 0.0
+
+    def targets(self) -> dict[str, bool]:
+        b, m = self.burst, self.memory
+        deadline = Code.DEADLINE_EXCEEDED.name
+        return {
+            "every burst call answered OK or UNAVAILABLE": b.codes.get("OK", 0)
+            + b.codes.get(Code.UNAVAILABLE.name, 0)
+            == b.calls,
+            "no DEADLINE_EXCEEDED": deadline not in b.codes and deadline not in self.overload.codes,
+            "every OK answer right": b.wrong_answers == 0
+            and self.saturation.wrong_answers == 0
+            and self.overload.wrong_answers == 0,
+            "every refusal names its limit": b.refusals_naming_no_limit == 0,
+            f"peak RSS <= {fmt_mib(PEAK_TARGET)}": m.peak <= PEAK_TARGET,
+            f"idle RSS after the burst <= {IDLE_RATIO_TARGET}x before": m.idle_ratio
+            <= IDLE_RATIO_TARGET,
+            "a valid call after the burst answered correctly": self.after_burst_call_ok,
+            f"goodput >= {GOODPUT_TARGET:.0%} of saturation": self.goodput_ratio >= GOODPUT_TARGET,
+            "server alive and answering at the end": self.server_alive,
+        }
+
+    def table(self) -> str:
+        """The figures and the targets, as Markdown tables."""
+        b, m, sat, over = self.burst, self.memory, self.saturation, self.overload
+        rows = [
+            (
+                "burst",
+                f"{b.calls:,} calls x {b.images_per_call:,} float32 images over {b.channels} "
+                f"channels, {b.deadline_s:.0f} s deadlines; all answered in {b.seconds:.1f} s",
+            ),
+            ("burst status codes", _codes(b.codes)),
+            (
+                "wrong answers / refusals naming no limit",
+                f"{b.wrong_answers} / {b.refusals_naming_no_limit}",
+            ),
+            ("OK latency p50 / p99 / max", _lat(b.latency_ok_s)),
+            ("refusal latency p50 / p99 / max", _lat(b.latency_refused_s)),
+            ("server budget (--max-inflight-mb)", fmt_mib(self.budget_bytes)),
+            ("idle RSS before the burst", fmt_mib(m.idle_before)),
+            (
+                "peak RSS: VmHWM / highest 50 ms sample",
+                f"{fmt_mib(m.vmhwm)} / {fmt_mib(m.peak_sampled)}",
+            ),
+            (
+                f"RSS after {m.idle_seconds:.0f} s idle",
+                f"{fmt_mib(m.idle_after)} ({m.idle_ratio:.2f}x before; lowest in the window "
+                f"{fmt_mib(m.idle_after_min)})",
+            ),
+            (
+                "a valid call after the burst",
+                "answered correctly" if self.after_burst_call_ok else "FAILED",
+            ),
+            (
+                f"saturation: closed loop of {sat.concurrency} callers",
+                f"{sat.ok_images_per_s:,.0f} OK images/s ({sat.ok_calls_per_s:.2f} calls/s); "
+                f"{_codes(sat.codes)}; OK p50 {_lat(sat.latency_ok_s, ('p50',))}",
+            ),
+            (
+                f"overload: open loop at {self.overload_factor:g}x, "
+                f"{over.offered_calls_per_s:.1f} calls/s",
+                f"{over.ok_images_per_s:,.0f} OK images/s; {_codes(over.codes)}; "
+                f"OK p50 / p99 {_lat(over.latency_ok_s, ('p50', 'p99'))}",
+            ),
+            ("goodput / saturation", f"{self.goodput_ratio:.1%}"),
+            (
+                "CPU seconds, server / client: burst, saturation, overload",
+                ", ".join(_cpu(r.cpu_s) for r in (b, sat, over)),
+            ),
+            ("client peak RSS", f"{self.client_peak_rss_mib:,.0f} MiB"),
+        ]
+        lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+        lines += ["", "| target | met |", "|---|---|"]
+        lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in self.targets().items()]
+        return "\n".join(lines)
+
+
+def _codes(codes: dict[str, int]) -> str:
+    return ", ".join(f"{c} {n:,}" for c, n in codes.items()) or "-"
+
+
+def _cpu(c: dict[str, float]) -> str:
+    return f"{c['server']:.0f} / {c['client']:.0f}" if c else "-"
+
+
+def _lat(q: dict[str, float], keys: Sequence[str] = ("p50", "p99", "max")) -> str:
+    return " / ".join(f"{q[k]:.2f} s" for k in keys) if q else "-"
+
+
+# ================================================================================== main
+
+
+async def measure(
+    args: argparse.Namespace, proc: ServerProcess, work: Workload, budget: int
+) -> Report:
+    """The phases of the module's docstring, one after the other, against a started server."""
+    assert proc.proc is not None
+    pid, target = proc.proc.pid, proc.target
+    with RssSampler(pid) as sampler:
+        progress = Progress(sampler)
+        print("warm-up: 3 calls, then idle", flush=True)
+        async with predict_stubs(target, 1) as stubs:
+            for _ in range(3):
+                o = await one_call(stubs[0], work, args.deadline)
+                if o.code != "OK" or not o.right:
+                    raise SystemExit(f"warm-up call failed: {o.code} {o.details}")
+        t = time.monotonic()
+        await asyncio.sleep(args.baseline_seconds)
+        idle_before = statistics.median(sampler.between(t) or [sampler.latest()])
+
+        print(f"burst: {args.calls:,} calls at once", flush=True)
+        t_burst = time.monotonic()
+        cpu: dict[str, float] = {}
+        with cpu_used(pid, cpu):
+            b = await burst(
+                target,
+                work,
+                calls=args.calls,
+                channels=args.channels,
+                deadline_s=args.deadline,
+                progress=progress,
+            )
+        b.cpu_s = cpu
+        vmhwm = (proc_status_kib(pid, "VmHWM") or 0) * 1024
+        peak_sampled = max(sampler.between(t_burst) or [0])
+
+        async with predict_stubs(target, 1) as stubs:
+            after = await one_call(stubs[0], work, args.deadline)
+        after_ok = after.code == "OK" and after.right
+        print(f"after the burst: one call {after.code}{'' if after.right else ' (WRONG ANSWER)'}")
+
+        print(f"idle for {args.idle_seconds:.0f} s", flush=True)
+        t_idle = time.monotonic()
+        while time.monotonic() - t_idle < args.idle_seconds:
+            await asyncio.sleep(0.5)
+            progress.show(f"idle {time.monotonic() - t_idle:4.1f}s")
+        progress.show("idle: done", final=True)
+        window = sampler.between(t_idle)
+        tail = sampler.between(time.monotonic() - min(2.0, args.idle_seconds / 4))
+        memory = Memory(
+            idle_before=idle_before,
+            vmhwm=vmhwm,
+            peak_sampled=peak_sampled,
+            idle_seconds=args.idle_seconds,
+            idle_after=statistics.median(tail or window or [sampler.latest()]),
+            idle_after_min=min(window or [0]),
+            series_mib=[
+                (round(t - t_burst, 2), round(v / MiB, 1)) for t, v in sampler.samples[::4]
+            ],
+        )
+
+        print(f"goodput: saturation, {args.saturation_concurrency} callers", flush=True)
+        common = {
+            "seconds": args.goodput_seconds,
+            "warmup_s": args.goodput_warmup,
+            "channels": args.channels,
+            "deadline_s": args.deadline,
+            "progress": progress,
+        }
+        with cpu_used(pid, cpu := {}):
+            sat = await closed_loop(target, work, concurrency=args.saturation_concurrency, **common)
+        sat.cpu_s = cpu
+        offered = max(sat.ok_calls_per_s * args.overload_factor, 0.1)
+        print(f"goodput: overload, {offered:.1f} calls/s on schedule", flush=True)
+        with cpu_used(pid, cpu := {}):
+            over = await open_loop(target, work, calls_per_s=offered, **common)
+        over.cpu_s = cpu
+        async with predict_stubs(target, 1) as stubs:
+            last = await one_call(stubs[0], work, args.deadline)
+    return Report(
+        burst=b,
+        memory=memory,
+        after_burst_call_ok=after_ok,
+        saturation=sat,
+        overload=over,
+        overload_factor=args.overload_factor,
+        server_alive=proc.proc.poll() is None and last.code == "OK" and last.right,
+        budget_bytes=budget,
+        client_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    default_models = (
+        Path("/tmp/shared-models") if Path("/tmp/shared-models").is_dir() else ROOT / "models"
+    )
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=default_models,
+        help=f"model repository (default {default_models})",
+    )
+    p.add_argument("--model", help="model to call (default: fashion when present, else the first)")
+    p.add_argument("--calls", type=int, default=1500, help="calls in the burst")
+    p.add_argument("--images", type=int, default=1024, help="float32 images per call")
+    p.add_argument("--channels", type=int, default=8, help="grpc.aio channels (connections)")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds per call")
+    p.add_argument(
+        "--pod-limit-mib",
+        type=int,
+        default=POD_LIMIT // MiB,
+        help="the memory limit whose default budget the server gets (default %(default)s)",
+    )
+    p.add_argument("--max-inflight-mb", type=int, help="give the server this budget instead")
+    p.add_argument("--baseline-seconds", type=float, default=3.0, help="idle before the burst")
+    p.add_argument("--idle-seconds", type=float, default=30.0, help="idle after the burst")
+    p.add_argument("--saturation-concurrency", type=int, default=8)
+    p.add_argument("--overload-factor", type=float, default=4.0)
+    p.add_argument("--goodput-seconds", type=float, default=20.0, help="length of each phase")
+    p.add_argument(
+        "--goodput-warmup", type=float, default=3.0, help="seconds left out at a phase's start"
+    )
+    p.add_argument("--server-args", default="", help="more flags for python -m serving")
+    p.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for the server"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--publish", action="store_true", help="also write bench/OVERLOAD.md")
+    args = p.parse_args(argv)
+
+    model = pick_model(args.models, args.model)
+    model_file = newest_model_file(args.models, model)
+    budget = (
+        args.max_inflight_mb * MiB
+        if args.max_inflight_mb is not None
+        else default_inflight_budget_bytes(args.pod_limit_mib * MiB)
+    )
+    server_args = [
+        "--max-inflight-mb",
+        str(budget // MiB),
+        "--max-message-mb",
+        str(MESSAGE_LIMIT // MiB),
+        "--max-connection-age-s",
+        "0",
+        *shlex.split(args.server_args),
+    ]
+    env = dict(kv.split("=", 1) for kv in args.env)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Workload.build(model, model_file, args.images)
+    print(
+        f"model {model} ({model_file}), {len(work.payload) / 1e6:.1f} MB a call; server flags "
+        f"{' '.join(server_args)}" + (f"; env {' '.join(args.env)}" if env else ""),
+        flush=True,
+    )
+    started = datetime.datetime.now(datetime.UTC)
+    log_path = args.out / "overload-server.log"
+    with ServerProcess(args.models, server_args, env=env, log_path=log_path) as proc:
+        report = asyncio.run(measure(args, proc, work, budget))
+        exit_code = proc.stop()
+    command = " ".join(["bench/overload.py", *(sys.argv[1:] if argv is None else argv)])
+    targets = report.targets()
+    passed = all(targets.values())
+    data = {
+        "when": started.isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine(),
+        "model": str(model_file),
+        "server_args": server_args,
+        "server_env": env,
+        "server_exit_code": exit_code,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **asdict(report),
+        "goodput_ratio": report.goodput_ratio,
+        "targets": targets,
+        "passed": passed,
+    }
+    (args.out / "overload.json").write_text(json.dumps(data, indent=2) + "\n")
+    table = report.table()
+    print(f"\n{table}\n\n{'PASS' if passed else 'FAIL'}; wrote {args.out / 'overload.json'}")
+    if args.publish:
+        publish(data, table, server_args, env)
+    return 0 if passed else 1
+
+
+def publish(
+    data: dict[str, object], table: str, server_args: list[str], env: dict[str, str]
+) -> None:
+    m: dict[str, object] = data["machine"]  # type: ignore[assignment]
+    envs = " ".join(f"{k}={v}" for k, v in env.items())
+    text = f"""# Overload: a burst beyond the server's memory, and 4x its capacity
+
+`make overload` (`.venv/bin/python {data["command"]}`), {data["when"]}: {m["cpu"]},
+{m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, Python {m["python"]}, grpcio
+{m["grpcio"]}; load average {m["load_average_at_start"]} at the start (a shared
+machine: figures move from run to run). The client runs on the same cores as the server.
+
+Server: `{envs + " " if envs else ""}python -m serving {" ".join(server_args)}`; its
+`--max-inflight-mb` is `serving.memory.default_inflight_budget_bytes(1 GiB)`, the default
+budget of a pod limited to 1 GiB. What each phase does and why: bench/overload.py's docstring;
+every figure: bench/results/overload.json.
+
+{table}
+"""
+    (ROOT / "bench" / "OVERLOAD.md").write_text(text)
+    print(f"wrote {ROOT / 'bench' / 'OVERLOAD.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
