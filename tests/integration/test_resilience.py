@@ -119,10 +119,14 @@ def test_service_config_has_the_retry_policy_and_round_robin() -> None:
 
 
 def test_a_call_refused_for_overload_is_retried_until_admitted(trained_repo: Path) -> None:
-    """Admission control refuses a small call UNAVAILABLE while a large one holds the whole
-    memory budget; the retrying client tries again after its backoff and is answered once the
-    large call is done. The server counts the refusal and the answer: more than one attempt."""
-    heavy_images = np.zeros((4096, 28, 28, 1), np.uint8)  # ~32 MB of the 1 MiB budget, ~0.2 s
+    """Admission control refuses a small call UNAVAILABLE while a large one holds the memory
+    budget; the retrying client tries again after its backoff and is answered once the large
+    call is done. The server counts the refusals and the answer: more than one attempt.
+
+    What the large call holds shrinks as its parts are answered, so a small call that arrives
+    near its end may be let in at once (and answered with it): the pair is repeated until a
+    refusal is seen (almost always the first time)."""
+    heavy_images = np.zeros((4096, 28, 28, 1), np.uint8)  # ~32 MB against a 1 MiB budget
     heavy = pb.PredictRequest(
         model="fashion",
         images=pb.Tensor(
@@ -134,34 +138,38 @@ def test_a_call_refused_for_overload_is_retried_until_admitted(trained_repo: Pat
     patient = RetryPolicy(initial_backoff_s=0.2, max_backoff_s=2.0)  # ~3 s of attempts
     args = ["--max-inflight-mb", "1", "--max-request-batch", "4096"]
     options = [("grpc.max_send_message_length", 16 << 20)]
+    rounds: list[tuple[float, float]] = []  # (refusals, seconds) of the small call
     with (
         ServerProcess(trained_repo, args) as proc,
         grpc.insecure_channel(proc.target, options=options) as raw,
         Client(proc.target, retry=patient) as client,
     ):
         assert client.predict("fashion", small).version == 1
-        done: list[str] = []
-
-        def heavy_call() -> None:
-            pb_grpc.CnnServeStub(raw).Predict(heavy, timeout=60)
-            done.append("OK")
-
-        thread = threading.Thread(target=heavy_call)
-        thread.start()
-        wait_for(
-            "the large call to hold the budget", lambda: metric(proc, "cnnserve_inflight_bytes")
-        )
-        started = time.perf_counter()
-        result = client.predict("fashion", small)  # refused at first, then admitted
-        elapsed = time.perf_counter() - started
-        thread.join(60)
-        refused = metric(proc, "cnnserve_rejected_total", reason="memory")
+        stub = pb_grpc.CnnServeStub(raw)
+        while len(rounds) < 5 and not any(refusals for refusals, _ in rounds):
+            refused_before = metric(proc, "cnnserve_rejected_total", reason="memory")
+            done: list[str] = []
+            thread = threading.Thread(
+                target=lambda done=done: done.append(stub.Predict(heavy, timeout=60).model)
+            )
+            thread.start()
+            wait_for(
+                "the large call to hold the budget",
+                lambda: metric(proc, "cnnserve_inflight_bytes") > 1 << 20,
+            )
+            started = time.perf_counter()
+            result = client.predict("fashion", small)  # refused at first, then admitted
+            elapsed = time.perf_counter() - started
+            thread.join(60)
+            assert done == ["fashion"]
+            assert result.version == 1 and len(result.labels) == 1
+            refused = metric(proc, "cnnserve_rejected_total", reason="memory") - refused_before
+            rounds.append((refused, elapsed))
         unavailable, answered = predicts(proc, "UNAVAILABLE"), predicts(proc, "OK")
-    print(f"\nthe small call: {refused:.0f} refusals, then answered, in {elapsed:.2f} s")
-    assert result.version == 1 and len(result.labels) == 1
-    assert done == ["OK"]
-    assert refused >= 1 and unavailable == refused, proc.logs()
-    assert answered == 3  # the warm-up, the large call, and the retried one
+    print(f"\nthe small call, per round: {rounds} (refusals, seconds to its answer)")
+    assert rounds[-1][0] >= 1, (rounds, proc.logs())
+    assert unavailable == sum(refusals for refusals, _ in rounds)
+    assert answered == 1 + 2 * len(rounds)  # each large call and each small one, answered
 
 
 def test_retries_stop_at_max_attempts_and_skip_codes_that_are_not_retryable(
