@@ -96,28 +96,41 @@ class Admission:
         self.held_bytes = 0
         self.admitted = 0  # requests (and reservations) holding a ticket now
         self._expected: dict[str, float] = {}  # method -> moving average of real costs
+        # method -> (model, its queue, images) of its last call refused for a full queue
+        self._blocked: dict[str, tuple[str, Queue, int]] = {}
         self._on_reject = on_reject  # (model, reason)
         self._on_change = on_change  # held bytes, after each change
 
-    def reserve(self, key: str) -> Ticket | None:
+    def reserve(self, key: str) -> Ticket:
         """Hold what a call of `key` (its method) is expected to cost before its message is
-        read; None when the budget is taken (the caller refuses the call unread)."""
+        read, or raise `Unavailable` (the caller refuses the call unread): when the budget is
+        taken, or when the last call of this method was refused for its model's full queue and
+        that queue has not drained since (reading more such calls would only be to refuse them)."""
+        blocked = self._blocked.get(key)
+        if blocked is not None:
+            model, queue, images = blocked
+            if queue.queued_images and queue.queued_images + images > self.max_queue_images:
+                self._reject(model, "queue")
+                raise Unavailable(self._queue_full(model, queue.queued_images, images))
+            del self._blocked[key]
         expected = self._expected.get(key)
         nbytes = int(expected) if expected is not None else self.budget_bytes // INITIAL_SHARE
         nbytes = max(nbytes, PER_CALL_BYTES)
         held = self.held_bytes
         if held and held + nbytes > self.budget_bytes:
             self._reject(UNREAD, "memory")
-            return None
+            raise Unavailable(
+                f"server overloaded: {held / MiB:.1f} MiB of the --max-inflight-mb budget of "
+                f"{self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
+                "retry later with backoff"
+            )
         self._hold(nbytes)
         return Ticket(self, nbytes, key)
 
-    def refusal(self) -> str:
-        """Why `reserve` refused, for the caller's status message."""
+    def _queue_full(self, model: str, queued: int, images: int) -> str:
         return (
-            f"server overloaded: {self.held_bytes / MiB:.1f} MiB of the --max-inflight-mb "
-            f"budget of {self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
-            "retry later with backoff"
+            f"server overloaded: model {model!r} has {queued:,} images queued; {images:,} more "
+            f"would pass --max-queue-images {self.max_queue_images:,}; retry later with backoff"
         )
 
     def admit(self, model: str, queue: Queue | None, images: int, nbytes: int) -> Ticket:
@@ -132,16 +145,16 @@ class Admission:
             self._expected[reservation.key] = (
                 nbytes if old is None else old + EXPECTED_ALPHA * (nbytes - old)
             )
-        if queue is not None and queue.queued_images + images > self.max_queue_images:
+        # A request larger than the bound goes into an empty queue: refusing it would refuse it
+        # forever (--max-request-batch bounds it).
+        queued = 0 if queue is None else queue.queued_images
+        if queue is not None and queued and queued + images > self.max_queue_images:
             self._reject(model, "queue")
-            raise Unavailable(
-                f"server overloaded: model {model!r} has {queue.queued_images:,} images queued; "
-                f"{images:,} more would pass --max-queue-images {self.max_queue_images:,}; "
-                "retry later with backoff"
-            )
+            if reservation is not None:  # its method's next calls are refused unread for now
+                self._blocked[reservation.key] = (model, queue, images)
+            raise Unavailable(self._queue_full(model, queued, images))
         held = self.held_bytes
-        # A request larger than the whole budget still goes when nothing else is held: refusing
-        # it would refuse it forever (the per-request limits bound it).
+        # Likewise a request larger than the whole budget, when nothing else is held.
         if held + nbytes > self.budget_bytes and held:
             self._reject(model, "memory")
             raise Unavailable(

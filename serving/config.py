@@ -46,6 +46,7 @@ class Settings:
     keepalive_timeout_s: float = 10.0  # unanswered ping: the connection and its calls are closed
     min_ping_interval_s: float = 10.0  # clients' pings allowed this often; more often is abuse
     max_connections: int = 0  # connections held at once; 0: the open-file limit less 256
+    http2_bdp_probe: bool = False  # let receive windows grow with the bandwidth-delay product
     workers: int = 1  # server processes on the one port (SO_REUSEPORT), metrics summed
     reuse_port: bool = False  # let other processes listen on the port too (what --workers sets)
     warmup: bool = True
@@ -107,10 +108,12 @@ _HELP: dict[str, str] = {
     "handshake_timeout_s": "a new connection that has not finished its handshake (the HTTP/2 "
     "preface and settings, and TLS) within this time is closed: connections that connect and say "
     "nothing are dropped (0: gRPC's default of 120 s)",
-    "max_concurrent_streams": "calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_"
-    "STREAMS); a client's further calls wait on its side until one finishes, so one connection "
-    "cannot pile up unbounded half-sent requests here. Enough for dynamic batching to fill "
-    "batches from one channel (0: no limit)",
+    "max_concurrent_streams": "calls open at once on one connection (HTTP/2 SETTINGS_MAX_"
+    "CONCURRENT_STREAMS), so that what one connection makes the server hold (requests, half-sent "
+    "ones included) is bounded; a client keeps its further calls waiting on its side. gRPC counts "
+    "a call until the server has freed it (against clients that reset calls faster than they "
+    "finish), so a client right at the limit may see a few refused UNAVAILABLE, which our client "
+    "retries. Well above what dynamic batching needs from one channel (0: no limit)",
     "keepalive_time_s": "ping a connection that has calls open but has been quiet this long, so "
     "that clients which vanished without closing (a node gone, a network partition) are found and "
     "their calls freed (0: gRPC's default of 2 hours)",
@@ -120,6 +123,11 @@ _HELP: dict[str, str] = {
     "pinging more often counts as abuse and the connection is closed with GOAWAY too_many_pings "
     "after two strikes. gRPC's default of 5 minutes would punish common client keepalives (ours "
     "pings every 20 s) (0: any rate)",
+    "http2_bdp_probe": "let gRPC grow each connection's and call's HTTP/2 receive window with the "
+    "measured bandwidth-delay product. Off (the default), a call's window stays at 64 KiB: what "
+    "gRPC receives of calls the server has not read yet is bounded by 64 KiB a call, so a burst of "
+    "large calls is refused before its bytes arrive; on, large messages cross long, fast links "
+    "sooner, but a burst of them is received whole before the server can refuse any",
     "max_connections": "connections held at once; a connection beyond it is closed as soon as "
     "it is accepted, so a flood of idle connections cannot use up the file descriptors the server "
     "needs for model files and metrics (0: the process's open-file limit less 256)",

@@ -147,6 +147,14 @@ class IdleTrimmer:
         elif self._peak >= self.threshold and self._timer is None:
             self._arm(asyncio.get_running_loop())
 
+    def stir(self) -> None:
+        """A request was refused unread: a burst is on, whose bytes gRPC received and freed
+        without the budget seeing them. Trim once it has been quiet, even if nothing was held."""
+        self._stirred = True
+        self._peak = max(self._peak, self.threshold)
+        if not self._held and self._timer is None:
+            self._arm(asyncio.get_running_loop())
+
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         self._stirred = False
         self._timer = loop.call_later(self.quiet_s, self._fire, loop)

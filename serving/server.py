@@ -99,7 +99,7 @@ class Server:
         self.admission = Admission(
             settings.max_inflight_mb * MiB or default_inflight_budget_bytes(),
             settings.max_queue_images,
-            on_reject=self.metrics.reject,
+            on_reject=self._on_reject,
             on_change=self._on_held,
         )
         self.metrics.watch_admission(self.admission.budget_bytes)
@@ -117,6 +117,10 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _on_reject(self, model: str, reason: str) -> None:
+        self.metrics.reject(model, reason)
+        self.trimmer.stir()
 
     def _on_held(self, held: int) -> None:
         self.metrics.set_held_bytes(held)
@@ -194,6 +198,7 @@ class Server:
             soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
             connections = 1 << 20 if soft == resource.RLIM_INFINITY else max(16, soft - 256)
         options.append(("grpc.max_allowed_incoming_connections", connections))
+        options.append(("grpc.http2.bdp_probe", 1 if s.http2_bdp_probe else 0))
         if s.keepalive_time_s > 0:
             options += [
                 ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),

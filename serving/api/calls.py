@@ -205,13 +205,14 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if self._admission is not None:
             method = full.rpartition("/")[2]
             if method in RESERVING and not self.draining:
-                reservation = self._admission.reserve(method)
-                if reservation is None:  # refused before a byte of the message is read
+                try:
+                    reservation = self._admission.reserve(method)
+                except ServingError as exc:  # refused before a byte of the message is read
                     return refusal(
                         handler,
-                        grpc.StatusCode.UNAVAILABLE,
-                        self._admission.refusal(),
-                        functools.partial(self._count, method, grpc.StatusCode.UNAVAILABLE),
+                        CODES[exc.kind],
+                        exc.message,
+                        functools.partial(self._count, method, CODES[exc.kind]),
                     )
                 RESERVATION.set(reservation)  # this call's task: the handler's admit takes it
                 task = asyncio.current_task()

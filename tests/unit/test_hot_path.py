@@ -100,6 +100,35 @@ async def test_runs_go_to_the_executor_and_coalesce_while_the_next_fills() -> No
     assert threads and all(t.startswith("worker") for t in threads)
 
 
+async def test_only_a_lone_cheap_run_goes_inline() -> None:
+    """With the costs measured (runs of 1 cheaper than the hand-off), a lone request runs on
+    the loop's thread; a request that finds another run in a worker goes to a worker too."""
+    threads: list[str] = []
+    release = threading.Event()
+    record = _recording_run(threads, [])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if len(x) == 8:
+            release.wait(10)
+        return record(x)  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(2, thread_name_prefix="worker") as pool:
+        batcher = Batcher(run, pool, max_batch_size=64, max_runs=2)
+        batcher.costs.observe_run(1, 1e-6)
+        batcher.costs.observe_hop(1.0)
+        await batcher.submit(np.ones((1, 1), np.float32))
+        assert threads == [threading.current_thread().name]  # alone and cheap: inline
+        big = asyncio.ensure_future(batcher.submit(np.ones((8, 1), np.float32)))  # unmeasured
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        assert small.done()  # while the big one runs in a worker, the small one still runs
+        release.set()
+        await asyncio.gather(big, small)
+        await batcher.close()
+    assert threads[1].startswith("worker")  # (the small one, beside the big one: a worker)
+
+
 async def test_inline_runs_stay_on_the_loop_thread_and_coalesce() -> None:
     threads: list[str] = []
     sizes: list[int] = []

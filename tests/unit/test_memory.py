@@ -218,6 +218,26 @@ async def test_no_trim_below_the_threshold() -> None:
     await trimmer.close()
 
 
+async def test_refusals_after_a_trim_bring_one_more_once_quiet() -> None:
+    """A burst refused unread holds nothing in the budget, but gRPC received (and freed) its
+    bytes: refusals after the first trim lead to another one once they stop."""
+    rec = Recorder()
+    trimmer = IdleTrimmer(threshold=32 * MiB, quiet_s=QUIET, trim=rec)
+    trimmer.note(64 * MiB)
+    trimmer.note(0)
+    await settle(trimmer)
+    assert trimmer.trims == 1
+    for _ in range(5):  # the rest of the burst: refused, never held
+        trimmer.stir()
+        await asyncio.sleep(0.2 * QUIET)
+    assert trimmer.trims == 1  # not while they go on
+    await settle(trimmer)
+    assert trimmer.trims == 2
+    await settle(trimmer)
+    assert trimmer.trims == 2  # and then no more
+    await trimmer.close()
+
+
 async def test_new_requests_postpone_the_trim_until_quiet() -> None:
     rec = Recorder()
     trimmer = IdleTrimmer(threshold=32 * MiB, quiet_s=QUIET, trim=rec)
