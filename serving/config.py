@@ -41,7 +41,7 @@ class Settings:
     max_connection_age_s: float = 300.0  # so clients reconnect and spread over replicas
     max_connection_idle_s: float = 120.0  # a connection without calls this long is closed
     handshake_timeout_s: float = 10.0  # to finish the HTTP/2 (and TLS) handshake; then closed
-    max_concurrent_streams: int = 256  # calls in flight on one connection; more wait client-side
+    max_concurrent_streams: int = 1024  # calls open on one connection; more wait client-side
     keepalive_time_s: float = 30.0  # ping a connection with calls that has gone quiet this long
     keepalive_timeout_s: float = 10.0  # unanswered ping: the connection and its calls are closed
     min_ping_interval_s: float = 10.0  # clients' pings allowed this often; more often is abuse
@@ -112,7 +112,7 @@ _HELP: dict[str, str] = {
     "CONCURRENT_STREAMS), so that what one connection makes the server hold (requests, half-sent "
     "ones included) is bounded; a client keeps its further calls waiting on its side. gRPC counts "
     "a call until the server has freed it (against clients that reset calls faster than they "
-    "finish), so a client right at the limit may see a few refused UNAVAILABLE, which our client "
+    "finish), so a client near the limit may see some refused UNAVAILABLE, which our client "
     "retries. Well above what dynamic batching needs from one channel (0: no limit)",
     "keepalive_time_s": "ping a connection that has calls open but has been quiet this long, so "
     "that clients which vanished without closing (a node gone, a network partition) are found and "

@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.client import DEFAULT_RETRY, SERVICE_CONFIG, Client, RetryPolicy, service_config
+from serving.config import Settings
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from tests.support import ServerProcess, free_port, write_tiny_model
@@ -268,6 +269,21 @@ def wait_closed(sock: socket.socket, timeout: float) -> Closed:
     return Closed(None, frames)
 
 
+def server_settings(port: int) -> dict[int, int]:
+    """The parameters of the server's first SETTINGS frame (RFC 9113 6.5.1)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(HELLO)
+        data = b""
+        while len(data) < 9 or len(data) < 9 + int.from_bytes(data[:3], "big"):
+            data += sock.recv(65536)
+    assert data[3] == 4, data[:9]  # SETTINGS
+    payload = data[9 : 9 + int.from_bytes(data[:3], "big")]
+    return {
+        int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+        for i in range(0, len(payload), 6)
+    }
+
+
 def raise_open_files(needed: int) -> None:
     """Raise this process's open-file limit (the server subprocess inherits it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -388,6 +404,8 @@ def test_silent_idle_and_unresponsive_connections_are_closed(tiny_repo: Path) ->
 
 def test_connections_past_max_connections_are_closed_at_once(tiny_repo: Path) -> None:
     with ServerProcess(tiny_repo, ["--max-connections", "4"]) as proc:
+        streams = Settings().max_concurrent_streams
+        assert server_settings(proc.port)[3] == streams  # SETTINGS_MAX_CONCURRENT_STREAMS
         held = [socket.create_connection(("127.0.0.1", proc.port)) for _ in range(4)]
         for sock in held:
             sock.sendall(HELLO)
