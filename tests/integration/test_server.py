@@ -353,7 +353,8 @@ def test_parameter_summary_follows_the_version_that_serves(tmp_path: Path) -> No
 
 def test_sigterm_lets_inflight_calls_finish(trained_repo: Path) -> None:
     proc = ServerProcess(
-        trained_repo, ["--grace-seconds", "30", "--max-request-batch", "8192"]
+        trained_repo,
+        ["--grace-seconds", "30", "--max-request-batch", "8192", "--max-queue-images", "1000000"],
     ).start()
     x = np.zeros((8192, 28, 28, 1), np.uint8)  # a few hundred ms of compute per call
     results: list[str] = []
