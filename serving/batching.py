@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 RunFn = Callable[[F32], F32]
-# Called once per run: (images in the run, seconds queued per request part, compute seconds).
+# Called once per run: (images in the run, seconds queued by each request whose first rows are
+# in it, compute seconds): a request split over runs is counted once.
 Observer = Callable[[int, list[float], float], None]
 
 
@@ -350,8 +351,9 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(y)
                 continue
-            if self._observer is not None:
-                self._observer(len(y), [started - p.enqueued for p, _, _ in parts], seconds)
+            if self._observer is not None:  # a request's wait is its first part's
+                waits = [started - p.enqueued for p, start, _ in parts if start == 0]
+                self._observer(len(y), waits, seconds)
             offset = 0
             for p, start, stop in parts:
                 rows = stop - start

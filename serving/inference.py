@@ -15,7 +15,7 @@ import numpy.typing as npt
 from serving import images
 from serving.admission import Admission, Ticket, request_cost
 from serving.batching import Observer
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, ServingError
 from serving.repository import ModelRepository, ServedVersion
 
 F32 = npt.NDArray[np.float32]
@@ -129,11 +129,15 @@ class DataPlane:
         would pass either). `itemsize` 0 (a dtype decoding will refuse) holds nothing."""
         if not itemsize:
             return Ticket(self.admission, 0)
-        self.check_shape(served, shape)
-        info = served.runtime.info
-        h, w, c = info.input_shape
-        cost = request_cost(shape[0], h * w * c, itemsize, info.num_classes)
-        return self.admission.admit(served.name, served.batcher, shape[0], cost)
+        try:
+            self.check_shape(served, shape)
+            info = served.runtime.info
+            h, w, c = info.input_shape
+            cost = request_cost(shape[0], h * w * c, itemsize, info.num_classes)
+            return self.admission.admit(served.name, served.batcher, shape[0], cost)
+        except ServingError:  # a failed request of this version, as one refused in predict
+            self.stats.finished(served, 0, 0.0, ok=False)
+            raise
 
     def admit_images(self, served: ServedVersion, count: int, encoded_bytes: int) -> Ticket:
         """The same for encoded images (Classify), before they are decoded: their bytes, and the
@@ -145,7 +149,11 @@ class DataPlane:
         info = served.runtime.info
         h, w, c = info.input_shape
         cost = 2 * encoded_bytes + request_cost(count, h * w * c, 1, info.num_classes)
-        return self.admission.admit(served.name, served.batcher, count, cost)
+        try:
+            return self.admission.admit(served.name, served.batcher, count, cost)
+        except ServingError:
+            self.stats.finished(served, 0, 0.0, ok=False)
+            raise
 
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
         if not model:

@@ -253,9 +253,10 @@ def test_statistics_count_what_was_served(
             "compute_infer": ("inference_stats", "compute_infer", "count"),
         }.items()
     }
+    # The batcher may share the 3 images out over the free runs: one or two executions.
+    assert delta.pop("executions") in (1, 2), delta
     assert delta == {
         "inferences": 3,
-        "executions": 1,
         "success": 1,
         "fail": 1,
         "queue": 1,
@@ -472,4 +473,9 @@ def test_protos_are_wire_compatible_with_tritonclient() -> None:
             triton_method.input_type,
             triton_method.output_type,
         )
-        assert not method.client_streaming and not method.server_streaming
+        # Streaming as Triton's (ModelStreamInfer both ways; the others unary).
+        assert (method.client_streaming, method.server_streaming) == (
+            triton_method.client_streaming,
+            triton_method.server_streaming,
+        ), method.name
+    assert any(m.name == "ModelStreamInfer" and m.client_streaming for m in service.method)
