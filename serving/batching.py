@@ -11,13 +11,13 @@ any machine and for any model size:
 - requests that arrive while every run is busy queue up and form the next, larger runs: batches
   grow with load and cost no waiting when idle (unless `max_delay_s` asks to wait for them);
 - a run goes to a worker thread, so that the event loop goes on reading and answering calls
-  while ONNX Runtime computes (it releases the GIL); only a run that is all there is to do (no
-  other run in progress, nothing else queued) and cheaper than the hand-off to a worker runs on
-  the loop's own thread. `RunCosts` measures both costs as the server runs (never at start-up,
-  so the rule follows the machine), the hand-off only when it is alone (with other work in
-  flight it would also measure a busy loop, and send more work to it: under load, the loop must
-  stay free to take calls in). With a single core every run is inline (a worker could only take
-  turns with the loop).
+  while ONNX Runtime computes (it releases the GIL), unless it is cheaper than the hand-off to a
+  worker (a thread's wake-up, the GIL passed back and forth, the loop's wake-up): then it runs
+  on the loop's own thread. `RunCosts` measures both as the server runs (never at start-up, so
+  the rule follows the machine): runs of each size always, the hand-off only when a run is
+  alone (with other work in flight it would also measure a busy loop, and under load send more
+  work to the loop, which must stay free to take calls in). With a single core every run is
+  inline (a worker could only take turns with the loop).
 
 `decide` and `RunCosts` hold the rule, as pure code unit-tested on its decisions.
 Knows nothing of gRPC.
@@ -165,7 +165,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_runs = max(1, max_runs)
         self.costs = RunCosts()
-        self._inline: Callable[[int], bool] = (lambda n: True) if inline else self._lone_and_cheap
+        self._inline: Callable[[int], bool] = (lambda n: True) if inline else self.costs.inline
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self.queued_images = 0  # rows queued and not yet in a run
@@ -174,12 +174,6 @@ class Batcher:
         self._scheduled: asyncio.Handle | None = None  # the next _dispatch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-
-    def _lone_and_cheap(self, n: int) -> bool:
-        """Inline only a run that is all there is to do (no run in a worker, nothing queued
-        beyond it) and cheaper than the hand-off: under load the loop's thread has calls to
-        read and answer, and a run there would keep them waiting."""
-        return not self._running and n >= self.queued_images and self.costs.inline(n)
 
     @property
     def runs_in_progress(self) -> int:
@@ -277,7 +271,7 @@ class Batcher:
                 continue
             # Only a lone run's hand-off measures the hand-off itself: with others in
             # flight it would also measure the wait for a busy loop or core.
-            lone = not self._running and not self.queued_images
+            lone = not self._running
             self._running.append(parts)
             self.running_images += len(x)
             submitted = time.perf_counter() if lone else 0.0

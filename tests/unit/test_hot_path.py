@@ -100,9 +100,10 @@ async def test_runs_go_to_the_executor_and_coalesce_while_the_next_fills() -> No
     assert threads and all(t.startswith("worker") for t in threads)
 
 
-async def test_only_a_lone_cheap_run_goes_inline() -> None:
-    """With the costs measured (runs of 1 cheaper than the hand-off), a lone request runs on
-    the loop's thread; a request that finds another run in a worker goes to a worker too."""
+async def test_cheap_runs_go_inline_and_only_lone_hand_offs_are_measured() -> None:
+    """With the costs measured (runs of 1 cheaper than the hand-off), a run of 1 goes on the
+    loop's thread, also beside a long run in a worker; and a hand-off made while another run is
+    in flight does not count as a measure of the hand-off."""
     threads: list[str] = []
     release = threading.Event()
     record = _recording_run(threads, [])
@@ -117,16 +118,22 @@ async def test_only_a_lone_cheap_run_goes_inline() -> None:
         batcher.costs.observe_run(1, 1e-6)
         batcher.costs.observe_hop(1.0)
         await batcher.submit(np.ones((1, 1), np.float32))
-        assert threads == [threading.current_thread().name]  # alone and cheap: inline
+        assert threads == [threading.current_thread().name]  # cheap: inline
         big = asyncio.ensure_future(batcher.submit(np.ones((8, 1), np.float32)))  # unmeasured
         await asyncio.sleep(0.01)
-        small = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
-        await asyncio.sleep(0.01)
-        assert small.done()  # while the big one runs in a worker, the small one still runs
+        await batcher.submit(np.ones((1, 1), np.float32))  # beside it, still inline
+        assert threads[-1] == threading.current_thread().name
         release.set()
-        await asyncio.gather(big, small)
+        await big
+        assert batcher.costs.hop_s is not None and batcher.costs.hop_s < 1.0  # the lone big one
+        hop = batcher.costs.hop_s
+        first = asyncio.ensure_future(batcher.submit(np.ones((8, 1), np.float32)))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(batcher.submit(np.ones((16, 1), np.float32)))
+        await asyncio.gather(first, second)
         await batcher.close()
-    assert threads[1].startswith("worker")  # (the small one, beside the big one: a worker)
+    assert threads[-1].startswith("worker")
+    assert batcher.costs.hop_s != hop  # the first (alone) was measured
 
 
 async def test_inline_runs_stay_on_the_loop_thread_and_coalesce() -> None:
