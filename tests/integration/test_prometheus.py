@@ -325,7 +325,9 @@ def test_request_counters_match_what_was_sent(stack: Stack) -> None:
     assert prom.scalar(f"sum(cnnserve_batch_size_sum{{{j}}})") == sent.images_ok
     assert prom.scalar(f"sum(cnnserve_queue_duration_seconds_count{{{j}}})") == sent.ok
     runs = prom.scalar(f"sum(cnnserve_compute_duration_seconds_count{{{j}}})")
-    assert runs is not None and 1 <= runs <= sent.ok
+    # A request may be shared out over several runs (one per free core), never a run per image
+    # more than there were images.
+    assert runs is not None and 1 <= runs <= sent.images_ok
     assert prom.scalar(f"sum(cnnserve_batch_size_count{{{j}}})") == runs
     assert prom.scalar(f'sum(cnnserve_inflight_requests{{job="{JOB}"}})') == 0
 
