@@ -14,10 +14,11 @@ any machine and for any model size:
   while ONNX Runtime computes (it releases the GIL), unless it is cheaper than the hand-off to a
   worker (a thread's wake-up, the GIL passed back and forth, the loop's wake-up): then it runs
   on the loop's own thread. `RunCosts` measures both as the server runs (never at start-up, so
-  the rule follows the machine): runs of each size always, the hand-off only when a run is
-  alone (with other work in flight it would also measure a busy loop, and under load send more
-  work to the loop, which must stay free to take calls in). With a single core every run is
-  inline (a worker could only take turns with the loop).
+  the rule follows the machine): runs of each size always, the hand-off only one way and only
+  when a run is alone (with other work in flight, or counting the way back, it would also
+  measure a busy loop, and under load send more work to the loop, which must stay free to take
+  calls in). With a single core every run is inline (a worker could only take turns with the
+  loop).
 
 `decide` and `RunCosts` hold the rule, as pure code unit-tested on its decisions.
 Knows nothing of gRPC.
@@ -84,8 +85,9 @@ def decide(
 class RunCosts:
     """What a run of n images and a hand-off to a worker thread cost, as measured: moving
     averages of the runs' seconds per size class (powers of two) and of the hand-off's latency
-    (from `submit` to the loop learning of the end, less the run itself: thread wake-ups, the
-    GIL, the loop's wake-up). `inline(n)` is True when a run of n is expected to take less than
+    (twice the time from `submit` to the run starting in the worker: a thread's wake-up and the
+    GIL; the way back is as long, but measured it would include whatever the loop does
+    meanwhile, a run of its own included, and feed back on itself). `inline(n)` is True when a run of n is expected to take less than
     the hand-off. Every `RECHECK`-th run that would go inline goes to a worker instead, so the
     hand-off's figure follows the load."""
 
@@ -300,10 +302,10 @@ class Batcher:
         if not f.cancelled() and f.exception() is None:
             runs = f.result()
             if len(runs) == 1:
-                seconds = runs[0][3]
+                _, _, started, seconds = runs[0]
                 self.costs.observe_run(n, seconds)
-                if submitted:
-                    self.costs.observe_hop(time.perf_counter() - submitted - seconds)
+                if submitted:  # the way there, twice: the way back waits on the loop's own work
+                    self.costs.observe_hop(2 * (started - submitted))
         if f.cancelled():
             self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:
