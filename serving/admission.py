@@ -1,9 +1,10 @@
 """Admission control: refuse, early and cheaply, what the server cannot hold.
 
 Before a unary call's message is even read, `reserve` holds what such a call is expected to
-cost (a moving average of what the method's requests really cost; until one has been measured,
-a sixteenth of the budget, so a cold burst of large calls cannot all be read at once): a server
-whose budget is taken refuses the call right there, and gRPC never hands its bytes to Python.
+cost (a moving average of what the method's requests really cost; nothing but the per-call
+minimum until one has been measured, so that a cold start never refuses a call on a guess): a
+server whose budget is taken refuses the call right there, and gRPC never hands its bytes to
+Python.
 Once the message is parsed, `admit` replaces the reservation with the request's real cost.
 
 Two bounds, checked before a request's tensor is decoded or copied, from its shape alone:
@@ -29,8 +30,6 @@ MiB = 1024 * 1024
 # What a call holds besides its tensors: the message objects, the handler's coroutine and
 # futures, the response. Small, but a flood of tiny requests must cost something too.
 PER_CALL_BYTES = 16 * 1024
-# Until a method's requests have been measured, a call of it reserves this share of the budget.
-INITIAL_SHARE = 16
 EXPECTED_ALPHA = 0.1  # weight of a new cost in the moving average: about the last 10-20 calls
 UNREAD = "_unknown"  # the model label of a call refused before its message was read
 # The reservation of the call being handled: set where the call was accepted (before its
@@ -113,9 +112,7 @@ class Admission:
                 self._reject(model, "queue")
                 raise Unavailable(self._queue_full(model, queue.queued_images, images))
             del self._blocked[key]
-        expected = self._expected.get(key)
-        nbytes = int(expected) if expected is not None else self.budget_bytes // INITIAL_SHARE
-        nbytes = max(nbytes, PER_CALL_BYTES)
+        nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES)
         held = self.held_bytes
         if held and held + nbytes > self.budget_bytes:
             self._reject(UNREAD, "memory")

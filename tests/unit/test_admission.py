@@ -8,7 +8,6 @@ import contextvars
 import pytest
 
 from serving.admission import (
-    INITIAL_SHARE,
     PER_CALL_BYTES,
     RESERVATION,
     UNREAD,
@@ -87,8 +86,8 @@ def test_a_reservation_is_replaced_by_the_real_cost_and_teaches_the_next() -> No
             assert RESERVATION.get() is None and reservation.nbytes == 0
             return reserved, a.held_bytes
 
-    # Nothing measured yet: a sixteenth of the budget.
-    assert in_call(lambda: call(2 * MiB)) == (160 * MiB // INITIAL_SHARE, 2 * MiB)
+    # Nothing measured yet: only the per-call minimum (a cold start refuses nothing on a guess).
+    assert in_call(lambda: call(2 * MiB)) == (PER_CALL_BYTES, 2 * MiB)
     assert a.held_bytes == 0
     # Then what the method's calls cost: the first one's cost.
     assert in_call(lambda: call(2 * MiB)) == (2 * MiB, 2 * MiB)
@@ -96,7 +95,13 @@ def test_a_reservation_is_replaced_by_the_real_cost_and_teaches_the_next() -> No
 
 def test_reservations_refuse_unread_once_the_budget_is_taken() -> None:
     a, rejected = admission(budget=160 * MiB)
-    held = [a.reserve("Predict") for _ in range(INITIAL_SHARE)]
+
+    def learn() -> None:
+        RESERVATION.set(a.reserve("Predict"))
+        a.admit("m", Queue(), 1, 10 * MiB).release()
+
+    in_call(learn)  # the method's calls cost 10 MiB
+    held = [a.reserve("Predict") for _ in range(16)]
     with pytest.raises(Unavailable, match=r"--max-inflight-mb budget of 160 MiB"):
         a.reserve("Predict")
     assert rejected == [(UNREAD, "memory")]
