@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=FLAGS",
-        help="also measure the CUDA server with these extra flags, e.g. executor=--inline-budget-ms 0",
+        help="also measure the CUDA server with these extra flags, e.g. runs2=--concurrent-runs 2",
     )
     args = p.parse_args(argv)
     providers = args.providers.split(",")
