@@ -87,8 +87,8 @@ class RunCosts:
     averages of the runs' seconds per size class (powers of two) and of the hand-off's latency
     (twice the time from `submit` to the run starting in the worker: a thread's wake-up and the
     GIL; the way back is as long, but measured it would include whatever the loop does
-    meanwhile, a run of its own included, and feed back on itself). `inline(n)` is True when a run of n is expected to take less than
-    the hand-off. Every `RECHECK`-th run that would go inline goes to a worker instead, so the
+    meanwhile, a run of its own included, and feed back on itself). `inline(n)` is True when
+    a run of n is expected to take less than the hand-off. Every `RECHECK`-th run that would go inline goes to a worker instead, so the
     hand-off's figure follows the load."""
 
     ALPHA = 0.1  # weight of a new sample: about the last 10-20 runs count
@@ -171,15 +171,15 @@ class Batcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self.queued_images = 0  # rows queued and not yet in a run
-        self.running_images = 0  # rows in runs now
         self._running: list[list[_Part]] = []
         self._scheduled: asyncio.Handle | None = None  # the next _dispatch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
-    def runs_in_progress(self) -> int:
-        return len(self._running)
+    def running_images(self) -> int:
+        """Rows in runs now."""
+        return sum(stop - start for parts in self._running for _, start, stop in parts)
 
     async def submit(self, x: F32) -> F32:
         """Queue `x` ([n, ...]) and wait for its output rows."""
@@ -208,7 +208,7 @@ class Batcher:
         waiting = [p for parts in self._running for p, _, _ in parts]
         waiting += self._queue
         self._queue.clear()
-        self.queued_images = self.running_images = 0
+        self.queued_images = 0
         self._running.clear()
         for pending in waiting:
             if not pending.future.done():
@@ -268,20 +268,18 @@ class Batcher:
                 x = np.concatenate([p.x[start:stop] for p, start, stop in parts])
             if decision.inline:
                 runs = self._work(parts, x)
-                self.costs.observe_run(len(x), runs[0][3])
+                self._learn(runs)
                 self._complete(runs)
                 continue
             # Only a lone run's hand-off measures the hand-off itself: with others in
             # flight it would also measure the wait for a busy loop or core.
             lone = not self._running
             self._running.append(parts)
-            self.running_images += len(x)
             submitted = time.perf_counter() if lone else 0.0
             try:
                 future = self._executor.submit(self._work, parts, x)
             except RuntimeError:  # the executor is shut down: the server is stopping
                 self._running.remove(parts)
-                self.running_images -= len(x)
                 self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
                 return
 
@@ -297,15 +295,11 @@ class Batcher:
         if self._closed or not any(r is parts for r in self._running):
             return  # close() has answered every caller
         self._running = [r for r in self._running if r is not parts]
-        n = sum(stop - start for _, start, stop in parts)
-        self.running_images -= n
         if not f.cancelled() and f.exception() is None:
             runs = f.result()
-            if len(runs) == 1:
-                _, _, started, seconds = runs[0]
-                self.costs.observe_run(n, seconds)
-                if submitted:  # the way there, twice: the way back waits on the loop's own work
-                    self.costs.observe_hop(2 * (started - submitted))
+            if self._learn(runs) and submitted:
+                # The way there, twice: the way back waits on the loop's own work.
+                self.costs.observe_hop(2 * (runs[0][2] - submitted))
         if f.cancelled():
             self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:
@@ -316,6 +310,14 @@ class Batcher:
             self._complete(f.result())
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
+
+    def _learn(self, runs: list[_Run]) -> bool:
+        """A run's time, when it ran as one and succeeded (a failure's 0 s would teach that runs
+        cost nothing); whether it did."""
+        if len(runs) != 1 or isinstance(runs[0][1], Exception):
+            return False
+        self.costs.observe_run(len(runs[0][1]), runs[0][3])
+        return True
 
     def _work(self, parts: list[_Part], x: F32) -> list[_Run]:
         """Run one batch (in the executor, or inline); no asyncio here."""

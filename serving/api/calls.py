@@ -72,6 +72,18 @@ class Call:
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext, Call], Awaitable[Resp]]
 
 
+def failure(exc: Exception, method: str, model: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a handler's exception is answered with, logged as it deserves: a
+    ServingError is an expected refusal (one debug line), anything else a bug (a traceback).
+    Unary calls abort with it, stream messages answer with it."""
+    if isinstance(exc, ServingError):
+        code = CODES[exc.kind]
+        log.debug("%s %s: %s %s", method, model, code.name, exc.message)
+        return code, exc.message
+    log.exception("%s %s failed", method, model)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
+
+
 def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
     """Wrap a servicer method: map ServingError to its status, count and time the call."""
 
@@ -86,11 +98,6 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
             inflight.inc()
             try:
                 return await handler(self, request, context, call)
-            except ServingError as exc:
-                code = CODES[exc.kind]
-                log.debug("%s %s: %s %s", method, call.model, code.name, exc.message)
-                await context.abort(code, exc.message)
-                raise  # unreachable: abort raises
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
@@ -99,12 +106,9 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s %s failed", method, call.model)
-                await context.abort(
-                    code, f"internal error in {method}: {type(exc).__name__}: {exc}"
-                )
-                raise
+                code, message = failure(exc, method, call.model)
+                await context.abort(code, message)
+                raise  # unreachable: abort raises
             finally:
                 inflight.dec()
                 elapsed = time.perf_counter() - started

@@ -25,8 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from serving.api.calls import CODES, Call, Undecodable
-from serving.errors import ServingError
+from serving.api.calls import Call, Undecodable, failure
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving.api")
@@ -36,19 +35,14 @@ Resp = TypeVar("Resp")
 
 
 class Streams:
-    """The server's open streams: their number, and a way to stop them reading at shutdown."""
+    """The server's open streams, so that shutdown can stop them reading."""
 
     def __init__(self, max_inflight: int) -> None:
         self.max_inflight = max(1, max_inflight)
         self._readers: set[asyncio.Task[None]] = set()
-        self.draining = False
-
-    def __len__(self) -> int:
-        return len(self._readers)
 
     def stop_reading(self) -> None:
         """Drain: every stream stops reading; what it has read is still answered."""
-        self.draining = True
         for reader in list(self._readers):
             reader.cancel()
 
@@ -97,19 +91,12 @@ async def serve_stream(
                 )
             try:
                 return await protocol.answer(request, index, call)
-            except ServingError as exc:
-                code = CODES[exc.kind]
-                log.debug("%s %s #%d: %s %s", method, call.model, index, code.name, exc.message)
-                return protocol.error(request, index, code, exc.message)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s %s #%d failed", method, call.model, index)
-                return protocol.error(
-                    request, index, code, f"internal error in {method}: {type(exc).__name__}: {exc}"
-                )
+                code, message = failure(exc, method, call.model)
+                return protocol.error(request, index, code, message)
         finally:
             inflight.dec()
             metrics.count_call(
