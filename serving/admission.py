@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from serving.errors import Unavailable
 
@@ -108,13 +108,12 @@ class Admission:
         blocked = self._blocked.get(key)
         if blocked is not None:
             model, queue, images = blocked
-            if queue.queued_images and queue.queued_images + images > self.max_queue_images:
-                self._reject(model, "queue")
-                raise Unavailable(self._queue_full(model, queue.queued_images, images))
+            if self._overflows(queue.queued_images, images):
+                self._refuse_queue(model, queue.queued_images, images)
             del self._blocked[key]
         nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES)
         held = self.held_bytes
-        if held and held + nbytes > self.budget_bytes:
+        if self._over_budget(nbytes):
             self._reject(UNREAD, "memory")
             raise Unavailable(
                 f"server overloaded: {held / MiB:.1f} MiB of the --max-inflight-mb budget of "
@@ -124,8 +123,20 @@ class Admission:
         self._hold(nbytes)
         return Ticket(self, nbytes, key)
 
-    def _queue_full(self, model: str, queued: int, images: int) -> str:
-        return (
+    def _overflows(self, queued: int, images: int) -> bool:
+        """Whether `images` more would pass the queue bound. A request larger than the bound
+        goes into an empty queue: refusing it would refuse it forever (--max-request-batch
+        bounds it)."""
+        return bool(queued) and queued + images > self.max_queue_images
+
+    def _over_budget(self, nbytes: int) -> bool:
+        """Whether `nbytes` more would pass the budget; likewise, a request larger than the
+        whole budget goes when nothing else is held."""
+        return bool(self.held_bytes) and self.held_bytes + nbytes > self.budget_bytes
+
+    def _refuse_queue(self, model: str, queued: int, images: int) -> NoReturn:
+        self._reject(model, "queue")
+        raise Unavailable(
             f"server overloaded: model {model!r} has {queued:,} images queued; {images:,} more "
             f"would pass --max-queue-images {self.max_queue_images:,}; retry later with backoff"
         )
@@ -142,17 +153,12 @@ class Admission:
             self._expected[reservation.key] = (
                 nbytes if old is None else old + EXPECTED_ALPHA * (nbytes - old)
             )
-        # A request larger than the bound goes into an empty queue: refusing it would refuse it
-        # forever (--max-request-batch bounds it).
-        queued = 0 if queue is None else queue.queued_images
-        if queue is not None and queued and queued + images > self.max_queue_images:
-            self._reject(model, "queue")
+        if queue is not None and self._overflows(queue.queued_images, images):
             if reservation is not None:  # its method's next calls are refused unread for now
                 self._blocked[reservation.key] = (model, queue, images)
-            raise Unavailable(self._queue_full(model, queued, images))
+            self._refuse_queue(model, queue.queued_images, images)
         held = self.held_bytes
-        # Likewise a request larger than the whole budget, when nothing else is held.
-        if held + nbytes > self.budget_bytes and held:
+        if self._over_budget(nbytes):
             self._reject(model, "memory")
             raise Unavailable(
                 f"server overloaded: this request needs {nbytes / MiB:.1f} MiB and "

@@ -6,7 +6,9 @@ Knows nothing of gRPC or protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,31 +131,38 @@ class DataPlane:
         would pass either). `itemsize` 0 (a dtype decoding will refuse) holds nothing."""
         if not itemsize:
             return Ticket(self.admission, 0)
-        try:
+        with self._counted_if_refused(served):
             self.check_shape(served, shape)
-            info = served.runtime.info
-            h, w, c = info.input_shape
-            cost = request_cost(shape[0], h * w * c, itemsize, info.num_classes)
-            return self.admission.admit(served.name, served.batcher, shape[0], cost)
-        except ServingError:  # a failed request of this version, as one refused in predict
-            self.stats.finished(served, 0, 0.0, ok=False)
-            raise
+            return self._hold(served, shape[0], itemsize, 0)
 
     def admit_images(self, served: ServedVersion, count: int, encoded_bytes: int) -> Ticket:
         """The same for encoded images (Classify), before they are decoded: their bytes, and the
         model-sized pixels, float32 input and outputs they become."""
+        with self._counted_if_refused(served):
+            self._check_count(count)
+            return self._hold(served, count, 1, 2 * encoded_bytes)
+
+    def _hold(self, served: ServedVersion, images: int, itemsize: int, extra: int) -> Ticket:
+        info = served.runtime.info
+        h, w, c = info.input_shape
+        cost = extra + request_cost(images, h * w * c, itemsize, info.num_classes)
+        return self.admission.admit(served.name, served.batcher, images, cost)
+
+    @contextlib.contextmanager
+    def _counted_if_refused(self, served: ServedVersion) -> Iterator[None]:
+        """A request refused at admission is a failed request of its version, as one refused
+        in `predict` is."""
+        try:
+            yield
+        except ServingError:
+            self.stats.finished(served, 0, 0.0, ok=False)
+            raise
+
+    def _check_count(self, count: int) -> None:
         if count > self.limits.max_request_batch:
             raise InvalidArgument(
                 f"{count} images is over the limit of {self.limits.max_request_batch} per request"
             )
-        info = served.runtime.info
-        h, w, c = info.input_shape
-        cost = 2 * encoded_bytes + request_cost(count, h * w * c, 1, info.num_classes)
-        try:
-            return self.admission.admit(served.name, served.batcher, count, cost)
-        except ServingError:
-            self.stats.finished(served, 0, 0.0, ok=False)
-            raise
 
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
         if not model:
@@ -205,10 +214,7 @@ class DataPlane:
         """Encoded images or raw pixel arrays -> one uint8 NHWC batch at the model's size."""
         if not encoded:
             raise InvalidArgument("no images in the request")
-        if len(encoded) > self.limits.max_request_batch:
-            raise InvalidArgument(
-                f"{len(encoded)} images is over the limit of {self.limits.max_request_batch} per request"
-            )
+        self._check_count(len(encoded))
         shape = served.runtime.info.input_shape
         batch = np.empty((len(encoded), *shape), dtype=np.uint8)
         for i, item in enumerate(encoded):
