@@ -65,6 +65,7 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
 from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
+from serving.tensors import decode as decode_tensor  # noqa: E402
 
 CNN = "/cnnserve.v1.CnnServe/"
 V2 = "/inference.GRPCInferenceService/"
@@ -961,9 +962,7 @@ class Oracle:
             self.predict.method, request_serializer=None, response_deserializer=None
         )
         response = pb.PredictResponse.FromString(call(self.predict.payload, timeout=30))
-        got = np.frombuffer(response.probabilities.data, "<f4").reshape(
-            tuple(response.probabilities.shape)
-        )
+        got = decode_tensor(response.probabilities.data, "FP32", response.probabilities.shape)
         np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-5)
         assert [c.top[0].index for c in response.classifications] == self.expected.argmax(
             1
@@ -973,9 +972,7 @@ class Oracle:
         )
         answer = v2.ModelInferResponse.FromString(call(self.infer.payload, timeout=30))
         assert answer.id == "oracle" and len(answer.raw_output_contents) == 1
-        got = np.frombuffer(answer.raw_output_contents[0], "<f4").reshape(
-            tuple(answer.outputs[0].shape)
-        )
+        got = decode_tensor(answer.raw_output_contents[0], "FP32", answer.outputs[0].shape)
         np.testing.assert_allclose(got, self.expected, rtol=0, atol=1e-5)
 
 

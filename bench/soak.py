@@ -54,6 +54,7 @@ from bench.fuzz import (  # noqa: E402
     Code,
     _png,
 )
+from serving import tensors  # noqa: E402
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
 from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
 
@@ -85,7 +86,7 @@ class StreamMessage:
 
 def _probabilities(response: pb.PredictResponse) -> F32:
     t = response.probabilities
-    return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+    return tensors.decode(t.data, "FP32", t.shape)
 
 
 class Traffic:
@@ -225,7 +226,7 @@ class Traffic:
 
         def check(data: bytes) -> bool:
             response = v2.ModelInferResponse.FromString(data)
-            got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(want.shape)
+            got = tensors.decode(response.raw_output_contents[0], "FP32", want.shape)
             return response.id == str(i) and bool(np.allclose(got, want, rtol=0, atol=1e-5))
 
         return Request("infer_v2", V2 + "ModelInfer", request.SerializeToString(), Code.OK, check)

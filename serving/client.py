@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving import tensors
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
@@ -229,7 +230,7 @@ def predict_request(
         images=pb.Tensor(
             dtype=dtype,
             shape=array.shape,
-            data=array.astype(array.dtype.newbyteorder("<")).tobytes(),
+            data=tensors.to_bytes(array),
         ),
         top_k=top_k,
         omit_probabilities=omit_probabilities,
@@ -240,7 +241,7 @@ def _prediction(response: pb.PredictResponse) -> Prediction:
     probabilities = None
     if response.HasField("probabilities"):
         t = response.probabilities
-        probabilities = np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape))
+        probabilities = tensors.decode(t.data, "FP32", t.shape)
     labels, indices = _classifications(response.classifications)
     return Prediction(response.model, response.version, probabilities, labels, indices)
 

@@ -12,53 +12,19 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from serving import tensors
+from serving.dataplane import Duration, ModelCatalog, Prediction, TopK, VersionStats
 from serving.errors import InvalidArgument
-from serving.inference import Duration, TopK, VersionStats, top_k
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import model_config_pb2 as v2config
-from serving.repository import MODEL_FILE, ModelRepository, ServedVersion, State
+from serving.repository import MODEL_FILE, BatchingOptions, ServedVersion, State
 from serving.summary import ParameterSummary
 
 DTYPES: dict[int, np.dtype[np.generic]] = {
     pb.DATA_TYPE_UINT8: np.dtype("<u1"),
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
 }
-MAX_RANK = 8
-MAX_ELEMENTS = 1 << 40  # far beyond any message; keeps numpy's sizes in range
-
-
-def check_shape(shape: tuple[int, ...], what: str) -> None:
-    """Rank 1..MAX_RANK, no negative dimension, and no dimension numpy cannot represent (a
-    tensor of zero elements may still name one: [0, 2**62] carries no bytes at all)."""
-    if not shape or len(shape) > MAX_RANK:
-        raise InvalidArgument(
-            f"{what}: shape {list(shape)} has rank {len(shape)}; expected 1..{MAX_RANK}"
-        )
-    if min(shape) < 0:
-        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
-    # Without generators on the common path: every request goes through here.
-    if (math.prod(shape) or math.prod(d for d in shape if d)) > MAX_ELEMENTS:
-        raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
-
-
-def array_from_bytes(
-    data: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...], what: str, type_name: str
-) -> npt.NDArray[np.generic]:
-    """Raw little-endian tensor bytes as an array (a view, no copy), once the byte length fits
-    dtype and shape; both APIs' tensors come through here."""
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise InvalidArgument(
-            f"{what}: shape {list(shape)} of {type_name} needs {expected:,} bytes, "
-            f"received {len(data):,}"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
-
-
-def le_bytes(array: npt.NDArray[np.generic]) -> bytes:
-    """An array's values as contiguous little-endian bytes (what both APIs send)."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]:
@@ -69,8 +35,8 @@ def decode_tensor(t: pb.Tensor, what: str = "images") -> npt.NDArray[np.generic]
             f"{what}: dtype {name} not accepted; expected DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32"
         )
     shape = tuple(t.shape)
-    check_shape(shape, what)
-    return array_from_bytes(t.data, dtype, shape, what, dtype.name)
+    tensors.check_shape(shape, what)
+    return tensors.from_bytes(t.data, dtype, shape, what, dtype.name)
 
 
 def tensor_extent(t: pb.Tensor) -> tuple[tuple[int, ...], int]:
@@ -92,7 +58,7 @@ def encode_tensor(array: npt.NDArray[np.generic], out: pb.Tensor | None = None) 
     t = pb.Tensor() if out is None else out
     t.dtype = dtype
     t.shape.extend(array.shape)
-    t.data = le_bytes(array)
+    t.data = tensors.to_bytes(array)
     return t
 
 
@@ -164,8 +130,7 @@ def classifications_wire(served: ServedVersion, top: TopK, field: bytes) -> byte
 
 def predict_response(
     served: ServedVersion,
-    probabilities: npt.NDArray[np.float32],
-    top: TopK,
+    prediction: Prediction,
     omit: bool,
     out: pb.PredictResponse | None = None,
 ) -> pb.PredictResponse:
@@ -173,9 +138,11 @@ def predict_response(
     response = pb.PredictResponse() if out is None else out
     response.model = served.name
     response.version = served.version
-    response.MergeFromString(classifications_wire(served, top, _PREDICT_CLASSIFICATIONS))
+    if prediction.top is not None:
+        wire = classifications_wire(served, prediction.top, _PREDICT_CLASSIFICATIONS)
+        response.MergeFromString(wire)
     if not omit:
-        encode_tensor(probabilities, response.probabilities)
+        encode_tensor(prediction.probabilities, response.probabilities)
     return response
 
 
@@ -196,9 +163,11 @@ def _stream_id(request: pb.PredictRequest | None, index: int) -> str:
     return request.id if request is not None and request.id else str(index)
 
 
-def classify_response(served: ServedVersion, top: TopK) -> pb.ClassifyResponse:
+def classify_response(served: ServedVersion, prediction: Prediction) -> pb.ClassifyResponse:
     response = pb.ClassifyResponse(model=served.name, version=served.version)
-    response.MergeFromString(classifications_wire(served, top, _CLASSIFY_CLASSIFICATIONS))
+    if prediction.top is not None:
+        wire = classifications_wire(served, prediction.top, _CLASSIFY_CLASSIFICATIONS)
+        response.MergeFromString(wire)
     return response
 
 
@@ -261,21 +230,20 @@ def metadata_response(
     )
 
 
-def list_models_response(repository: ModelRepository) -> pb.ListModelsResponse:
-    models = []
-    for name, statuses in repository.statuses().items():
-        ready = repository.ready_versions(name)
-        models.append(
+def list_models_response(catalog: list[ModelCatalog]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[
             pb.ModelStatus(
-                name=name,
-                default_version=max(ready) if ready else 0,
+                name=model.name,
+                default_version=model.default_version,
                 versions=[
                     pb.ModelVersionStatus(version=s.version, state=s.state.value, reason=s.reason)
-                    for s in statuses
+                    for s in model.statuses
                 ],
             )
-        )
-    return pb.ListModelsResponse(models=models)
+            for model in catalog
+        ]
+    )
 
 
 # ==================================================================================================
@@ -289,9 +257,9 @@ def list_models_response(repository: ModelRepository) -> pb.ListModelsResponse:
 
 V2_PLATFORM = "onnxruntime_onnx"
 V2_BACKEND = "onnxruntime"
-V2_DTYPES: dict[str, np.dtype[np.generic]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("<u1")}
+V2_DTYPES = tensors.DATATYPES
 V2_CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
-V2_ACCEPTED = " or ".join(V2_DTYPES)
+V2_ACCEPTED = tensors.ACCEPTED_DATATYPES
 CLASSIFICATION = "classification"  # Triton's parameter of a requested output: top-k classes
 TRITON_STATES = {
     State.LOADING: "LOADING",
@@ -344,7 +312,7 @@ def decode_v2_input(
             f"{what}: datatype {t.datatype!r} not accepted; expected {V2_ACCEPTED}"
         )
     shape = tuple(t.shape)
-    check_shape(shape, what)
+    tensors.check_shape(shape, what)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidArgument(
@@ -353,7 +321,7 @@ def decode_v2_input(
             )
         if t.HasField("contents"):
             raise InvalidArgument(f"{what}: contents must be empty when raw_input_contents is used")
-        return array_from_bytes(request.raw_input_contents[0], dtype, shape, what, t.datatype)
+        return tensors.from_bytes(request.raw_input_contents[0], dtype, shape, what, t.datatype)
     count = math.prod(shape)
     field = V2_CONTENTS[t.datatype]
     values = getattr(t.contents, field)
@@ -370,12 +338,12 @@ def decode_v2_input(
     return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
 
 
-def v2_requested_outputs(request: v2.ModelInferRequest, served: ServedVersion) -> list[int]:
-    """One entry per output to return, in the order asked: its top-k class count, or 0 for the
-    probabilities themselves. No outputs asked for: the model's output, as probabilities."""
+def v2_requested_top(request: v2.ModelInferRequest, served: ServedVersion) -> int:
+    """How many classes the one requested output asks for (Triton's classification
+    extension), or 0 for the probabilities themselves (also when no output is named)."""
     info = served.runtime.info
     if not request.outputs:
-        return [0]
+        return 0
     if len(request.outputs) > 1:
         names = ", ".join(repr(o.name) for o in request.outputs)
         raise InvalidArgument(
@@ -389,7 +357,7 @@ def v2_requested_outputs(request: v2.ModelInferRequest, served: ServedVersion) -
             f"its output is {info.output_name!r}"
         )
     if CLASSIFICATION not in wanted.parameters:
-        return [0]
+        return 0
     param = wanted.parameters[CLASSIFICATION]
     kind = param.WhichOneof("parameter_choice")
     if kind not in ("int64_param", "uint64_param"):
@@ -400,7 +368,7 @@ def v2_requested_outputs(request: v2.ModelInferRequest, served: ServedVersion) -
     k = int(getattr(param, kind))
     if k < 1:
         raise InvalidArgument(f"output {wanted.name!r}: parameter {CLASSIFICATION!r} must be >= 1")
-    return [k]
+    return k
 
 
 def _bytes_tensor(items: list[bytes]) -> bytes:
@@ -411,36 +379,36 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
 def v2_infer_response(
     served: ServedVersion,
     request_id: str,
-    probabilities: npt.NDArray[np.float32],
-    outputs: list[int],
+    prediction: Prediction,
     out: v2.ModelInferResponse | None = None,
 ) -> v2.ModelInferResponse:
-    """Probabilities as FP32, or (classification) a BYTES tensor [N, k] of Triton's
-    "score:index:label" strings, best first; written into `out` (a stream answer's field) or
-    a new one."""
+    """Probabilities as FP32, or (classification: the prediction carries its top classes) a
+    BYTES tensor [N, k] of Triton's "score:index:label" strings, best first; written into `out`
+    (a stream answer's field) or a new one."""
     info = served.runtime.info
     response = v2.ModelInferResponse() if out is None else out
     response.model_name = served.name
     response.model_version = str(served.version)
     response.id = request_id
-    for k in outputs:
-        if k == 0:
-            response.outputs.add(name=info.output_name, datatype="FP32", shape=probabilities.shape)
-            data = le_bytes(probabilities)
-        else:
-            top = top_k(probabilities, k)
-            names = info.class_names
-            items = [
-                f"{score:f}:{i}:{names[i] if i < len(names) else i}".encode()
-                for row_idx, row_scores in zip(
-                    top.indices.tolist(), top.scores.tolist(), strict=True
-                )
-                for i, score in zip(row_idx, row_scores, strict=True)
-            ]
-            response.outputs.add(name=info.output_name, datatype="BYTES", shape=top.indices.shape)
-            data = _bytes_tensor(items)
-        response.raw_output_contents.append(data)
+    top = prediction.top
+    if top is None:
+        probabilities = prediction.probabilities
+        response.outputs.add(name=info.output_name, datatype="FP32", shape=probabilities.shape)
+        response.raw_output_contents.append(tensors.to_bytes(probabilities))
+    else:
+        response.outputs.add(name=info.output_name, datatype="BYTES", shape=top.indices.shape)
+        response.raw_output_contents.append(_bytes_tensor(classification_strings(served, top)))
     return response
+
+
+def classification_strings(served: ServedVersion, top: TopK) -> list[bytes]:
+    """Triton's classification entries, "score:index:label", image by image, best first."""
+    names = served.runtime.info.class_names
+    return [
+        f"{score:f}:{i}:{names[i] if i < len(names) else i}".encode()
+        for row_idx, row_scores in zip(top.indices.tolist(), top.scores.tolist(), strict=True)
+        for i, score in zip(row_idx, row_scores, strict=True)
+    ]
 
 
 def v2_stream_error(
@@ -472,13 +440,12 @@ def v2_model_metadata(served: ServedVersion, versions: list[int]) -> v2.ModelMet
 
 
 def v2_model_config(
-    served: ServedVersion, repository: ModelRepository, max_batch_size: int
+    served: ServedVersion, batching: BatchingOptions, max_versions: int, max_batch_size: int
 ) -> v2.ModelConfigResponse:
     """The model's configuration in Triton's terms: dims without the batch dimension,
     max_batch_size = the largest batch one request may carry, dynamic batching when it is on."""
     info = served.runtime.info
     h, w, c = info.input_shape
-    batching = repository.batching
     gpu = served.runtime.provider.startswith("CUDA")
     parameters = {
         **info.properties,
@@ -493,7 +460,7 @@ def v2_model_config(
         platform=V2_PLATFORM,
         backend=V2_BACKEND,
         version_policy=v2config.ModelVersionPolicy(
-            latest=v2config.ModelVersionPolicy.Latest(num_versions=repository.max_versions)
+            latest=v2config.ModelVersionPolicy.Latest(num_versions=max_versions)
         ),
         max_batch_size=max_batch_size,
         input=[
@@ -566,14 +533,14 @@ def v2_model_statistics(name: str, version: int, s: VersionStats) -> v2.ModelSta
 
 
 def v2_repository_index(
-    repository: ModelRepository, ready_only: bool
+    catalog: list[ModelCatalog], ready_only: bool
 ) -> v2.RepositoryIndexResponse:
     """One entry per model version on disk, in Triton's state words; our own state and its
     reason go into `reason` when the version does not serve."""
     index = v2.RepositoryIndexResponse.ModelIndex
     models = []
-    for name, statuses in repository.statuses().items():
-        for s in statuses:
+    for model in catalog:
+        for s in model.statuses:
             if ready_only and s.state is not State.READY:
                 continue
             reason = ""
@@ -581,7 +548,10 @@ def v2_repository_index(
                 reason = s.state.value.lower() + (f": {s.reason}" if s.reason else "")
             models.append(
                 index(
-                    name=name, version=str(s.version), state=TRITON_STATES[s.state], reason=reason
+                    name=model.name,
+                    version=str(s.version),
+                    state=TRITON_STATES[s.state],
+                    reason=reason,
                 )
             )
     return v2.RepositoryIndexResponse(models=models)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from serving.tensors import TensorError
+
 
 class Kind(Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -41,3 +43,13 @@ class ResourceExhausted(ServingError):
 
 class Internal(ServingError):
     kind = Kind.INTERNAL
+
+
+def as_refusal(exc: BaseException) -> ServingError | None:
+    """The refusal an exception stands for, or None for a bug: a tensor that does not fit its
+    own dtype and shape (serving.tensors knows nothing of the server) is an invalid argument."""
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, TensorError):
+        return InvalidArgument(str(exc))
+    return None

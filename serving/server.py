@@ -25,7 +25,7 @@ from serving.auth import TokenAuthInterceptor
 from serving.batching import Observer
 from serving.config import Settings, read_auth_token
 from serving.cores import available_cores
-from serving.inference import DataPlane, Limits, Statistics
+from serving.dataplane import DataPlane, Limits, Statistics
 from serving.memory import IdleTrimmer, default_inflight_budget_bytes
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2

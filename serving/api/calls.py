@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from serving.admission import RESERVATION, Admission
-from serving.errors import Kind, ServingError
+from serving.errors import Kind, ServingError, as_refusal
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 if TYPE_CHECKING:
     from serving.api.streams import Streams
-    from serving.inference import DataPlane
-    from serving.repository import ServedVersion
+    from serving.dataplane import DataPlane, ServedVersion
 
 log = logging.getLogger("serving.api")
 # Services that answer while the server drains (health says NOT_SERVING; discovery stays).
@@ -76,10 +75,11 @@ def failure(exc: Exception, method: str, model: str) -> tuple[grpc.StatusCode, s
     """The status and message a handler's exception is answered with, logged as it deserves: a
     ServingError is an expected refusal (one debug line), anything else a bug (a traceback).
     Unary calls abort with it, stream messages answer with it."""
-    if isinstance(exc, ServingError):
-        code = CODES[exc.kind]
-        log.debug("%s %s: %s %s", method, model, code.name, exc.message)
-        return code, exc.message
+    refused = as_refusal(exc)
+    if refused is not None:
+        code = CODES[refused.kind]
+        log.debug("%s %s: %s %s", method, model, code.name, refused.message)
+        return code, refused.message
     log.exception("%s %s failed", method, model)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
 

@@ -10,7 +10,7 @@ import grpc
 from serving import codec
 from serving.api.calls import Call, rpc
 from serving.api.streams import StreamMethod, Streams, serve_stream
-from serving.inference import DataPlane, top_k
+from serving.dataplane import DataPlane
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
@@ -45,11 +45,8 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         # Held against the budget from its shape, before its bytes are touched.
         with self.plane.admit(served, *codec.tensor_extent(request.images)):
             pixels = codec.decode_tensor(request.images)
-            probabilities = await self.plane.predict(served, pixels)
-            top = top_k(probabilities, request.top_k or 1)
-            return codec.predict_response(
-                served, probabilities, top, request.omit_probabilities, out
-            )
+            prediction = await self.plane.predict(served, pixels, request.top_k or 1)
+            return codec.predict_response(served, prediction, request.omit_probabilities, out)
 
     @rpc("Predict")
     async def Predict(
@@ -71,8 +68,8 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
             items = codec.decode_classify_images(request)
             # Decoding images is CPU work: keep it off the event loop.
             batch = await asyncio.to_thread(self.plane.decode_images, served, items)
-            probabilities = await self.plane.predict(served, batch)
-            return codec.classify_response(served, top_k(probabilities, request.top_k or 1))
+            prediction = await self.plane.predict(served, batch, request.top_k or 1)
+            return codec.classify_response(served, prediction)
 
     @rpc("GetParameterSummary")
     async def GetParameterSummary(
@@ -85,12 +82,12 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call
     ) -> pb.ListModelsResponse:
-        return codec.list_models_response(self.plane.repository)
+        return codec.list_models_response(self.plane.catalog())
 
     @rpc("GetModelMetadata")
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Ctx, call: Call
     ) -> pb.GetModelMetadataResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        ready = self.plane.repository.ready_versions(served.name)
+        ready = self.plane.ready_versions(served.name)
         return codec.metadata_response(served, ready, self.plane.limits.max_request_batch)

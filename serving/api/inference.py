@@ -15,8 +15,7 @@ import grpc
 from serving import codec
 from serving.api.calls import Call, rpc
 from serving.api.streams import StreamMethod, Streams, serve_stream
-from serving.errors import InvalidArgument
-from serving.inference import DataPlane
+from serving.dataplane import DataPlane
 from serving.metrics import Metrics
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
@@ -64,7 +63,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.ModelReadyResponse:
         # The per-model health status: SERVING exactly when a version is ready.
         version = codec.parse_v2_version(request.version)
-        return v2.ModelReadyResponse(ready=self.plane.repository.is_ready(request.name, version))
+        return v2.ModelReadyResponse(ready=self.plane.is_ready(request.name, version))
 
     @rpc("ServerMetadata")
     async def ServerMetadata(
@@ -79,7 +78,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelMetadataRequest, context: Ctx, call: Call
     ) -> v2.ModelMetadataResponse:
         served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
-        return codec.v2_model_metadata(served, self.plane.repository.ready_versions(served.name))
+        return codec.v2_model_metadata(served, self.plane.ready_versions(served.name))
 
     async def _infer(
         self, request: v2.ModelInferRequest, call: Call, out: v2.ModelInferResponse | None = None
@@ -90,9 +89,9 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         # Held against the budget from its shape, before its bytes are touched.
         with self.plane.admit(served, *codec.v2_input_extent(request)):
             pixels = codec.decode_v2_input(request, served)
-            outputs = codec.v2_requested_outputs(request, served)
-            probabilities = await self.plane.predict(served, pixels)
-            return codec.v2_infer_response(served, request.id, probabilities, outputs, out)
+            top = codec.v2_requested_top(request, served)
+            prediction = await self.plane.predict(served, pixels, top)
+            return codec.v2_infer_response(served, request.id, prediction, out)
 
     async def _infer_one(
         self, request: v2.ModelInferRequest, index: int, call: Call
@@ -123,35 +122,21 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelConfigRequest, context: Ctx, call: Call
     ) -> v2.ModelConfigResponse:
         served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
+        plane = self.plane
         return codec.v2_model_config(
-            served, self.plane.repository, self.plane.limits.max_request_batch
+            served, plane.batching, plane.max_versions, plane.limits.max_request_batch
         )
 
     @rpc("ModelStatistics")
     async def ModelStatistics(
         self, request: v2.ModelStatisticsRequest, context: Ctx, call: Call
     ) -> v2.ModelStatisticsResponse:
-        repository = self.plane.repository
+        version = codec.parse_v2_version(request.version) if request.version else None
+        counted = self.plane.statistics(request.name, version)
         if request.name:
-            if request.version:
-                served = call.resolve(
-                    self.plane, request.name, codec.parse_v2_version(request.version)
-                )
-                wanted = [(served.name, served.version)]
-            else:
-                # NOT_FOUND or UNAVAILABLE, as for an inference.
-                call.model = repository.get(request.name).name
-                wanted = [(request.name, v) for v in repository.ready_versions(request.name)]
-        elif request.version:
-            raise InvalidArgument("a model version was given without a model name")
-        else:  # every ready version of every model
-            wanted = [
-                (n, v) for n in repository.model_names() for v in repository.ready_versions(n)
-            ]
+            call.model = request.name
         return v2.ModelStatisticsResponse(
-            model_stats=[
-                codec.v2_model_statistics(n, v, self.plane.stats.get(n, v)) for n, v in wanted
-            ]
+            model_stats=[codec.v2_model_statistics(n, v, stats) for n, v, stats in counted]
         )
 
     @rpc("RepositoryIndex")
@@ -159,4 +144,4 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.RepositoryIndexRequest, context: Ctx, call: Call
     ) -> v2.RepositoryIndexResponse:
         # cnnserve serves one repository: `repository_name` selects nothing.
-        return codec.v2_repository_index(self.plane.repository, request.ready)
+        return codec.v2_repository_index(self.plane.catalog(), request.ready)

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving import tensors
 from serving.client import Client
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
@@ -117,7 +118,7 @@ def test_predict_over_grpc_on_cuda(
             ),
             timeout=30,
         )
-    got = np.frombuffer(response.probabilities.data, "<f4").reshape(batch, 10)
+    got = tensors.decode(response.probabilities.data, "FP32", (batch, 10))
     assert_matches(got, expected[:batch])
 
 
@@ -130,7 +131,7 @@ def test_open_inference_protocol_on_cuda(
     request.raw_input_contents.append(x.tobytes())
     with cuda_server.channel() as channel:
         response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-    got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(16, 10)
+    got = tensors.decode(response.raw_output_contents[0], "FP32", (16, 10))
     assert_matches(got, expected[:16])
 
 

@@ -25,6 +25,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving import tensors
 from serving.config import Settings
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
@@ -328,7 +329,7 @@ def test_typed_contents_through_raw_stub(
     response = stub.ModelInfer(infer_request(x, raw=False, model_version="1"), timeout=30)
     (output,) = response.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("probabilities", "FP32", [4, 10])
-    got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(4, 10)
+    got = tensors.decode(response.raw_output_contents[0], "FP32", (4, 10))
     assert np.array_equal(got, expected_probabilities(reference, x))
     assert (response.model_name, response.model_version) == (MODEL, "1")
 

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from serving import tensors
 from serving.client import Client, format_summary
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
@@ -69,9 +70,7 @@ def test_predict_uint8_equals_in_process_onnxruntime(
     response = stub.Predict(
         pb.PredictRequest(model="fashion", images=tensor(x), top_k=3), timeout=30
     )
-    got = np.frombuffer(response.probabilities.data, "<f4").reshape(
-        tuple(response.probabilities.shape)
-    )
+    got = tensors.decode(response.probabilities.data, "FP32", response.probabilities.shape)
     expected = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
     assert np.array_equal(got, expected)  # bit for bit
     assert response.model == "fashion" and response.version == 1

@@ -14,7 +14,7 @@ import pytest
 
 from serving import codec
 from serving.batching import Batcher, Decision, RunCosts, decide, run_unbatched
-from serving.inference import top_k
+from serving.dataplane import Prediction, top_k
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
@@ -362,10 +362,11 @@ def test_hand_encoded_classifications_equal_the_messages(tmp_path: Path, k: int)
         )
         for row_i, row_s in zip(top.indices, top.scores, strict=True)
     ]
-    got = codec.predict_response(served, probs, top, omit=False)  # type: ignore[arg-type]
+    prediction = Prediction(probs, top)
+    got = codec.predict_response(served, prediction, omit=False)  # type: ignore[arg-type]
     assert list(got.classifications) == expected
     assert (got.model, got.version) == ("tiny", 3)
     assert np.array_equal(codec.decode_tensor(got.probabilities, "probabilities"), probs)
-    assert not codec.predict_response(served, probs, top, omit=True).HasField("probabilities")  # type: ignore[arg-type]
-    classify = codec.classify_response(served, top)  # type: ignore[arg-type]
+    assert not codec.predict_response(served, prediction, omit=True).HasField("probabilities")  # type: ignore[arg-type]
+    classify = codec.classify_response(served, prediction)  # type: ignore[arg-type]
     assert list(classify.classifications) == expected

@@ -15,8 +15,8 @@ from PIL import Image
 from serving import codec, config, images
 from serving.batching import Batcher
 from serving.cores import available_cores, cpu_quota
+from serving.dataplane import DataPlane, Limits, top_k
 from serving.errors import InvalidArgument, NotFound, Unavailable
-from serving.inference import DataPlane, Limits, top_k
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.repository import BatchingOptions, ModelRepository, State
 from serving.runtime import (
@@ -27,6 +27,7 @@ from serving.runtime import (
     run_in_fixed_batches,
 )
 from serving.summary import summarize
+from serving.tensors import TensorError
 from tests.support import write_tiny_model
 
 
@@ -45,18 +46,23 @@ def test_config_errors_name_the_variable() -> None:
         config.load(["--max-batch-size", "0"], {})
 
 
+TENSOR_REFUSALS = (InvalidArgument, TensorError)
+
+
 def test_codec_decodes_without_copy_and_checks_lengths() -> None:
+    # A tensor's own dtype, shape and bytes are checked in serving.tensors (TensorError, which
+    # the API layer answers as INVALID_ARGUMENT); the protocol's dtype names in the codec.
     x = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)
     t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=x.shape, data=x.tobytes())
     assert np.array_equal(codec.decode_tensor(t), x)
     t.data = t.data[:-1]
-    with pytest.raises(InvalidArgument, match=r"needs 72 bytes, received 71"):
+    with pytest.raises(TENSOR_REFUSALS, match=r"needs 72 bytes, received 71"):
         codec.decode_tensor(t)
-    with pytest.raises(InvalidArgument, match="DATA_TYPE_UNSPECIFIED not accepted"):
+    with pytest.raises(TENSOR_REFUSALS, match="DATA_TYPE_UNSPECIFIED not accepted"):
         codec.decode_tensor(pb.Tensor(shape=[1], data=b"\0"))
-    with pytest.raises(InvalidArgument, match="negative"):
+    with pytest.raises(TENSOR_REFUSALS, match="negative"):
         codec.decode_tensor(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[-1, 2], data=b""))
-    with pytest.raises(InvalidArgument, match="rank 0"):
+    with pytest.raises(TENSOR_REFUSALS, match="rank 0"):
         codec.decode_tensor(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, data=b""))
 
 
@@ -276,8 +282,10 @@ async def test_data_plane_validates_shapes_and_limits(tmp_path: Path) -> None:
         await plane.predict(served, np.zeros((0, 4, 4, 1), np.uint8))
     with pytest.raises(InvalidArgument, match="NaN"):
         await plane.predict(served, np.full((1, 4, 4, 1), np.nan, np.float32))
-    out = await plane.predict(served, np.zeros((3, 4, 4, 1), np.uint8))
-    assert out.shape == (3, 3) and np.allclose(out.sum(axis=1), 1.0)
+    out = await plane.predict(served, np.zeros((3, 4, 4, 1), np.uint8), top=2)
+    assert out.probabilities.shape == (3, 3) and np.allclose(out.probabilities.sum(axis=1), 1.0)
+    assert out.top is not None and out.top.indices.shape == (3, 2)
+    assert (await plane.predict(served, np.zeros((1, 4, 4, 1), np.uint8))).top is None
     with pytest.raises(InvalidArgument, match="version must be >= 0"):
         plane.resolve("tiny", -1)
     await repo.close()

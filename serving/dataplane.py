@@ -1,7 +1,8 @@
-"""The data plane both APIs share: validate -> prepare -> batch -> run -> top-k.
+"""The data plane every protocol shares: resolve -> admit -> validate -> batch -> run -> top-k,
+and what the protocols report of the repository (readiness, versions, statistics).
 
-A feature or a fix here lands once for our own API and the Open Inference Protocol.
-Knows nothing of gRPC or protobuf.
+A feature or a fix here lands once for our own API, the Open Inference Protocol and REST.
+Servicers and handlers talk to this and nothing below it. Knows nothing of gRPC, HTTP or protobuf.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from serving import images
 from serving.admission import Admission, Ticket, request_cost
 from serving.batching import Observer
 from serving.errors import InvalidArgument, ServingError
-from serving.repository import ModelRepository, ServedVersion
+from serving.repository import BatchingOptions, ModelRepository, VersionStatus
+from serving.repository import ServedVersion as ServedVersion  # what `resolve` hands the protocols
 
 F32 = npt.NDArray[np.float32]
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -46,6 +48,25 @@ def top_k(probabilities: F32, k: int) -> TopK:
     order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
     idx = np.take_along_axis(part, order, axis=1)
     return TopK(idx.astype(np.int64), np.take_along_axis(probabilities, idx, axis=1))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: F32  # [N, classes]
+    top: TopK | None  # the best classes of each image, when they were asked for
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    """One model's versions as the repository holds them, for listings."""
+
+    name: str
+    statuses: list[VersionStatus]
+    ready_versions: list[int]
+
+    @property
+    def default_version(self) -> int:
+        return max(self.ready_versions) if self.ready_versions else 0
 
 
 @dataclass
@@ -164,6 +185,52 @@ class DataPlane:
                 f"{count} images is over the limit of {self.limits.max_request_batch} per request"
             )
 
+    # What the protocols report of the repository -------------------------------------------
+
+    @property
+    def batching(self) -> BatchingOptions:
+        return self.repository.batching
+
+    @property
+    def max_versions(self) -> int:
+        return self.repository.max_versions
+
+    def ready_versions(self, model: str) -> list[int]:
+        return self.repository.ready_versions(model)
+
+    def is_ready(self, model: str, version: int = 0) -> bool:
+        return self.repository.is_ready(model, version)
+
+    def catalog(self) -> list[ModelCatalog]:
+        """Every model on disk, its versions' states and which of them serve."""
+        return [
+            ModelCatalog(name, statuses, self.repository.ready_versions(name))
+            for name, statuses in self.repository.statuses().items()
+        ]
+
+    def statistics(
+        self, model: str = "", version: int | None = None
+    ) -> list[tuple[str, int, VersionStats]]:
+        """Counters of one version (0: the newest), of every ready version of one model (no
+        `version`), or of every ready version of every model (neither); an unknown model is
+        NOT_FOUND, as for an inference."""
+        if model:
+            if version is not None:
+                served = self.resolve(model, version)
+                wanted = [(served.name, served.version)]
+            else:
+                self.repository.get(model)  # NOT_FOUND or UNAVAILABLE
+                wanted = [(model, v) for v in self.repository.ready_versions(model)]
+        elif version is not None:
+            raise InvalidArgument("a model version was given without a model name")
+        else:
+            wanted = [
+                (n, v)
+                for n in self.repository.model_names()
+                for v in self.repository.ready_versions(n)
+            ]
+        return [(n, v, self.stats.get(n, v)) for n, v in wanted]
+
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
         if not model:
             known = ", ".join(self.repository.model_names()) or "none"
@@ -193,7 +260,10 @@ class DataPlane:
                 f"batch of {n} images is over the limit of {self.limits.max_request_batch} per request"
             )
 
-    async def predict(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> F32:
+    async def predict(
+        self, served: ServedVersion, pixels: npt.NDArray[np.generic], top: int = 0
+    ) -> Prediction:
+        """Probabilities of a batch, and (`top` >= 1) its `top` best classes per image."""
         started = time.perf_counter()
         try:
             self.check_batch(served, pixels)
@@ -206,7 +276,7 @@ class DataPlane:
             self.stats.finished(served, 0, time.perf_counter() - started, ok=False)
             raise
         self.stats.finished(served, len(out), time.perf_counter() - started, ok=True)
-        return out
+        return Prediction(out, top_k(out, top) if top > 0 else None)
 
     def decode_images(
         self, served: ServedVersion, encoded: list[bytes | npt.NDArray[np.uint8]]
