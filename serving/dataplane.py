@@ -20,7 +20,9 @@ from serving.admission import Admission, Ticket, request_cost
 from serving.batching import Observer
 from serving.errors import InvalidArgument, ServingError
 from serving.repository import BatchingOptions, ModelRepository, VersionStatus
-from serving.repository import ServedVersion as ServedVersion  # what `resolve` hands the protocols
+
+# Re-exported: the type `resolve` hands the protocols.
+from serving.repository import ServedVersion as ServedVersion  # noqa: PLC0414
 
 F32 = npt.NDArray[np.float32]
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))

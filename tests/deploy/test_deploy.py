@@ -45,11 +45,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness import ROOT, free_port
 from serving.client import Client
 from serving.config import ENV_PREFIX, Settings
 from serving.config import load as load_settings
 from serving.server import LIVENESS_SERVICE, SERVICE_NAMES
-from tests.support import ROOT, free_port
 
 Obj = dict[str, Any]
 
