@@ -85,9 +85,9 @@ def decode_classify_images(request: pb.ClassifyRequest) -> list[bytes | npt.NDAr
 
 
 # The per-image classifications are written as wire bytes and merged in one C-level parse:
-# building them as messages cost 5 us an image, and passing that list to the response's
-# constructor copied every message again (measured side by side: a response of 32 images 233 ->
-# 73 us, of one image 16.5 -> 8.7 us). The field numbers are cnnserve.proto's; a test checks the result against messages.
+# building them as messages was slow per image, and passing that list to the response's
+# constructor copied every message again (figures: bench/PROFILE.md, "Figures behind the code").
+# The field numbers are cnnserve.proto's; a test checks the result against messages.
 _SCORE = b"\x1d"  # ClassScore.score: field 3, fixed32
 _TOP = b"\x0a"  # Classification.top: field 1, length-delimited
 _PREDICT_CLASSIFICATIONS = b"\x22"  # PredictResponse.classifications: field 4

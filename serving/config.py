@@ -12,143 +12,184 @@ from typing import Any
 ENV_PREFIX = "CNNSERVE_"
 PROVIDERS = ("cpu", "cuda")
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
+
+
+def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A setting's default with its help (and its allowed values) beside it."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
-    model_repository: Path = Path("models")
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 8002  # 0: no metrics endpoint
-    provider: str = "cpu"
-    intra_op_threads: int = 0  # 0: one per run when runs go side by side, else one per core
-    concurrent_runs: int = 0  # runs of one model at once; 0: one per core on the CPU, 1 on cuda
-    inter_op_threads: int = 1
-    ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait (off: they sleep)
-    batching: bool = True
-    max_batch_size: int = 64  # largest batch the batcher forms from concurrent requests
-    max_queue_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 = take what is queued
-    max_request_batch: int = 1024  # largest batch one request may carry
-    max_inflight_mb: int = 0  # request data held at once; 0: from the container's memory limit
-    max_queue_images: int = 8192  # images queued per model before new requests are refused
-    max_stream_inflight: int = 64  # messages of one stream in flight before reading pauses
-    max_message_mb: int = 64
-    max_image_pixels: int = 16_000_000  # per decoded image in Classify
-    max_versions: int = 2  # newest versions kept loaded per model
-    poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
-    grace_seconds: float = 10.0  # drain time on SIGTERM
-    max_connection_age_s: float = 300.0  # so clients reconnect and spread over replicas
-    max_connection_idle_s: float = 120.0  # a connection without calls this long is closed
-    handshake_timeout_s: float = 10.0  # to finish the HTTP/2 (and TLS) handshake; then closed
-    max_concurrent_streams: int = 1024  # calls open on one connection; more wait client-side
-    keepalive_time_s: float = 30.0  # ping a connection with calls that has gone quiet this long
-    keepalive_timeout_s: float = 10.0  # unanswered ping: the connection and its calls are closed
-    min_ping_interval_s: float = 10.0  # clients' pings allowed this often; more often is abuse
-    max_connections: int = 0  # connections held at once; 0: the open-file limit less 256
-    http2_bdp_probe: bool = False  # let receive windows grow with the bandwidth-delay product
-    workers: int = 1  # server processes on the one port (SO_REUSEPORT), metrics summed
-    reuse_port: bool = False  # let other processes listen on the port too (what --workers sets)
-    warmup: bool = True
-    log_level: str = "info"
-    log_format: str = "text"
-    tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC port
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a cert it signed
-    auth_token_file: Path | None = None  # a file holding the bearer token callers must send
+    """Every setting of the server, once: its type, its default and its help."""
+
+    model_repository: Path = option(
+        Path("models"),
+        "folder laid out as <name>/<version>/model.onnx",
+    )
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(50051, "gRPC port")
+    metrics_port: int = option(8002, "Prometheus /metrics HTTP port (0 turns it off)")
+    provider: str = option(
+        "cpu",
+        "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda every "
+        "run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
+        "whenever the batch size changes",
+        choices=PROVIDERS,
+    )
+    intra_op_threads: int = option(
+        0,
+        "ONNX Runtime threads inside one operator of one run (0: one when several runs go side "
+        "by side, which is the default on the CPU; else one per core this process may use, its "
+        "container's CPU limit counted)",
+    )
+    concurrent_runs: int = option(
+        0,
+        "ONNX Runtime runs of one model at once; the batcher shares what is queued out over the"
+        " free runs, splitting a large request, so that every core has work under load (0: one "
+        "per core this process may use on the CPU, its affinity and container CPU limit "
+        "counted; 1 on cuda)",
+    )
+    inter_op_threads: int = option(1, "ONNX Runtime threads across operators")
+    ort_spinning: bool = option(
+        False,
+        "let ONNX Runtime's idle threads busy-wait for the next run (lower latency on a machine"
+        " of its own; on a shared one they take the cores gRPC needs)",
+    )
+    batching: bool = option(
+        True,
+        "dynamic batching of concurrent requests (--no-batching turns it off)",
+    )
+    max_batch_size: int = option(64, "largest batch formed from concurrent requests")
+    max_queue_delay_ms: float = option(
+        0.0,
+        "how long a batch may wait to fill (0: run what is queued at once)",
+    )
+    max_request_batch: int = option(1024, "largest batch a single request may carry")
+    max_inflight_mb: int = option(
+        0,
+        "budget, in MiB, for the request data the server holds at once (queued and running, "
+        "both APIs, unary and streaming; what a request costs is counted from its tensor's "
+        "shape before it is decoded); a request that would pass it is refused UNAVAILABLE (0: "
+        "half of what the container's memory limit leaves after the models, or a fixed default "
+        "without a limit)",
+    )
+    max_queue_images: int = option(
+        8192,
+        "images that may wait in one model's queue; a request that would pass it is refused "
+        "UNAVAILABLE (Triton's max_queue_size)",
+    )
+    max_stream_inflight: int = option(
+        64,
+        "messages of one stream (PredictStream, ModelStreamInfer) being answered at once; "
+        "beyond it the server stops reading that stream until an answer is sent (HTTP/2 flow "
+        "control then holds the client back)",
+    )
+    max_message_mb: int = option(64, "largest gRPC message, in MiB, received or sent")
+    max_image_pixels: int = option(
+        16_000_000,
+        "largest decoded image (width x height) Classify accepts; also Pillow's decompression-"
+        "bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
+    )
+    max_versions: int = option(2, "how many of the newest versions of each model stay loaded")
+    poll_seconds: float = option(5.0, "how often the repository is rescanned (0: only on SIGHUP)")
+    grace_seconds: float = option(10.0, "how long in-flight calls may drain on SIGTERM")
+    max_connection_age_s: float = option(
+        300.0,
+        "connections are recycled after this age so load spreads (0: never)",
+    )
+    max_connection_idle_s: float = option(
+        120.0,
+        "a connection with no call for this long is closed (GOAWAY; the client reconnects when "
+        "it next calls), so that idle clients do not hold file descriptors and memory (0: "
+        "never)",
+    )
+    handshake_timeout_s: float = option(
+        10.0,
+        "a new connection that has not finished its handshake (the HTTP/2 preface and settings,"
+        " and TLS) within this time is closed: connections that connect and say nothing are "
+        "dropped (0: gRPC's default of 120 s)",
+    )
+    max_concurrent_streams: int = option(
+        1024,
+        "calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS), so that"
+        " what one connection makes the server hold (requests, half-sent ones included) is "
+        "bounded; a client keeps its further calls waiting on its side. gRPC counts a call "
+        "until the server has freed it (against clients that reset calls faster than they "
+        "finish), so a client near the limit may see some refused UNAVAILABLE, which our client"
+        " retries. Well above what dynamic batching needs from one channel (0: no limit)",
+    )
+    keepalive_time_s: float = option(
+        30.0,
+        "ping a connection that has calls open but has been quiet this long, so that clients "
+        "which vanished without closing (a node gone, a network partition) are found and their "
+        "calls freed (0: gRPC's default of 2 hours)",
+    )
+    keepalive_timeout_s: float = option(
+        10.0,
+        "how long a keepalive ping may go unanswered before the connection and its calls are "
+        "closed",
+    )
+    min_ping_interval_s: float = option(
+        10.0,
+        "how often a client may ping while no data flows (client keepalive); pinging more often"
+        " counts as abuse and the connection is closed with GOAWAY too_many_pings after two "
+        "strikes. gRPC's default of 5 minutes would punish common client keepalives (ours pings"
+        " every 20 s) (0: any rate)",
+    )
+    max_connections: int = option(
+        0,
+        "connections held at once; a connection beyond it is closed as soon as it is accepted, "
+        "so a flood of idle connections cannot use up the file descriptors the server needs for"
+        " model files and metrics (0: the process's open-file limit less 256)",
+    )
+    http2_bdp_probe: bool = option(
+        False,
+        "let gRPC grow each connection's and call's HTTP/2 receive window with the measured "
+        "bandwidth-delay product. Off (the default), a call's window stays at 64 KiB: what gRPC"
+        " receives of calls the server has not read yet is bounded by 64 KiB a call, so a burst"
+        " of large calls is refused before its bytes arrive; on, large messages cross long, "
+        "fast links sooner, but a burst of them is received whole before the server can refuse "
+        "any",
+    )
+    workers: int = option(
+        1,
+        "server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections, "
+        "not calls, over them), each with its own sessions; /metrics sums them",
+    )
+    reuse_port: bool = option(
+        False,
+        "let other processes listen on the same gRPC port (SO_REUSEPORT)",
+    )
+    warmup: bool = option(True, "run every batch size once at load (--no-warmup turns it off)")
+    log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    log_format: str = option("text", "text or json", choices=LOG_FORMATS)
+    tls_cert: Path | None = option(
+        None,
+        "PEM certificate (chain) of the server: serve gRPC over TLS (with --tls-key)",
+    )
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = option(
+        None,
+        "PEM CA certificates: require clients to present a certificate they signed (mTLS)",
+    )
+    auth_token_file: Path | None = option(
+        None,
+        "file holding a bearer token every call must carry as `authorization: Bearer <token>` "
+        "(health and reflection stay open); or put the token itself in CNNSERVE_AUTH_TOKEN",
+    )
     # The token itself, from CNNSERVE_AUTH_TOKEN only (a flag would show it in `ps`).
-    auth_token: str = field(default="", repr=False, metadata={"env_only": True})
+    auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={"env_only": True, "help": "bearer token (environment only)"},
+    )
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MiB
-
-
-_HELP: dict[str, str] = {
-    "model_repository": "folder laid out as <name>/<version>/model.onnx",
-    "host": "address to listen on",
-    "port": "gRPC port",
-    "metrics_port": "Prometheus /metrics HTTP port (0 turns it off)",
-    "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda "
-    "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
-    "whenever the batch size changes",
-    "intra_op_threads": "ONNX Runtime threads inside one operator of one run (0: one when several "
-    "runs go side by side, which is the default on the CPU; else one per core this process may "
-    "use, its container's CPU limit counted)",
-    "concurrent_runs": "ONNX Runtime runs of one model at once; the batcher shares what is queued "
-    "out over the free runs, splitting a large request, so that every core has work under load "
-    "(0: one per core this process may use on the CPU, its affinity and container CPU limit "
-    "counted; 1 on cuda)",
-    "inter_op_threads": "ONNX Runtime threads across operators",
-    "ort_spinning": "let ONNX Runtime's idle threads busy-wait for the next run (lower latency "
-    "on a machine of its own; on a shared one they take the cores gRPC needs)",
-    "batching": "dynamic batching of concurrent requests (--no-batching turns it off)",
-    "max_batch_size": "largest batch formed from concurrent requests",
-    "max_queue_delay_ms": "how long a batch may wait to fill (0: run what is queued at once)",
-    "max_request_batch": "largest batch a single request may carry",
-    "max_inflight_mb": "budget, in MiB, for the request data the server holds at once (queued and "
-    "running, both APIs, unary and streaming; what a request costs is counted from its tensor's "
-    "shape before it is decoded); a request that would pass it is refused UNAVAILABLE (0: half of "
-    "what the container's memory limit leaves after the models, or a fixed default without a limit)",
-    "max_queue_images": "images that may wait in one model's queue; a request that would pass it "
-    "is refused UNAVAILABLE (Triton's max_queue_size)",
-    "max_stream_inflight": "messages of one stream (PredictStream, ModelStreamInfer) being answered "
-    "at once; beyond it the server stops reading that stream until an answer is sent (HTTP/2 flow "
-    "control then holds the client back)",
-    "max_message_mb": "largest gRPC message, in MiB, received or sent",
-    "max_image_pixels": "largest decoded image (width x height) Classify accepts; also Pillow's "
-    "decompression-bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
-    "max_versions": "how many of the newest versions of each model stay loaded",
-    "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
-    "grace_seconds": "how long in-flight calls may drain on SIGTERM",
-    "max_connection_age_s": "connections are recycled after this age so load spreads (0: never)",
-    "max_connection_idle_s": "a connection with no call for this long is closed (GOAWAY; the client "
-    "reconnects when it next calls), so that idle clients do not hold file descriptors and memory "
-    "(0: never)",
-    "handshake_timeout_s": "a new connection that has not finished its handshake (the HTTP/2 "
-    "preface and settings, and TLS) within this time is closed: connections that connect and say "
-    "nothing are dropped (0: gRPC's default of 120 s)",
-    "max_concurrent_streams": "calls open at once on one connection (HTTP/2 SETTINGS_MAX_"
-    "CONCURRENT_STREAMS), so that what one connection makes the server hold (requests, half-sent "
-    "ones included) is bounded; a client keeps its further calls waiting on its side. gRPC counts "
-    "a call until the server has freed it (against clients that reset calls faster than they "
-    "finish), so a client near the limit may see some refused UNAVAILABLE, which our client "
-    "retries. Well above what dynamic batching needs from one channel (0: no limit)",
-    "keepalive_time_s": "ping a connection that has calls open but has been quiet this long, so "
-    "that clients which vanished without closing (a node gone, a network partition) are found and "
-    "their calls freed (0: gRPC's default of 2 hours)",
-    "keepalive_timeout_s": "how long a keepalive ping may go unanswered before the connection and "
-    "its calls are closed",
-    "min_ping_interval_s": "how often a client may ping while no data flows (client keepalive); "
-    "pinging more often counts as abuse and the connection is closed with GOAWAY too_many_pings "
-    "after two strikes. gRPC's default of 5 minutes would punish common client keepalives (ours "
-    "pings every 20 s) (0: any rate)",
-    "http2_bdp_probe": "let gRPC grow each connection's and call's HTTP/2 receive window with the "
-    "measured bandwidth-delay product. Off (the default), a call's window stays at 64 KiB: what "
-    "gRPC receives of calls the server has not read yet is bounded by 64 KiB a call, so a burst of "
-    "large calls is refused before its bytes arrive; on, large messages cross long, fast links "
-    "sooner, but a burst of them is received whole before the server can refuse any",
-    "max_connections": "connections held at once; a connection beyond it is closed as soon as "
-    "it is accepted, so a flood of idle connections cannot use up the file descriptors the server "
-    "needs for model files and metrics (0: the process's open-file limit less 256)",
-    "workers": "server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads "
-    "connections, not calls, over them), each with its own sessions; /metrics sums them",
-    "reuse_port": "let other processes listen on the same gRPC port (SO_REUSEPORT)",
-    "warmup": "run every batch size once at load (--no-warmup turns it off)",
-    "log_level": "debug, info, warning or error",
-    "log_format": "text or json",
-    "tls_cert": "PEM certificate (chain) of the server: serve gRPC over TLS (with --tls-key)",
-    "tls_key": "PEM private key of --tls-cert",
-    "tls_client_ca": "PEM CA certificates: require clients to present a certificate they signed (mTLS)",
-    "auth_token_file": "file holding a bearer token every call must carry as `authorization: Bearer "
-    "<token>` (health and reflection stay open); or put the token itself in CNNSERVE_AUTH_TOKEN",
-    "auth_token": "bearer token (environment only)",
-}
-_CHOICES: dict[str, Sequence[str]] = {
-    "provider": PROVIDERS,
-    "log_format": LOG_FORMATS,
-    "log_level": ("debug", "info", "warning", "error"),
-}
 
 
 def _parse_bool(text: str) -> bool:
@@ -187,7 +228,8 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{_HELP[f.name]} (default {default}; env {ENV_PREFIX}{f.name.upper()})"
+        help_text = f"{f.metadata['help']} (default {default}; env {ENV_PREFIX}{f.name.upper()})"
+        choices = f.metadata.get("choices")
         if f.type == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -195,11 +237,16 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
                 flag,
                 dest=f.name,
                 type=_converter(f.type),
-                choices=_CHOICES.get(f.name),
+                choices=choices,
                 help=help_text,
-                metavar=f.name.upper() if f.name not in _CHOICES else None,
+                metavar=None if choices else f.name.upper(),
             )
     return p
+
+
+# The defaults, for the options of the parts (runtime, batcher, data plane) built from Settings:
+# each default is written once, above.
+DEFAULTS = Settings()
 
 
 class ConfigError(ValueError):
@@ -221,8 +268,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 values[f.name] = _converter(f.type)(env[var])
             except ValueError as exc:
                 raise ConfigError(f"{var}={env[var]!r}: {exc}") from None
-            if f.name in _CHOICES and values[f.name] not in _CHOICES[f.name]:
-                raise ConfigError(f"{var}={env[var]!r}: allowed {', '.join(_CHOICES[f.name])}")
+            choices = f.metadata.get("choices")
+            if choices and values[f.name] not in choices:
+                raise ConfigError(f"{var}={env[var]!r}: allowed {', '.join(choices)}")
     settings = Settings(**values)
     validate(settings)
     return settings

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from serving import images
 from serving.admission import Admission, Ticket, request_cost
 from serving.batching import Observer
+from serving.config import DEFAULTS
 from serving.errors import InvalidArgument, ServingError
 from serving.repository import BatchingOptions, ModelRepository, VersionStatus
 
@@ -30,8 +31,8 @@ ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 @dataclass(frozen=True)
 class Limits:
-    max_request_batch: int = 1024
-    max_image_pixels: int = 16_000_000
+    max_request_batch: int = DEFAULTS.max_request_batch
+    max_image_pixels: int = DEFAULTS.max_image_pixels
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ CGROUP = Path("/sys/fs/cgroup")
 # (9223372036854771712); nothing real is that large.
 NO_LIMIT_FROM = 1 << 60
 # What an idle server needs besides request data: Python, gRPC, ONNX Runtime and its warmed-up
-# sessions. Measured with `python -m serving` over one Fashion-MNIST model: 108 MiB resident,
-# 122 MiB with two (13 MiB a model of this size); the rest leaves room for more or bigger models.
+# sessions, with room for more or bigger models than ours (figures: bench/PROFILE.md, "Figures
+# behind the code").
 DEFAULT_RESERVE = 256 * MiB
 # The budget counts what admitted requests hold, as the data plane estimates it. Beside it the
 # process also holds what the budget cannot see: the messages gRPC has received of calls not yet

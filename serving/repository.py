@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from serving.batching import Batcher, Observer, run_unbatched
+from serving.config import DEFAULTS
 from serving.errors import NotFound, Unavailable
 from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 from serving.summary import ParameterSummary, summarize
@@ -40,9 +41,9 @@ class State(Enum):
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    enabled: bool = True
-    max_batch_size: int = 64
-    max_delay_s: float = 0.0
+    enabled: bool = DEFAULTS.batching
+    max_batch_size: int = DEFAULTS.max_batch_size
+    max_delay_s: float = DEFAULTS.max_queue_delay_ms / 1000
     max_runs: int = 1  # runs of one model at once
     inline: bool = False  # runs on the event loop's thread (one core: a worker could not help)
 
@@ -117,7 +118,7 @@ class ModelRepository:
         runtime_options: RuntimeOptions,
         batching: BatchingOptions,
         executor: Executor,
-        max_versions: int = 2,
+        max_versions: int = DEFAULTS.max_versions,
         observer_for: Callable[[str, int, str], Observer] | None = None,
         on_state: StateListener | None = None,
     ) -> None:

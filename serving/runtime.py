@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from serving.config import DEFAULTS
 from serving.cores import available_cores
 from serving.errors import InvalidArgument
 
@@ -27,8 +28,8 @@ MAX_OPSET = 21  # the newest default-domain opset this server is tested with
 MIN_OPSET = 7
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # TF32 (ONNX Runtime's default on Ampere and newer) rounds convolution inputs to 10 bits of
-# mantissa: measured on an H200, outputs moved by up to 8e-4 from the CPU's and the exported
-# model's, for no speed a CNN this small can see. Full float32 keeps the export's parity check
+# mantissa: outputs move away from the CPU's and the exported model's (bench/CUDA.md), for no
+# speed a CNN this small can see. Full float32 keeps the export's parity check
 # meaningful on the GPU too.
 CUDA_OPTIONS = {"use_tf32": "0"}
 
@@ -39,20 +40,18 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    provider: str = "cpu"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
+    provider: str = DEFAULTS.provider
+    intra_op_threads: int = DEFAULTS.intra_op_threads
+    inter_op_threads: int = DEFAULTS.inter_op_threads
     warmup_batch_sizes: tuple[int, ...] = (1,)
     # ONNX Runtime's idle worker threads busy-wait for the next run by default. On a server the
     # cores they burn are the ones gRPC and Python need (measured: bench/PROFILE.md), so they
     # sleep unless this is set.
-    spinning: bool = False
+    spinning: bool = DEFAULTS.ort_spinning
     # On CUDA every run has exactly this many images (smaller batches padded with zeros, larger
-    # ones split): cuDNN re-plans a convolution whenever its input shape changes. Measured on an
-    # H200 (bench/CUDA.md): a warmed session fed batches of 1..16 images in random order took
-    # 29 ms a run (5 ms with heuristic algorithm search) against 0.14 ms for batch 1 alone and
-    # 0.2 ms for 64. 0 runs batches as they come.
-    cuda_fixed_batch: int = 64
+    # ones split): cuDNN re-plans a convolution whenever its input shape changes (figures in
+    # bench/CUDA.md). 0 runs batches as they come.
+    cuda_fixed_batch: int = DEFAULTS.max_batch_size
 
 
 def default_concurrent_runs(provider: str) -> int:

@@ -58,8 +58,7 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
 def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[str]:
     """The command line of one worker: the user's flags, then ours (the last of a flag wins).
     Unless set, the cores are shared out: cores // workers intra-op threads and concurrent runs
-    each (measured on 2 cores: two workers of 2 threads each lose to two of 1,
-    bench/PROFILE.md)."""
+    each (oversubscribed threads lose: bench/PROFILE.md)."""
     cmd = [
         sys.executable, "-m", "serving", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "0",
