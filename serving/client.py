@@ -35,6 +35,7 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving import tensors
+from serving.config import program_name
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
@@ -453,7 +454,7 @@ def format_summary(s: pb.GetParameterSummaryResponse) -> str:
 
 def _cli(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m serving.client", description="Call a cnnserve server."
+        prog=program_name("serving.client"), description="Call a cnnserve server."
     )
     p.add_argument(
         "--target",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -216,9 +217,23 @@ def _converter(kind: Any) -> Any:
     }[kind]
 
 
-def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
+def program_name(module: str) -> str:
+    """How the user called us, for usage lines: the console command (`cnnserve`), or
+    `python -m <module>` when run as a module."""
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if (
+        not called
+        or called == "__main__.py"
+        or called.endswith(".py")
+        or called.startswith("python")
+    ):
+        return f"python -m {module}"
+    return called
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog or program_name("serving"),
         description="Serve the ONNX models of a model repository over gRPC. Every flag can also "
         "be set as an environment variable: --max-batch-size is CNNSERVE_MAX_BATCH_SIZE.",
     )

@@ -280,8 +280,8 @@ def test_serve_images_run_the_server_as_the_design_says(name: str) -> None:
     stage = final_stage(name)
     entrypoint, cmd = entrypoint_and_cmd(name)
     env = env_of(stage)
-    # Exec form, python as PID 1: SIGTERM reaches the server, which drains.
-    assert entrypoint == ["python", "-m", "serving"]
+    # Exec form, the server's console command as PID 1: SIGTERM reaches it, and it drains.
+    assert entrypoint == ["cnnserve"]
     assert image_model_repository(name) == "/models" == env["CNNSERVE_MODEL_REPOSITORY"]
     expose = {int(p.split("/")[0]) for p in only(stage, "EXPOSE").value.split()}
     assert expose == {GRPC_PORT, METRICS_PORT}
@@ -290,13 +290,15 @@ def test_serve_images_run_the_server_as_the_design_says(name: str) -> None:
     assert only(stage, "USER").value == f"{UID}:{UID}"
     check = healthcheck_command(name)
     script = " ".join(check)
-    assert "serving.client" in script and script.rstrip().endswith("health")
+    assert "cnnserve-client" in script and script.rstrip().endswith("health")
     assert f"${{CNNSERVE_PORT:-{GRPC_PORT}}}" in script
     # Only the serve extra, pinned by the constraints file: no TensorFlow, no training code.
     assert "scripts/extra_requirements.py" in text
     assert "-c requirements/constraints.txt" in text
     assert "--extra" not in text
     assert not re.search(r"tensorflow|keras|\[train|COPY training", text, re.IGNORECASE)
+    # The project is installed (console commands) from serving/ alone, after its dependencies.
+    assert "COPY serving serving" in text and "pip install --no-deps ." in text
     assert any(i.keyword == "COPY" and i.value.startswith("--from=builder") for i in stage)
     if name == "serve":
         assert all(re.fullmatch(r"python:3\.11[\w.-]*-slim-bookworm", b) for b in base_images(name))
@@ -945,14 +947,12 @@ class ImageRun:
     host paths, COPY sources copied, ENV applied, ENTRYPOINT + CMD as the command."""
 
     venv: Path
-    app: Path
     models: Path
     home: Path
 
     def host(self, value: str) -> str:
         mapping = {
             "/opt/venv": self.venv,
-            "/app": self.app,
             "/models": self.models,
             "/tmp": self.home,
         }
@@ -961,10 +961,28 @@ class ImageRun:
             return str(mapping[m.group(1)]) + m.group(2)
 
         return re.sub(
-            r"(?<![\w/.-])(/opt/venv|/app|/models|/tmp)(/[^:\s\"]*|(?=[:\s\"]|$))", sub, value
+            r"(?<![\w/.-])(/opt/venv|/models|/tmp)(/[^:\s\"]*|(?=[:\s\"]|$))", sub, value
         )
 
+    def install_project(self) -> None:
+        """The builder's last layer: the project from a folder holding only what the Dockerfile
+        copies (so only `serving` is installed), into the venv, with its console commands."""
+        src = self.home / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, src / name)
+        shutil.copytree(
+            ROOT / "serving", src / "serving", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        pip = [str(self.venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        run(
+            [*pip, "--disable-pip-version-check", "--no-deps", "--force-reinstall", str(src)],
+            timeout=300,
+        )
+        (self.venv / "bin" / "cnnserve-train").unlink(missing_ok=True)
+
     def layout(self) -> None:
+        self.install_project()
         stage = final_stage("serve")
         for ins in stage:
             if ins.keyword != "COPY":
@@ -1025,7 +1043,7 @@ def test_serve_image_command_runs_from_a_serve_only_venv(
     )
     assert size - tooling < 250, f"the serve venv is {size - tooling:.0f} MB, goal < 250 MB"
 
-    image = ImageRun(venv, tmp_path / "app", trained_repo, tmp_path / "home")
+    image = ImageRun(venv, trained_repo, tmp_path / "home")
     image.home.mkdir()
     image.layout()
     port, metrics_port = free_port(), free_port()
@@ -1036,14 +1054,14 @@ def test_serve_image_command_runs_from_a_serve_only_venv(
             "CNNSERVE_METRICS_PORT": str(metrics_port),
         }
     )
-    assert shutil.which("python", path=env["PATH"]) == str(venv / "bin" / "python")
+    assert shutil.which("cnnserve", path=env["PATH"]) == str(venv / "bin" / "cnnserve")
     command = image.command()
-    assert command[:3] == ["python", "-m", "serving"]
+    assert command[0] == "cnnserve"
     assert flag_value(command, "--model-repository") == str(trained_repo)
     log_path = tmp_path / "server.log"
     target = f"127.0.0.1:{port}"
     with log_path.open("w") as log:
-        # `python` resolves on the image's PATH, to the venv's interpreter.
+        # `cnnserve` resolves on the image's PATH, to the venv's console command.
         proc = subprocess.Popen(
             command, cwd=image.host(only(final_stage("serve"), "WORKDIR").value),
             env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -1060,7 +1078,7 @@ def test_serve_image_command_runs_from_a_serve_only_venv(
         assert status == "SERVING", f"not serving ({status}):\n{log_path.read_text()}"
 
         # The image's HEALTHCHECK, as Docker runs it inside the container.
-        check = run(healthcheck_command("serve"), env=env, cwd=image.app, timeout=30)
+        check = run(healthcheck_command("serve"), env=env, cwd=image.home, timeout=30)
         assert "SERVING" in check.stdout
         # Every health service name the Kubernetes probes use, and one per model.
         probes = {
