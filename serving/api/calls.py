@@ -96,6 +96,16 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
             started = time.perf_counter()
             inflight = metrics.inflight_for(method)
             inflight.inc()
+            counted = False
+
+            def count(code: grpc.StatusCode) -> None:
+                nonlocal counted
+                if not counted:
+                    counted = True
+                    inflight.dec()
+                    elapsed = time.perf_counter() - started
+                    metrics.count_call(call.model, call.version, method, code.name, elapsed)
+
             try:
                 return await handler(self, request, context, call)
             except asyncio.CancelledError:
@@ -107,12 +117,13 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[R
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
                 code, message = failure(exc, method, call.model)
+                # Counted before the status leaves: whoever reads /metrics after the answer
+                # finds the call there.
+                count(code)
                 await context.abort(code, message)
                 raise  # unreachable: abort raises
             finally:
-                inflight.dec()
-                elapsed = time.perf_counter() - started
-                metrics.count_call(call.model, call.version, method, code.name, elapsed)
+                count(code)
 
         return run
 
