@@ -94,7 +94,7 @@ def test_health_and_metadata_with_tritonclient(triton: httpclient.InferenceServe
 @pytest.mark.parametrize("binary_in", [True, False])
 @pytest.mark.parametrize("binary_out", [True, False])
 @pytest.mark.parametrize("dtype", ["UINT8", "FP32"])
-def test_infer_equals_in_process_onnx_runtime(
+def test_infer_equals_in_process_onnx_runtime(  # noqa: PLR0917  (fixtures and parameters)
     triton: httpclient.InferenceServerClient,
     reference: ort.InferenceSession,
     test_images: tuple[np.ndarray, np.ndarray],
@@ -417,3 +417,73 @@ def test_schemathesis_finds_no_server_error(rest: ServerProcess) -> None:
 def alive_plain(proc: ServerProcess) -> bool:
     time.sleep(0)  # nothing to wait for: the server answered schemathesis to the end
     return call(f"{proc.http_url}/v2/health/ready")[0] == 200
+
+
+# ------------------------------------------------------------------ the README's curl examples
+
+
+def readme_console_steps() -> list[tuple[str, str]]:
+    """(command, shown output) of every `$ ` line of the README's console blocks that talk to
+    the REST port."""
+    from harness import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    steps: list[tuple[str, str]] = []
+    for block in text.split("```console\n")[1:]:
+        body = block.split("```", 1)[0]
+        if "localhost:8000" not in body:
+            continue
+        for chunk in body.split("$ ")[1:]:
+            command, _, output = chunk.partition("\n")
+            steps.append((command, output))
+    return steps
+
+
+def skeleton(value: Any) -> Any:
+    """A JSON value with what differs from model to model masked: numbers, numeric strings,
+    labels, classification strings and the versions a repository holds; keys, lengths, types
+    and every other string kept."""
+    if isinstance(value, dict):
+        masked = {"label", "versions"}
+        return {k: f"<{k}>" if k in masked else skeleton(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [skeleton(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return "<number>"
+    if isinstance(value, str) and (value.isdigit() or value.count(":") == 2):
+        return "<masked>"
+    return value
+
+
+def test_readme_curl_examples_run_as_shown(
+    rest: ServerProcess, tmp_path: Path, test_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import subprocess
+
+    x, y = test_images
+    for label, name in ((9, "ankle-boot.png"), (1, "trouser.png")):
+        Image.fromarray(x[int(np.flatnonzero(y == label)[0]), :, :, 0], mode="L").save(
+            tmp_path / name
+        )
+    steps = readme_console_steps()
+    assert len(steps) >= 5, steps
+    for command, shown in steps:
+        assert "curl" in command or "python3" in command, command
+        done = subprocess.run(
+            ["bash", "-c", command.replace("localhost:8000", f"127.0.0.1:{rest.http_port}")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        if not shown.strip():
+            assert not done.stdout.strip(), (command, done.stdout)
+            continue
+        if shown.lstrip().startswith("{"):
+            assert skeleton(json.loads(done.stdout)) == skeleton(json.loads(shown)), command
+        else:
+            assert done.stdout == shown, command
