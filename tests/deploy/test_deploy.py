@@ -966,9 +966,7 @@ class ImageRun:
         def sub(m: re.Match[str]) -> str:
             return str(mapping[m.group(1)]) + m.group(2)
 
-        return re.sub(
-            r"(?<![\w/.-])(/opt/venv|/models|/tmp)(/[^:\s\"]*|(?=[:\s\"]|$))", sub, value
-        )
+        return re.sub(r"(?<![\w/.-])(/opt/venv|/models|/tmp)(/[^:\s\"]*|(?=[:\s\"]|$))", sub, value)
 
     def install_project(self) -> None:
         """The builder's last layer: the project from a folder holding only what the Dockerfile
