@@ -75,9 +75,11 @@ overload: setup ## 1,500 concurrent 3.2 MB Predict calls under a 1 GiB pod's bud
 # Robustness: FUZZ_CASES hostile calls on both APIs; SOAK_SECONDS of mixed valid and invalid
 # traffic at concurrency 32 (each starts its own server over $(MODELS)/$(DATASET)).
 FUZZ_CASES ?= 10000
+FUZZ_REST_EXAMPLES ?= 200
 SOAK_SECONDS ?= 300
-fuzz: setup | $(MODELS)/$(DATASET) ## hypothesis + raw bytes against a live server, both APIs, unary and streaming; counts by status code
+fuzz: setup | $(MODELS)/$(DATASET) ## hypothesis + raw bytes against a live server, both gRPC APIs, unary and streaming; then the REST API from its OpenAPI document (schemathesis, no 5xx)
 	$(PY) -m harness.fuzz --models-dir $(MODELS) --model $(DATASET) --cases $(FUZZ_CASES)
+	$(PY) -m harness.fuzz_rest --models-dir $(MODELS) --model $(DATASET) --max-examples $(FUZZ_REST_EXAMPLES)
 
 soak: setup | $(MODELS)/$(DATASET) ## SOAK_SECONDS (300) of mixed unary and streaming traffic: no unexpected or lost answer, RSS growth < 10%
 	$(PY) -m harness.soak --models-dir $(MODELS) --model $(DATASET) --seconds $(SOAK_SECONDS)

@@ -33,6 +33,17 @@ class Settings:
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port")
     metrics_port: int = option(8002, "Prometheus /metrics HTTP port (0 turns it off)")
+    http_port: int = option(
+        8000,
+        "HTTP/1.1 port of the REST API: the KServe v2 REST protocol, /v1 classify, summary and "
+        "models, /openapi.json; same process, data plane, limits, token and TLS as gRPC (0 "
+        "turns it off)",
+    )
+    http_read_timeout_s: float = option(
+        30.0,
+        "an HTTP request's body must arrive within this many seconds, or the request is "
+        "answered 408 and its connection closed (slow senders hold no handler for long)",
+    )
     provider: str = option(
         "cpu",
         "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda every "
@@ -297,7 +308,7 @@ def validate(s: Settings) -> None:
             f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}={getattr(s, name)!r}: {why}"
         )
 
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise bad(name, "expected a port number 0..65535")
     for name in (
@@ -341,6 +352,8 @@ def validate(s: Settings) -> None:
             raise bad(name, "expected a whole number >= 0")
     if s.keepalive_timeout_s <= 0:
         raise bad("keepalive_timeout_s", "expected a number > 0")
+    if s.http_read_timeout_s <= 0:
+        raise bad("http_read_timeout_s", "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(s, name)
         if path is not None and not path.is_file():
