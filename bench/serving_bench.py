@@ -48,7 +48,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import harness
 from harness import free_port
+from harness.server import terminate
 from serving import config
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -165,13 +165,7 @@ class Process:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         self._log.close()
 
 
