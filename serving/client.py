@@ -202,6 +202,34 @@ def _classifications(
 
 
 @dataclass(frozen=True)
+class FeatureMaps:
+    """One image's activations as the server computed them: layer name -> float32 [H, W, C],
+    in the graph's order, and the prediction of the same run."""
+
+    model: str
+    version: int
+    maps: dict[str, npt.NDArray[np.float32]]
+    kinds: dict[str, str]  # layer name -> Conv2D, MaxPooling2D, ...
+    image: npt.NDArray[np.uint8]  # [H, W, C]: the image as the model saw it
+    probabilities: npt.NDArray[np.float32]  # [classes]
+    labels: list[tuple[str, float]]  # the top classes, best first
+
+
+@dataclass(frozen=True)
+class Filters:
+    model: str
+    version: int
+    layer: str
+    kernels: npt.NDArray[np.float32]  # [K, K, in, out]
+    biases: npt.NDArray[np.float32]  # [out]
+
+
+def _array(t: pb.Tensor) -> npt.NDArray[Any]:
+    datatype = "UINT8" if t.dtype == pb.DATA_TYPE_UINT8 else "FP32"
+    return tensors.decode(t.data, datatype, t.shape)
+
+
+@dataclass(frozen=True)
 class Failure:
     """A streamed batch the server answered with an error (the other batches go on)."""
 
@@ -396,6 +424,56 @@ class Client:
         labels, indices = _classifications(response.classifications)
         return Prediction(response.model, response.version, None, labels, indices)
 
+    def feature_maps(
+        self,
+        model: str,
+        image: str | Path | bytes | npt.NDArray[np.uint8],
+        *,
+        layers: Sequence[str] = (),
+        version: int = 0,
+        top_k: int = 3,
+    ) -> FeatureMaps:
+        """The activations of each convolution and pooling layer (or of `layers`) for one
+        image: a file, encoded bytes, or uint8 pixels [H, W] / [H, W, C]."""
+        if isinstance(image, np.ndarray):
+            pixels = np.ascontiguousarray(image, dtype=np.uint8)
+            item = pb.Image(
+                pixels=pb.Tensor(
+                    dtype=pb.DATA_TYPE_UINT8, shape=pixels.shape, data=tensors.to_bytes(pixels)
+                )
+            )
+        else:
+            item = pb.Image(encoded=image if isinstance(image, bytes) else Path(image).read_bytes())
+        response = self.stub.GetFeatureMaps(
+            pb.GetFeatureMapsRequest(
+                model=model, version=version, image=item, layers=layers, top_k=top_k
+            ),
+            timeout=self.timeout,
+        )
+        return FeatureMaps(
+            response.model,
+            response.version,
+            {m.name: _array(m.values) for m in response.layers},
+            {m.name: m.kind for m in response.layers},
+            _array(response.image),
+            _array(response.probabilities),
+            [(s.label, s.score) for s in response.classification.top],
+        )
+
+    def filters(self, model: str, layer: str = "", *, version: int = 0) -> Filters:
+        """A convolution layer's kernels [K, K, in, out] and biases (the first layer's when
+        `layer` is empty)."""
+        response = self.stub.GetFilters(
+            pb.GetFiltersRequest(model=model, version=version, layer=layer), timeout=self.timeout
+        )
+        return Filters(
+            response.model,
+            response.version,
+            response.layer,
+            _array(response.kernels),
+            _array(response.biases),
+        )
+
     def summary(self, model: str, version: int = 0) -> pb.GetParameterSummaryResponse:
         response: pb.GetParameterSummaryResponse = self.stub.GetParameterSummary(
             pb.GetParameterSummaryRequest(model=model, version=version), timeout=self.timeout
@@ -422,13 +500,14 @@ class Client:
 
 
 def format_summary(s: pb.GetParameterSummaryResponse) -> str:
-    rows = [("Layer", "Kind", "Output shape", "Params", "How")]
+    rows = [("Layer", "Kind", "Output shape", "Output size", "Params", "How")]
     for layer in s.layers:
         rows.append(
             (
                 layer.name,
                 layer.kind,
                 "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
+                layer.output_size_formula,
                 f"{layer.parameters:,}",
                 layer.formula,
             )

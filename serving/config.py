@@ -35,6 +35,7 @@ class Settings:
     max_stream_inflight: int = 64  # messages of one stream in flight before reading pauses
     max_message_mb: int = 64
     max_image_pixels: int = 16_000_000  # per decoded image in Classify
+    max_feature_map_mb: int = 16  # float32 values of one GetFeatureMaps / GetFilters answer
     max_versions: int = 2  # newest versions kept loaded per model
     poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
     grace_seconds: float = 10.0  # drain time on SIGTERM
@@ -98,6 +99,8 @@ _HELP: dict[str, str] = {
     "max_message_mb": "largest gRPC message, in MiB, received or sent",
     "max_image_pixels": "largest decoded image (width x height) Classify accepts; also Pillow's "
     "decompression-bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
+    "max_feature_map_mb": "largest answer of GetFeatureMaps and GetFilters, in MiB of float32 "
+    "values; a request for more is refused RESOURCE_EXHAUSTED (ask for fewer layers)",
     "max_versions": "how many of the newest versions of each model stay loaded",
     "poll_seconds": "how often the repository is rescanned (0: only on SIGHUP)",
     "grace_seconds": "how long in-flight calls may drain on SIGTERM",
@@ -245,6 +248,7 @@ def validate(s: Settings) -> None:
         "workers",
         "max_queue_images",
         "max_stream_inflight",
+        "max_feature_map_mb",
     ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")
