@@ -530,6 +530,34 @@ def format_summary(s: pb.GetParameterSummaryResponse) -> str:
     )
 
 
+def _draw_feature_maps(client: Client, args: argparse.Namespace) -> None:
+    from serving import pictures
+
+    got = client.feature_maps(
+        args.model, args.file, layers=args.layer, version=args.version, top_k=args.top_k
+    )
+    best = ", ".join(f"{label} ({score:.3f})" for label, score in got.labels)
+    print(f"{args.file}: {best}")
+    for name, values in got.maps.items():
+        print(f"  {name} {tuple(values.shape)} max {float(values.max()):.3f}")
+    title = f"{got.model} v{got.version}: {args.file.name}"
+    pictures.feature_maps_picture(got.image, got.labels, got.maps, got.kinds, title).save(
+        args.out, format="PNG"
+    )
+    print(f"wrote {args.out}")
+
+
+def _draw_filters(client: Client, args: argparse.Namespace) -> None:
+    from serving import pictures
+
+    got = client.filters(args.model, args.layer, version=args.version)
+    k1, k2, cin, cout = got.kernels.shape
+    print(f"{got.layer}: {cout} kernels of {k1}x{k2}x{cin}")
+    title = f"{got.model} v{got.version}"
+    pictures.filters_picture(got.kernels, got.biases, got.layer, title).save(args.out, format="PNG")
+    print(f"wrote {args.out}")
+
+
 def _cli(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m serving.client", description="Call a cnnserve server."
@@ -564,6 +592,20 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("summary", help="the parameter summary of a model")
     s.add_argument("--model", required=True)
     s.add_argument("--version", type=int, default=0)
+    fm = sub.add_parser(
+        "feature-maps", help="draw each convolution and pooling layer's activations for an image"
+    )
+    fm.add_argument("file", type=Path, help="an image file (PNG, JPEG, ...)")
+    fm.add_argument("--model", required=True)
+    fm.add_argument("--version", type=int, default=0)
+    fm.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
+    fm.add_argument("--top-k", type=int, default=3)
+    fm.add_argument("--out", type=Path, default=Path("maps.png"), help="PNG to write")
+    fi = sub.add_parser("filters", help="draw the kernels of a convolution layer")
+    fi.add_argument("--model", required=True)
+    fi.add_argument("--version", type=int, default=0)
+    fi.add_argument("--layer", default="", help="a convolution layer (default: the first)")
+    fi.add_argument("--out", type=Path, default=Path("filters.png"), help="PNG to write")
     m = sub.add_parser("metadata", help="a model's metadata")
     m.add_argument("--model", required=True)
     m.add_argument("--version", type=int, default=0)
@@ -582,6 +624,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
+    if args.command == "feature-maps" and not args.file.is_file():
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return 2
     if args.command == "classify":
         for f in args.files:
             if not f.is_file():
@@ -607,6 +652,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                     print(f"{f}: {best}")
             elif args.command == "summary":
                 print(format_summary(client.summary(args.model, args.version)))
+            elif args.command == "feature-maps":
+                _draw_feature_maps(client, args)
+            elif args.command == "filters":
+                _draw_filters(client, args)
             elif args.command == "metadata":
                 md = client.metadata(args.model, args.version)
                 print(f"{md.name} v{md.version} (ready: {', '.join(map(str, md.ready_versions))})")

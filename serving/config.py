@@ -35,7 +35,7 @@ class Settings:
     max_stream_inflight: int = 64  # messages of one stream in flight before reading pauses
     max_message_mb: int = 64
     max_image_pixels: int = 16_000_000  # per decoded image in Classify
-    max_feature_map_mb: int = 16  # float32 values of one GetFeatureMaps / GetFilters answer
+    max_feature_map_mb: float = 16.0  # float32 values of one GetFeatureMaps / GetFilters answer
     max_versions: int = 2  # newest versions kept loaded per model
     poll_seconds: float = 5.0  # repository polling; 0: only at start and on SIGHUP
     grace_seconds: float = 10.0  # drain time on SIGTERM
@@ -248,7 +248,6 @@ def validate(s: Settings) -> None:
         "workers",
         "max_queue_images",
         "max_stream_inflight",
-        "max_feature_map_mb",
     ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")
@@ -280,6 +279,8 @@ def validate(s: Settings) -> None:
     for name in ("max_concurrent_streams", "max_connections"):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
+    if s.max_feature_map_mb <= 0:
+        raise bad("max_feature_map_mb", "expected a number > 0")
     if s.keepalive_timeout_s <= 0:
         raise bad("keepalive_timeout_s", "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):

@@ -348,9 +348,9 @@ class DataPlane:
             largest = max(chosen, key=lambda layer: math.prod(layer.output_shape))
             raise ResourceExhausted(
                 f"the feature maps of {len(chosen)} layers ({', '.join(x.name for x in chosen)}) "
-                f"are {nbytes / MiB:.2f} MiB as float32, over the cap of {cap / MiB:.2f} MiB "
+                f"are {_size(nbytes)} as float32, over the cap of {_size(cap)} "
                 f"(--max-feature-map-mb); ask for fewer layers (the largest, {largest.name}, is "
-                f"{4 * math.prod(largest.output_shape) / MiB:.2f} MiB)"
+                f"{_size(4 * math.prod(largest.output_shape))})"
             )
         h, w, c = served.runtime.info.input_shape
         # The request twice (message and its bytes), the input, and the maps twice (the arrays
@@ -413,8 +413,16 @@ class DataPlane:
         cap = self.limits.max_feature_map_bytes
         if nbytes > cap:
             raise ResourceExhausted(
-                f"the filters of {layer} are {nbytes / MiB:.2f} MiB as float32, over the cap of "
-                f"{cap / MiB:.2f} MiB (--max-feature-map-mb)"
+                f"the filters of {layer} are {_size(nbytes)} as float32, over the cap of "
+                f"{_size(cap)} (--max-feature-map-mb)"
             )
         kernels, biases = await served.filters(chosen)
         return Filters(layer, kernels, biases)
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 10 * 1024:
+        return f"{nbytes:,} bytes"
+    if nbytes < MiB:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / MiB:.1f} MiB"

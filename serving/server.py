@@ -108,7 +108,7 @@ class Server:
             Limits(
                 settings.max_request_batch,
                 settings.max_image_pixels,
-                settings.max_feature_map_mb * MiB,
+                round(settings.max_feature_map_mb * MiB),
             ),
             self.stats,
             self.admission,
