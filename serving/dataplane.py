@@ -83,7 +83,7 @@ class FeatureMaps:
 class Filters:
     layer: str
     kernels: F32  # [K, K, in, out]
-    biases: F32  # [out], or [0]
+    biases: F32  # [out]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ class FeatureMapSession:
 
 def read_filters(path: Path, layer: Layer) -> tuple[F32, F32]:
     """A convolution layer's kernels as Keras holds them, [K, K, in, out] (ONNX keeps
-    [out, in, K, K]), and its biases [out] (empty when it has none)."""
+    [out, in, K, K]), and its biases [out]: zeros when the graph has none (tf2onnx drops a bias
+    that is all zeros, which adds nothing)."""
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     weight = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
@@ -75,5 +76,5 @@ def read_filters(path: Path, layer: Layer) -> tuple[F32, F32]:
     if layer.bias:
         biases = numpy_helper.to_array(inits[layer.bias]).astype(np.float32, copy=False)
     else:
-        biases = np.zeros(0, dtype=np.float32)
+        biases = np.zeros(kernels.shape[3], dtype=np.float32)
     return kernels, np.ascontiguousarray(biases.reshape(-1))
