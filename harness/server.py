@@ -27,6 +27,8 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0  # the REST API's port; 0 leaves it off (`http=True` picks a free one)
+    http: bool = False
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
     credentials: grpc.ChannelCredentials | None = None  # how to connect to a TLS server
@@ -40,9 +42,16 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        scheme = "http" if self.credentials is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
         self.port = self.port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        if self.http:
+            self.http_port = self.http_port or free_port()
         self.log_path = self.log_path or self.repository.parent / f"server-{self.port}.log"
         cmd = [
             PYTHON,
@@ -56,6 +65,8 @@ class ServerProcess:
             str(self.port),
             "--metrics-port",
             str(self.metrics_port),
+            "--http-port",
+            str(self.http_port),
             "--poll-seconds",
             "0",
             *self.extra_args,

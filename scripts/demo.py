@@ -74,7 +74,7 @@ def main() -> int:
 
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--model-repository", str(args.models_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", "--poll-seconds", "0"]  # fmt: skip
+           "--port", str(port), "--metrics-port", "0", "--http-port", "0", "--poll-seconds", "0"]  # fmt: skip
     print(f"$ python {' '.join(cmd[1:])}")
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:

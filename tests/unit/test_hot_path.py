@@ -318,13 +318,20 @@ def test_count_call_reuses_labelled_children() -> None:
     assert (
         m.registry.get_sample_value(
             "cnnserve_requests_total",
-            {"model": "mnist", "version": "1", "method": "Predict", "code": "OK"},
+            {
+                "model": "mnist",
+                "version": "1",
+                "method": "Predict",
+                "code": "OK",
+                "protocol": "grpc",
+            },
         )
         == 3
     )
     assert (
         m.registry.get_sample_value(
-            "cnnserve_request_duration_seconds_count", {"model": "mnist", "method": "Predict"}
+            "cnnserve_request_duration_seconds_count",
+            {"model": "mnist", "method": "Predict", "protocol": "grpc"},
         )
         == 4
     )
