@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from serving.admission import RESERVATION, Admission
 from serving.api import rest_codec as rc
@@ -71,6 +72,22 @@ def _describe(exc: web.HTTPException, request: web.Request) -> str:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
     return exc.reason
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line or header) with 400 itself
+    and logs the parser's traceback at error level: one line per bad request, at debug level,
+    instead (a client could otherwise fill the logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("malformed HTTP request answered 400 by aiohttp: %s", str(exc).strip())
+            return False
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 
 def openapi_document() -> bytes:
@@ -391,7 +408,7 @@ class RestApi:
             raise HttpError(
                 408, f"the form did not arrive within {self.limits.read_timeout_s:g} s", True
             ) from None
-        except (ValueError, AssertionError) as exc:  # the reader's errors on a malformed form
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed form
             raise HttpError(400, f"malformed multipart form: {exc}") from None
         if not found:
             raise HttpError(400, "the form has no file part (send the image as a file field)")
