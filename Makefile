@@ -77,10 +77,10 @@ overload: setup ## 1,500 concurrent 3.2 MB Predict calls under a 1 GiB pod's bud
 FUZZ_CASES ?= 10000
 SOAK_SECONDS ?= 300
 fuzz: setup | $(MODELS)/$(DATASET) ## hypothesis + raw bytes against a live server, both APIs, unary and streaming; counts by status code
-	$(PY) bench/fuzz.py --models-dir $(MODELS) --model $(DATASET) --cases $(FUZZ_CASES)
+	$(PY) -m harness.fuzz --models-dir $(MODELS) --model $(DATASET) --cases $(FUZZ_CASES)
 
 soak: setup | $(MODELS)/$(DATASET) ## SOAK_SECONDS (300) of mixed unary and streaming traffic: no unexpected or lost answer, RSS growth < 10%
-	$(PY) bench/soak.py --models-dir $(MODELS) --model $(DATASET) --seconds $(SOAK_SECONDS)
+	$(PY) -m harness.soak --models-dir $(MODELS) --model $(DATASET) --seconds $(SOAK_SECONDS)
 
 test: setup ## the whole test suite (trains small real models once per run)
 	$(PY) -m pytest $(PYTEST_ARGS)

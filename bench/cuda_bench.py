@@ -15,7 +15,6 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -25,13 +24,11 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from harness import serve_newest
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
-from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support import serve_newest  # noqa: E402
-
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 
 
@@ -61,6 +58,7 @@ def in_process(model: Path, provider: str, batch: int, seconds: float) -> dict[s
 def over_grpc(
     target: str, model: str, shape: Sequence[int], *, batch: int, concurrency: int, seconds: float
 ) -> dict[str, object]:
+
     x = np.random.default_rng(1).integers(0, 256, (batch, *shape), dtype=np.uint8)
     request = pb.PredictRequest(
         model=model, images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=x.shape, data=x.tobytes())

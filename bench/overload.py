@@ -57,13 +57,12 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ServerProcess
+from serving.codec import encode_tensor
+from serving.memory import GiB, MiB, default_inflight_budget_bytes
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 
-from serving.codec import encode_tensor  # noqa: E402
-from serving.memory import GiB, MiB, default_inflight_budget_bytes  # noqa: E402
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PREDICT = "/cnnserve.v1.CnnServe/Predict"
 MESSAGE_LIMIT = 64 * MiB

@@ -49,14 +49,12 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -64,8 +62,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
+import harness
+from harness import free_port
 from serving import config
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -97,12 +96,6 @@ class BenchError(SystemExit):
 
 
 # ================================================================================== processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Process:
@@ -257,31 +250,20 @@ def echo_status(port: int) -> dict[str, object]:
 
 def scrape(metrics_port: int) -> dict[tuple[str, ...], float]:
     """The samples the checks read: requests by (method, code), batch-size sum and count."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[tuple[str, ...], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key: tuple[str, ...]
-            if s.name == "cnnserve_requests_total":
-                key = ("requests", s.labels["method"], s.labels["code"])
-            elif s.name in ("cnnserve_batch_size_sum", "cnnserve_batch_size_count"):
-                key = (s.name,)
-            else:
-                continue
-            out[key] = out.get(key, 0.0) + s.value
+    metrics = harness.scrape(metrics_port)
+    out: dict[tuple[str, ...], float] = {
+        ("requests", method, code): value
+        for (method, code), value in metrics.by("cnnserve_requests_total", "method", "code").items()
+    }
+    for name in ("cnnserve_batch_size_sum", "cnnserve_batch_size_count"):
+        out[(name,)] = metrics.total(name)
     return out
 
 
 def open_streams(metrics_port: int, method: str) -> float:
-    """`cnnserve_inflight_streams{method=...}` now (read with a regular expression, not the
-    Prometheus parser: this runs during measurements, in the benchmark's own process)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    found = re.search(
-        rf'^cnnserve_inflight_streams\{{method="{method}"\}} ([0-9.e+]+)$', text, re.MULTILINE
-    )
-    return float(found.group(1)) if found else math.nan
+    """`cnnserve_inflight_streams{method=...}` now."""
+    value = harness.scrape(metrics_port).get("cnnserve_inflight_streams", method=method)
+    return math.nan if value is None else value
 
 
 def established(port: int) -> int:

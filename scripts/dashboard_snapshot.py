@@ -25,14 +25,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+
+from harness import ServerProcess
+from harness.scrape import Scrape
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
-from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
 
 Labels = tuple[tuple[str, str], ...]
 Sample = dict[tuple[str, Labels], float]
@@ -142,11 +141,10 @@ class Scraper:
 
     def scrape(self) -> None:
         with urllib.request.urlopen(self.url, timeout=5) as resp:
-            text = resp.read().decode()
-        sample: Sample = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                sample[s.name, tuple(sorted(s.labels.items()))] = float(s.value)
+            scraped = Scrape.parse(resp.read().decode())
+        sample: Sample = {
+            (s.name, tuple(sorted(s.labels.items()))): float(s.value) for s in scraped.samples
+        }
         self.samples.append((time.monotonic() - self.t0, sample))
 
     def _run(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,11 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from harness import free_port
+from serving.client import Client, format_summary
+from training import datasets
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from serving.client import Client, format_summary  # noqa: E402
-from training import datasets  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(client: Client, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -81,7 +74,7 @@ def main() -> int:
 
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--model-repository", str(args.models_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", "--poll-seconds", "0"]  # fmt: skip
+           "--port", str(port), "--metrics-port", "0", "--http-port", "0", "--poll-seconds", "0"]  # fmt: skip
     print(f"$ python {' '.join(cmd[1:])}")
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:

@@ -100,18 +100,19 @@ class Admission:
         self._on_reject = on_reject  # (model, reason)
         self._on_change = on_change  # held bytes, after each change
 
-    def reserve(self, key: str) -> Ticket:
+    def reserve(self, key: str, at_least: int = 0) -> Ticket:
         """Hold what a call of `key` (its method) is expected to cost before its message is
-        read, or raise `Unavailable` (the caller refuses the call unread): when the budget is
-        taken, or when the last call of this method was refused for its model's full queue and
-        that queue has not drained since (reading more such calls would only be to refuse them)."""
+        read (`at_least`: what its declared size says it will cost, over HTTP where the body's
+        length is known first), or raise `Unavailable` (the caller refuses the call unread):
+        when the budget is taken, or when the last call of this method was refused for its
+        model's full queue and that queue has not drained since (reading more such calls would only be to refuse them)."""
         blocked = self._blocked.get(key)
         if blocked is not None:
             model, queue, images = blocked
             if self._overflows(queue.queued_images, images):
                 self._refuse_queue(model, queue.queued_images, images)
             del self._blocked[key]
-        nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES)
+        nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES, at_least)
         held = self.held_bytes
         if self._over_budget(nbytes):
             self._reject(UNREAD, "memory")

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from serving.api.calls import PROBE_SERVICES, refusal
-from serving.metrics import UNKNOWN_MODEL, Metrics
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     def _count(self, method: str) -> Callable[[], None]:
         def count() -> None:
             if self._metrics is not None:
-                self._metrics.requests.labels(UNKNOWN_MODEL, "", method, "UNAUTHENTICATED").inc()
+                self._metrics.count_refused(method, "UNAUTHENTICATED")
 
         return count

@@ -21,6 +21,8 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8002  # 0: no metrics endpoint
+    http_port: int = 8000  # KServe v2 REST and our /v1 API over HTTP/1.1; 0: off
+    http_read_timeout_s: float = 30.0  # an HTTP request body must arrive within this
     provider: str = "cpu"
     intra_op_threads: int = 0  # 0: one per run when runs go side by side, else one per core
     concurrent_runs: int = 0  # runs of one model at once; 0: one per core on the CPU, 1 on cuda
@@ -70,6 +72,11 @@ _HELP: dict[str, str] = {
     "host": "address to listen on",
     "port": "gRPC port",
     "metrics_port": "Prometheus /metrics HTTP port (0 turns it off)",
+    "http_port": "HTTP/1.1 port of the REST API: the KServe v2 REST protocol, /v1 classify, summary "
+    "and models, /openapi.json; same process, data plane, limits, token and TLS as gRPC (0 turns "
+    "it off)",
+    "http_read_timeout_s": "an HTTP request's body must arrive within this many seconds, or the "
+    "request is answered 408 and its connection closed (slow senders hold no handler for long)",
     "provider": "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda "
     "every run has --max-batch-size images (padded or split): cuDNN re-plans its convolutions "
     "whenever the batch size changes",
@@ -237,7 +244,7 @@ def validate(s: Settings) -> None:
             f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}={getattr(s, name)!r}: {why}"
         )
 
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(s, name) <= 65535:
             raise bad(name, "expected a port number 0..65535")
     for name in (
@@ -283,6 +290,8 @@ def validate(s: Settings) -> None:
         raise bad("max_feature_map_mb", "expected a number > 0")
     if s.keepalive_timeout_s <= 0:
         raise bad("keepalive_timeout_s", "expected a number > 0")
+    if s.http_read_timeout_s <= 0:
+        raise bad("http_read_timeout_s", "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(s, name)
         if path is not None and not path.is_file():

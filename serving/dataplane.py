@@ -23,7 +23,9 @@ from serving.batching import Observer
 from serving.errors import InvalidArgument, ResourceExhausted, ServingError
 from serving.inspection import MAP_KINDS
 from serving.repository import BatchingOptions, ModelRepository, VersionStatus
-from serving.repository import ServedVersion as ServedVersion  # what `resolve` hands the protocols
+
+# Re-exported: the type `resolve` hands the protocols.
+from serving.repository import ServedVersion as ServedVersion  # noqa: PLC0414
 from serving.summary import Layer, ParameterSummary
 
 F32 = npt.NDArray[np.float32]

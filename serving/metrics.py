@@ -75,14 +75,15 @@ class Metrics:
         _gc.GCCollector(registry=r)
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "RPCs answered, by model, version, method and gRPC status code.",
-            ["model", "version", "method", "code"],
+            "Requests answered, by model, version, method, status code (gRPC's names, HTTP "
+            "answers mapped to them) and protocol (grpc or http).",
+            ["model", "version", "method", "code", "protocol"],
             registry=r,
         )
         self.request_seconds = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "Whole RPC time in the server, from decode to encoded response.",
-            ["model", "method"],
+            "Whole request time in the server, from decode to encoded response.",
+            ["model", "method", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -171,7 +172,7 @@ class Metrics:
         )
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
-        self._call_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._call_children: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
         self._inflight_counts: dict[str, InFlight | Gauge] = {}
         self._stream_counts: dict[str, InFlight | Gauge] = {}
         self._held = InFlight()
@@ -201,6 +202,10 @@ class Metrics:
             counts[method] = count
         return count
 
+    def count_refused(self, method: str, code: str, protocol: str = "grpc") -> None:
+        """A request refused before it was read (no model known, no time worth observing)."""
+        self.requests.labels(UNKNOWN_MODEL, "", method, code, protocol).inc()
+
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()
 
@@ -217,12 +222,24 @@ class Metrics:
         if not self.multiprocess:
             self.held_bytes.set_function(self._held.get)
 
-    def count_call(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
-        """One answered RPC: its status code counted, its time observed."""
-        key = (model, version, method, code)
+    def count_call(
+        self,
+        model: str,
+        version: str,
+        method: str,
+        code: str,
+        seconds: float,
+        *,
+        protocol: str = "grpc",
+    ) -> None:
+        """One answered request: its status code counted, its time observed."""
+        key = (model, version, method, code, protocol)
         children = self._call_children.get(key)
         if children is None:
-            children = (self.requests.labels(*key), self.request_seconds.labels(model, method))
+            children = (
+                self.requests.labels(*key),
+                self.request_seconds.labels(model, method, protocol),
+            )
             self._call_children[key] = children
         children[0].inc()
         children[1].observe(seconds)

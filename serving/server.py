@@ -19,7 +19,8 @@ from serving import images
 from serving.admission import Admission, MiB
 from serving.api.calls import CallGuard
 from serving.api.cnnserve import CnnServeServicer
-from serving.api.inference import GRPCInferenceServiceServicer
+from serving.api.inference import GRPCInferenceServiceServicer, server_version
+from serving.api.rest import RestApi, RestLimits, RestServer, ssl_context
 from serving.api.streams import Streams
 from serving.auth import TokenAuthInterceptor
 from serving.batching import Observer
@@ -118,6 +119,8 @@ class Server:
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http: RestServer | None = None
+        self.http_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -290,14 +293,17 @@ class Server:
         self.grpc_server = server
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
+        if s.http_port:
+            await self._start_http(token)
         log.info(
-            "listening on %s:%d (gRPC, %s, token auth %s); repository %s; provider %s; "
+            "listening on %s:%d (gRPC, %s, token auth %s)%s; repository %s; provider %s; "
             "batching %s (max %d, delay %.2f ms); %d concurrent runs per model; request data "
             "budget %d MiB, up to %d images queued per model, %d messages in flight per stream",
             s.host,
             self.port,
             self.transport,
             "on" if token is not None else "off",
+            f" and {self.http_port} (HTTP/1.1 REST)" if self.http is not None else "",
             s.model_repository,
             s.provider,
             "on" if s.batching else "off",
@@ -307,12 +313,35 @@ class Server:
             self.admission.budget_bytes // MiB,
             self.admission.max_queue_images,
             self.streams.max_inflight,
-            extra={"event": "server_started", "port": self.port, "metrics_port": self.metrics_port},
+            extra={
+                "event": "server_started",
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
+            },
         )
         await self.repository.scan()
         self._refresh_overall()
         if s.poll_seconds > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll(), name="poll"))
+
+    async def _start_http(self, token: str | None) -> None:
+        """The REST API on this loop, over the same data plane, limits, token and TLS."""
+        s = self.settings
+        api = RestApi(
+            self.plane,
+            self.metrics,
+            ready=self.is_ready,
+            admission=self.admission,
+            limits=RestLimits(s.max_message_bytes, s.http_read_timeout_s),
+            token=token,
+            version=server_version(),
+        )
+        self.http = RestServer(api, s.grace_seconds, s.max_connection_idle_s)
+        context = None
+        if s.tls_cert is not None and s.tls_key is not None:
+            context = ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)
+        self.http_port = await self.http.start(s.host, s.http_port, context, s.reuse_port)
 
     async def _poll(self) -> None:
         while True:
@@ -342,6 +371,11 @@ class Server:
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
+        http_stopped = None
+        if self.http is not None:  # drains beside gRPC, within the same grace period
+            http_stopped = asyncio.get_running_loop().create_task(
+                self.http.stop(self.settings.grace_seconds)
+            )
         if self.grpc_server is not None:
             # New calls are refused (UNAVAILABLE) while the running ones finish, and only then
             # does gRPC stop: calls it holds but has not handed over would end CANCELLED.
@@ -350,6 +384,8 @@ class Server:
             if left:
                 log.warning("%d calls still running after the grace period", left)
             await self.grpc_server.stop(max(0.0, grace - (time.perf_counter() - started)))
+        if http_stopped is not None:
+            await http_stopped
         await self.repository.close()
         await self.trimmer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, copy_repository, train_model
+from harness import ServerProcess, copy_repository, train_model
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # A repository holding fashion/1/model.onnx trained elsewhere by `python -m training`: used

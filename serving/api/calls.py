@@ -226,7 +226,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self._metrics is not None:
-            self._metrics.requests.labels(UNKNOWN_MODEL, "", method, code.name).inc()
+            self._metrics.count_refused(method, code.name)
 
     def _guard(
         self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str

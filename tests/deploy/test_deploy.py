@@ -45,11 +45,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness import ROOT, free_port
 from serving.client import Client
 from serving.config import ENV_PREFIX, Settings
 from serving.config import load as load_settings
 from serving.server import LIVENESS_SERVICE, SERVICE_NAMES
-from tests.support import ROOT, free_port
 
 Obj = dict[str, Any]
 
@@ -66,6 +66,7 @@ KUSTOMIZATIONS = ("base", *OVERLAYS, "kserve", "training")
 DEFAULTS = Settings()
 GRPC_PORT = DEFAULTS.port
 METRICS_PORT = DEFAULTS.metrics_port
+HTTP_PORT = DEFAULTS.http_port
 UID = 10001
 NAMESPACE = "cnnserve"
 # Kubernetes versions the manifests must validate against: the oldest we claim (native grpc
@@ -82,7 +83,7 @@ CUSTOM_KINDS = {
 
 
 def test_documented_ports_are_the_server_defaults() -> None:
-    assert (GRPC_PORT, METRICS_PORT) == (50051, 8002)
+    assert (GRPC_PORT, METRICS_PORT, HTTP_PORT) == (50051, 8002, 8000)
 
 
 # ===================================================================== tools
@@ -284,7 +285,7 @@ def test_serve_images_run_the_server_as_the_design_says(name: str) -> None:
     assert entrypoint == ["python", "-m", "serving"]
     assert image_model_repository(name) == "/models" == env["CNNSERVE_MODEL_REPOSITORY"]
     expose = {int(p.split("/")[0]) for p in only(stage, "EXPOSE").value.split()}
-    assert expose == {GRPC_PORT, METRICS_PORT}
+    assert expose == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["HOME"].startswith("/tmp")  # read-only root: nothing else is writable
     assert only(stage, "USER").value == f"{UID}:{UID}"
@@ -438,7 +439,7 @@ def test_compose_server_service() -> None:
     assert (COMPOSE.parent / server["build"]["context"]).resolve() == ROOT
     assert (ROOT / server["build"]["dockerfile"]).resolve() == DOCKERFILES["serve"]
     assert server["image"] == f"cnnserve-serve:{project_version()}"
-    assert container_ports("cnnserve") == {GRPC_PORT, METRICS_PORT}
+    assert container_ports("cnnserve") == {GRPC_PORT, HTTP_PORT, METRICS_PORT}
     mounts = compose_mounts("cnnserve")
     assert mounts[image_model_repository("serve")] == ROOT / "models"
     (volume,) = server["volumes"]
@@ -604,7 +605,7 @@ def test_deployment_is_hardened_and_probed_over_grpc_health(overlay: str) -> Non
     assert claim == one(overlay, "PersistentVolumeClaim")["metadata"]["name"]
     # Ports and native gRPC probes on the server's port, on health service names it serves.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = container[probe]["grpc"]
         assert grpc_probe["port"] == GRPC_PORT
@@ -641,6 +642,7 @@ def test_configmap_holds_real_settings_that_agree_with_the_deployment(overlay: s
     container = server_container(overlay)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert (settings.port, settings.metrics_port) == (ports["grpc"], ports["metrics"])
+    assert settings.http_port == ports["http"]
     assert settings.host == "0.0.0.0"
     # The repository comes from the image's command (a flag beats the variable): not set here.
     assert "CNNSERVE_MODEL_REPOSITORY" not in data
@@ -667,6 +669,8 @@ def test_services_hpa_pdb_and_servicemonitor_select_the_server(overlay: str) -> 
         assert grpc_port["port"] == GRPC_PORT
         assert container_port(container, grpc_port["targetPort"]) == GRPC_PORT
         assert grpc_port["appProtocol"] == "grpc"
+    (http_port,) = [p for p in services["cnnserve"]["spec"]["ports"] if p["name"] == "http"]
+    assert container_port(container, http_port["targetPort"]) == HTTP_PORT
     assert services["cnnserve-headless"]["spec"]["clusterIP"] == "None"
     assert services["cnnserve"]["spec"].get("type", "ClusterIP") == "ClusterIP"
 
@@ -816,7 +820,8 @@ def test_kserve_serving_runtime_and_inference_service() -> None:
     assert "onnx" in {f["name"] for f in formats}
     assert set(spec["protocolVersions"]) <= KSERVE_PROTOCOLS
     assert "grpc-v2" in spec["protocolVersions"]
-    # The server has no HTTP inference endpoint, so no HTTP protocol may be claimed.
+    # The one container port Knative allows is the gRPC (h2c) one: no HTTP protocol may be claimed
+    # (the REST API answers on CNNSERVE_HTTP_PORT, which KServe would not route to).
     assert not {"v1", "v2"} & set(spec["protocolVersions"])
     assert spec["annotations"]["prometheus.kserve.io/port"] == str(METRICS_PORT)
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
@@ -829,6 +834,7 @@ def test_kserve_serving_runtime_and_inference_service() -> None:
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     settings = load_settings(container["args"], environ=env)
     assert settings.port == GRPC_PORT and settings.metrics_port == METRICS_PORT
+    assert settings.http_port == HTTP_PORT
     assert str(settings.model_repository) == "/mnt/models"  # where KServe mounts the model
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["runAsUser"] == UID

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ServerProcess
 from serving import tensors
 from serving.client import Client
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -28,7 +29,6 @@ from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.pb.inference import model_config_pb2 as v2config
 from serving.runtime import ModelRuntime, RuntimeOptions
 from tests.conftest import FASHION_DIR
-from tests.support import ServerProcess
 from training import datasets
 
 CUDA = "CUDAExecutionProvider"

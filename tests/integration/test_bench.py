@@ -16,8 +16,8 @@ import pytest
 
 from bench import echo_server
 from bench.serving_bench import BenchError, Runner, setup_perf_analyzer
+from harness import PYTHON, ROOT, write_tiny_model
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
-from tests.support import PYTHON, ROOT, write_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,14 +20,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ServerProcess, copy_repository, scrape
 from serving.client import Client
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from tests.support import ServerProcess, copy_repository
 
 pytestmark = pytest.mark.slow
 
@@ -46,28 +44,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) ->
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def metrics(proc: ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def metric(proc: ServerProcess, name: str, **labels: str) -> float | None:
-    return metrics(proc).get((name, frozenset(labels.items())))
+    return scrape(proc.metrics_port).get(name, **labels)
 
 
 def inflight(proc: ServerProcess, method: str | None = None) -> float:
     """Calls being handled now (of one method, or all)."""
-    return sum(
-        v
-        for (name, labels), v in metrics(proc).items()
-        if name == "cnnserve_inflight_requests" and (method is None or ("method", method) in labels)
-    )
+    labels = {} if method is None else {"method": method}
+    return scrape(proc.metrics_port).total("cnnserve_inflight_requests", **labels)
 
 
 def logged(proc: ServerProcess, text: str) -> bool:
@@ -308,12 +292,8 @@ def test_cancellations_and_deadlines_under_load_leak_nothing(
         assert result.probabilities is not None
         np.testing.assert_allclose(result.probabilities, expected, rtol=0, atol=1e-6)
         assert inflight(proc) == 0
-        counted = metrics(proc)
-        assert not any(
-            labels and dict(labels).get("code") in ("INTERNAL", "UNKNOWN")
-            for (name, labels) in counted
-            if name == "cnnserve_requests_total"
-        )
+        answered = scrape(proc.metrics_port).by("cnnserve_requests_total", "code")
+        assert not {code for (code,) in answered} & {"INTERNAL", "UNKNOWN"}, answered
     logs = proc.logs()
     for leak in ("Traceback", "Task was destroyed", "never retrieved", "still running at unload"):
         assert leak not in logs, logs

@@ -5,12 +5,11 @@ a proper status code (never UNKNOWN or INTERNAL); every message on a stream gets
 order, the same as its unary call's; the server process lives on, holds nothing once a burst is
 over, and a valid request after every burst gets the right answer.
 
-The strategies live in bench/fuzz.py, whose `make fuzz` runs 10,000 and more of them."""
+The strategies live in harness/fuzz.py, whose `make fuzz` runs 10,000 and more of them."""
 
 from __future__ import annotations
 
 import random
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.fuzz import (
+from harness import ServerProcess, scrape
+from harness.fuzz import (
     CNN,
     HEALTH,
     METHODS,
@@ -52,7 +52,6 @@ from bench.fuzz import (
 )
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
-from tests.support import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -282,15 +281,9 @@ def test_streams_of_random_bytes_and_a_stream_method_called_unary(target: Target
 
 def test_no_internal_or_unknown_codes_were_counted(target: Target) -> None:
     """Runs last in this module: the server's own count of every call it answered."""
-    url = f"http://127.0.0.1:{target.proc.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        lines = [
-            line
-            for line in response.read().decode().splitlines()
-            if line.startswith("cnnserve_requests_total{")
-        ]
-    assert any('code="INVALID_ARGUMENT"' in line for line in lines)
-    bad = [line for line in lines if 'code="INTERNAL"' in line or 'code="UNKNOWN"' in line]
+    calls = scrape(target.proc.metrics_port).by("cnnserve_requests_total", "method", "code")
+    assert any(code == "INVALID_ARGUMENT" for _, code in calls)
+    bad = {key: n for key, n in calls.items() if key[1] in ("INTERNAL", "UNKNOWN")}
     assert not bad, bad
     assert target.alive()
     assert "Traceback" not in target.proc.logs()  # no exception escaped anywhere

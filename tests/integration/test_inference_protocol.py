@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import multiprocessing
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
@@ -23,8 +22,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ServerProcess, scrape
 from serving import tensors
 from serving.config import Settings
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -33,7 +32,6 @@ from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.pb.inference import model_config_pb2 as v2config
 from tests.integration import triton_client
-from tests.support import ServerProcess
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)
@@ -283,16 +281,8 @@ def test_metrics_label_the_rpc_by_its_name(
     server: ServerProcess, triton: Callable[..., Any], images: np.ndarray
 ) -> None:
     def requests() -> dict[tuple[str, str, str], float]:
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        return {
-            (s.labels["model"], s.labels["method"], s.labels["code"]): s.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "cnnserve_requests"
-            for s in family.samples
-            if s.name == "cnnserve_requests_total"
-        }
+        by = scrape(server.metrics_port).by("cnnserve_requests_total", "model", "method", "code")
+        return {(m, rpc, code): value for (m, rpc, code), value in by.items()}
 
     before = requests()
     triton(triton_client.infer, server.target, MODEL, images[:1])

@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from harness import PYTHON, ROOT, ServerProcess
 from serving.client import Client
-from tests.support import PYTHON, ROOT, ServerProcess
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
+from harness import ServerProcess, copy_repository
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import ServerProcess, copy_repository
 
 pytestmark = pytest.mark.slow
 

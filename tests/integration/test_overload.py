@@ -7,14 +7,12 @@ the server stays up and answers a valid call afterwards, and holds far less than
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.overload import BurstResult, Workload, burst, one_call, predict_stubs, proc_status_kib
-from tests.support import ServerProcess
+from harness import ServerProcess, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +29,8 @@ MEMORY_BOUND = ["--max-inflight-mb", "8", "--max-queue-images", str(64 * IMAGES)
 
 def rejected(proc: ServerProcess) -> dict[tuple[str, str], float]:
     """cnnserve_rejected_total by (model, reason), scraped from the server's /metrics."""
-    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.labels.get("model", ""), s.labels.get("reason", "")): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "cnnserve_rejected_total"
-    }
+    by = scrape(proc.metrics_port).by("cnnserve_rejected_total", "model", "reason")
+    return {(model, reason): value for (model, reason), value in by.items()}
 
 
 async def burst_then_one_call(proc: ServerProcess, work: Workload) -> tuple[BurstResult, bool]:

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ROOT, Scrape, ServerProcess, free_port
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ def exposition(server: ServerProcess) -> str:
 
 
 def sample_names(text: str) -> set[str]:
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    return Scrape.parse(text).names()
 
 
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}

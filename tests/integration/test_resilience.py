@@ -12,7 +12,6 @@ import socket
 import statistics
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -23,13 +22,12 @@ from typing import TypeVar
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ServerProcess, free_port, scrape, write_tiny_model
 from serving.client import DEFAULT_RETRY, SERVICE_CONFIG, Client, RetryPolicy, service_config
 from serving.config import Settings
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import ServerProcess, free_port, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +47,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
 
 def metric(proc: ServerProcess, name: str, host: str = "127.0.0.1", **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels`, from /metrics."""
-    url = f"http://{host}:{proc.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+    return scrape(proc.metrics_port, host).total(name, **labels)
 
 
 def predicts(proc: ServerProcess, code: str, host: str = "127.0.0.1") -> float:

@@ -8,7 +8,6 @@ import datetime
 import ipaddress
 import os
 import subprocess
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from harness import PYTHON, ROOT, ServerProcess, scrape
 from serving import config, images
 from serving.client import Client
 from serving.errors import InvalidArgument
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from tests.support import PYTHON, ROOT, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -321,20 +320,10 @@ def test_refused_calls_are_counted(token_server: ServerProcess) -> None:
     with Client(token_server.target, token="wrong", timeout=10) as client:
         for _ in range(3):
             assert code_of(lambda: client.metadata("fashion")) == UNAUTHENTICATED
-    url = f"http://127.0.0.1:{token_server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    line = next(
-        (
-            line
-            for line in text.splitlines()
-            if line.startswith("cnnserve_requests_total{")
-            and 'code="UNAUTHENTICATED"' in line
-            and 'method="GetModelMetadata"' in line
-        ),
-        None,
+    refused = scrape(token_server.metrics_port).total(
+        "cnnserve_requests_total", method="GetModelMetadata", code="UNAUTHENTICATED"
     )
-    assert line is not None and float(line.split()[-1]) >= 3, text
+    assert refused >= 3, refused
 
 
 def test_client_cli_sends_the_token(token_server: ServerProcess, tmp_path: Path) -> None:

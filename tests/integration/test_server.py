@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from harness import PYTHON, ROOT, ServerProcess, copy_repository, scrape, write_tiny_model
 from serving import tensors
 from serving.client import Client, format_summary
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import PYTHON, ROOT, ServerProcess, copy_repository, write_tiny_model
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)
@@ -384,13 +384,7 @@ def test_sigterm_lets_inflight_calls_finish(trained_repo: Path) -> None:
 
 
 def _inflight(proc: ServerProcess) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith('cnnserve_inflight_requests{method="Predict"}'):
-                return float(line.split()[-1])
-    return 0.0
+    return scrape(proc.metrics_port).total("cnnserve_inflight_requests", method="Predict")
 
 
 def _wait_for(condition: object, timeout: float = 30.0) -> None:

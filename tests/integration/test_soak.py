@@ -1,4 +1,4 @@
-"""A short soak (bench/soak.py; `make soak` runs 5 minutes): mixed valid and invalid traffic
+"""A short soak (harness/soak.py; `make soak` runs 5 minutes): mixed valid and invalid traffic
 at concurrency 32 against the real server, with streams on both streaming methods beside it.
 Zero unexpected outcomes, zero lost responses (a message on a stream included), and the
 server's resident memory after the warm-up grows less than 10% by the end."""
@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from bench.fuzz import STREAM_INFER, STREAM_PREDICT, Code
-from bench.soak import MAX_GROWTH, Traffic, soak
-from tests.support import ServerProcess
+from harness import ServerProcess, scrape
+from harness.fuzz import STREAM_INFER, STREAM_PREDICT, Code
+from harness.soak import MAX_GROWTH, Traffic, soak
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +49,16 @@ def test_short_soak_mixed_traffic(trained_repo: Path) -> None:
         assert {code for _, code in result.streams} == {"OK"}, result.summary()
         stream_answers = sum(n for (k, _), n in result.outcomes.items() if "/" in k)
         assert stream_answers > 500, result.summary()
-        url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+        metrics = scrape(proc.metrics_port)
         inflight = [
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith(("cnnserve_inflight_requests{", "cnnserve_inflight_streams{"))
+            s.value
+            for name in ("cnnserve_inflight_requests", "cnnserve_inflight_streams")
+            for s in metrics.matching(name)
         ]
         assert inflight and not any(inflight)
-        assert 'code="INTERNAL"' not in text and 'code="UNKNOWN"' not in text
-        assert 'method="PredictStream"' in text and 'method="ModelStreamInfer"' in text
+        calls = metrics.by("cnnserve_requests_total", "method", "code")
+        assert not {code for _, code in calls} & {"INTERNAL", "UNKNOWN"}, calls
+        assert {"PredictStream", "ModelStreamInfer"} <= {method for method, _ in calls}
 
         # The checks themselves: streams whose expectations are wrong are counted unexpected.
         for method in (STREAM_PREDICT, STREAM_INFER):

@@ -20,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from harness import ServerProcess
 from serving.client import Client, Failure, Prediction, predict_request
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from tests.integration import triton_client
 from tests.integration.test_faults import metric, wait_for
-from tests.support import ServerProcess
 from training import datasets
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tests.support import PYTHON, ROOT
+from harness import PYTHON, ROOT
 from training import datasets
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ServerProcess, scrape, write_tiny_model
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.support import ServerProcess, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +38,7 @@ def listening_sockets(port: int) -> int:
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+    return scrape(server.metrics_port).total(name, **labels)
 
 
 def serving_over_fresh_connections(server: ServerProcess, times: int) -> bool:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness import write_tiny_model
 from serving import codec
 from serving.batching import Batcher, Decision, RunCosts, decide, run_unbatched
 from serving.dataplane import Prediction, top_k
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
-from tests.support import write_tiny_model
 
 
 def _recording_run(threads: list[str], sizes: list[int]):  # type: ignore[no-untyped-def]
@@ -318,13 +318,20 @@ def test_count_call_reuses_labelled_children() -> None:
     assert (
         m.registry.get_sample_value(
             "cnnserve_requests_total",
-            {"model": "mnist", "version": "1", "method": "Predict", "code": "OK"},
+            {
+                "model": "mnist",
+                "version": "1",
+                "method": "Predict",
+                "code": "OK",
+                "protocol": "grpc",
+            },
         )
         == 3
     )
     assert (
         m.registry.get_sample_value(
-            "cnnserve_request_duration_seconds_count", {"model": "mnist", "method": "Predict"}
+            "cnnserve_request_duration_seconds_count",
+            {"model": "mnist", "method": "Predict", "protocol": "grpc"},
         )
         == 4
     )

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from harness import write_tiny_cnn
 from serving.dataplane import DataPlane, Limits
 from serving.errors import InvalidArgument, ResourceExhausted
 from serving.repository import BatchingOptions, ModelRepository
 from serving.runtime import RuntimeOptions
 from serving.summary import size_formula, summarize
-from tests.support import write_tiny_cnn
 
 VALID = (0, 0, 0, 0)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import ROOT
 from serving import memory
 from serving.memory import (
     DEFAULT_RESERVE,
@@ -27,7 +28,6 @@ from serving.memory import (
     memory_limit,
     trim,
 )
-from tests.support import ROOT
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 V1_NONE = "9223372036854771712\n"  # what cgroup v1 reports without a limit

@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import write_tiny_model
 from serving import logs
 from serving.metrics import Metrics
 from serving.repository import BatchingOptions, ModelRepository, State
 from serving.runtime import RuntimeOptions
-from tests.support import write_tiny_model
 
 
 def states(metrics: Metrics, model: str, version: str) -> dict[str, float]:

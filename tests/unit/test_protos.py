@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.support import PYTHON, ROOT
+from harness import PYTHON, ROOT
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from harness import ROOT
 from serving.client import SERVICE_CONFIG
-from tests.support import ROOT
 
 
 def test_readme_shows_the_clients_service_config() -> None:

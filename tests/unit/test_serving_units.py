@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import write_tiny_model
 from serving import codec, config, images
 from serving.batching import Batcher
 from serving.cores import available_cores, cpu_quota
@@ -28,7 +29,6 @@ from serving.runtime import (
 )
 from serving.summary import summarize
 from serving.tensors import TensorError
-from tests.support import write_tiny_model
 
 
 def test_config_precedence_flag_env_default() -> None:

@@ -24,8 +24,8 @@ every burst the server process must still be alive, hold nothing in flight (no c
 request data, from its metrics) and a valid request on each protocol must get the right answer
 (the probabilities of an in-process ONNX Runtime session).
 
-    python bench/fuzz.py --models-dir models --model mnist --cases 10000
-    python bench/fuzz.py --target host:port --model-file models/mnist/1/model.onnx --model mnist
+    python -m harness.fuzz --models-dir models --model mnist --cases 10000
+    python -m harness.fuzz --target host:port --model-file models/mnist/1/model.onnx --model mnist
 
 tests/integration/test_fuzz.py runs the same strategies for a few hundred cases, and every
 stream behaviour on both methods.
@@ -54,18 +54,15 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from grpc_health.v1 import health_pb2  # noqa: E402
-
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
-from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
-from serving.tensors import decode as decode_tensor  # noqa: E402
+from harness.scrape import Scrape
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
+from serving.tensors import decode as decode_tensor
 
 CNN = "/cnnserve.v1.CnnServe/"
 V2 = "/inference.GRPCInferenceService/"
@@ -1223,18 +1220,13 @@ def stream_settled(metrics_url: str) -> Callable[[], bool]:
 
     def settled() -> bool:
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        return all(
-            float(line.rpartition(" ")[2]) == 0.0
-            for line in text.splitlines()
-            if line.startswith(
-                (
-                    "cnnserve_inflight_requests{",
-                    "cnnserve_inflight_streams{",
-                    "cnnserve_inflight_bytes ",
-                )
-            )
+            metrics = Scrape.parse(response.read().decode())
+        held = (
+            "cnnserve_inflight_requests",
+            "cnnserve_inflight_streams",
+            "cnnserve_inflight_bytes",
         )
+        return not any(metrics.total(name) for name in held)
 
     return settled
 
@@ -1436,7 +1428,7 @@ def target_server(
         return
     import tempfile
 
-    from tests.support import serve_newest
+    from harness import serve_newest
 
     extra = [
         "--max-message-mb",

@@ -12,8 +12,8 @@ deadline, or never finished; a message on a stream left without an answer) and t
 resident memory (VmRSS of /proc/<pid>/status) after the warm-up against its end. The run passes
 with zero unexpected, zero lost and memory growth under 10% after warm-up.
 
-    python bench/soak.py --models-dir models --model mnist --seconds 300
-    python bench/soak.py --target host:port --pid PID --model-file models/mnist/1/model.onnx
+    python -m harness.soak --models-dir models --model mnist --seconds 300
+    python -m harness.soak --target host:port --pid PID --model-file models/mnist/1/model.onnx
 
 tests/integration/test_soak.py runs ~15 s of it.
 """
@@ -36,14 +36,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from grpc_health.v1 import health_pb2  # noqa: E402
-
-from bench.fuzz import (  # noqa: E402
+from harness.fuzz import (
     CNN,
     HEALTH,
     STATUS_BY_NUMBER,
@@ -54,9 +50,9 @@ from bench.fuzz import (  # noqa: E402
     Code,
     _png,
 )
-from serving import tensors  # noqa: E402
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb  # noqa: E402
-from serving.pb.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
+from serving import tensors
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
 DEADLINE_S = 30.0
 MAX_GROWTH = 0.10
@@ -545,7 +541,7 @@ def target_server(args: argparse.Namespace) -> Iterator[tuple[str, int | None, P
         return
     import tempfile
 
-    from tests.support import serve_newest
+    from harness import serve_newest
 
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "server.log"

@@ -1,0 +1,475 @@
+"""The REST API on aiohttp: the KServe v2 REST protocol, our /v1 routes and /openapi.json.
+
+Same process and event loop as the gRPC server, and the same data plane: handlers validate ->
+decode (serving.api.rest_codec) -> call the data plane -> encode, as the gRPC servicers do. What
+every request goes through, in one middleware: the drain, the bearer token (health and the
+OpenAPI document stay open), the admission reservation before the body is read (from its
+Content-Length), the body's size and time limits, errors as JSON `{"error": "..."}` with the
+status the KServe spec and HTTP give, and the metrics (protocol="http", gRPC's code names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from serving.admission import RESERVATION, Admission
+from serving.api import rest_codec as rc
+from serving.dataplane import DataPlane
+from serving.errors import Kind, ServingError, Unavailable, as_refusal
+from serving.metrics import UNKNOWN_MODEL, Metrics
+
+log = logging.getLogger("serving.api.rest")
+
+SERVER_NAME = "cnnserve"
+# Triton's names of the protocol extensions the REST API implements.
+EXTENSIONS = ["classification", "binary_tensor_data"]
+STATUS: dict[Kind, int] = {
+    Kind.INVALID_ARGUMENT: 400,
+    Kind.NOT_FOUND: 404,
+    Kind.UNAVAILABLE: 503,
+    Kind.RESOURCE_EXHAUSTED: 413,
+    Kind.FAILED_PRECONDITION: 400,
+    Kind.DEADLINE_EXCEEDED: 504,
+    Kind.INTERNAL: 500,
+}
+# HTTP answers that are not a data-plane refusal, in gRPC's code names for the metrics.
+CODE_NAMES = {
+    200: "OK",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+RETRY_AFTER_S = "1"
+# Routes anyone may call without the token: probes and the API's description.
+OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "OpenAPI"})
+# Routes whose bodies are held against the request data budget before they are read.
+RESERVING = frozenset({"ModelInfer", "Classify"})
+NOT_COUNTED = frozenset({"OpenAPI"})  # like reflection over gRPC
+
+
+def _describe(exc: web.HTTPException, request: web.Request) -> str:
+    if exc.status == 404:
+        return f"no route {request.method} {request.path} (the routes: /openapi.json)"
+    if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    return exc.reason
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line or header) with 400 itself
+    and logs the parser's traceback at error level: one line per bad request, at debug level,
+    instead (a client could otherwise fill the logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("malformed HTTP request answered 400 by aiohttp: %s", str(exc).strip())
+            return False
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
+
+
+def openapi_document() -> bytes:
+    return resources.files("serving.api").joinpath("openapi.json").read_bytes()
+
+
+class HttpError(Exception):
+    """An answer other than 200, with its JSON error message."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close  # the connection cannot be reused (a body left unread)
+
+
+@dataclass(frozen=True)
+class RestLimits:
+    max_body_bytes: int
+    read_timeout_s: float
+
+
+@dataclass
+class Labels:
+    model: str = UNKNOWN_MODEL
+    version: str = ""
+
+
+class RestApi:
+    def __init__(
+        self,
+        plane: DataPlane,
+        metrics: Metrics,
+        *,
+        ready: Callable[[], bool],
+        admission: Admission,
+        limits: RestLimits,
+        token: str | None,
+        version: str,
+    ) -> None:
+        self.plane = plane
+        self.metrics = metrics
+        self._ready = ready
+        self.admission = admission
+        self.limits = limits
+        self._token = None if token is None else token.encode("ascii")
+        self._version = version
+        self.draining = False
+        self.active = 0
+        self._openapi = openapi_document()
+
+    # ------------------------------------------------------------ assembly
+
+    def app(self) -> web.Application:
+        # The size limit is checked here first (from Content-Length, or as the body arrives);
+        # aiohttp's own limit is the same, for the multipart reader.
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self.limits.max_body_bytes
+        )
+        add = app.router.add_route
+        add("GET", "/v2/health/live", self.live, name="ServerLive")
+        add("GET", "/v2/health/ready", self.server_ready, name="ServerReady")
+        add("GET", "/v2", self.server_metadata, name="ServerMetadata")
+        for base, suffix in (("/v2/models/{model}", ""), ("/v2/models/{model}/versions/{v}", "V")):
+            add("GET", base, self.model_metadata, name="ModelMetadata" + suffix)
+            add("GET", base + "/ready", self.model_ready, name="ModelReady" + suffix)
+            add("POST", base + "/infer", self.infer, name="ModelInfer" + suffix)
+        add("GET", "/v1/models", self.list_models, name="ListModels")
+        add("GET", "/v1/models/{model}/summary", self.summary, name="GetParameterSummary")
+        add("POST", "/v1/models/{model}/classify", self.classify, name="Classify")
+        add("GET", "/openapi.json", self.openapi, name="OpenAPI")
+        return app
+
+    # ------------------------------------------------------------ what every request goes through
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        route = request.match_info.route.name
+        method = (route or "_unknown").removesuffix("V")
+        labels = Labels()
+        request["labels"] = labels
+        started = time.perf_counter()
+        status = 500
+        reservation = None
+        token = None
+        try:
+            try:
+                if route is None:  # aiohttp's 404 or 405: let it raise, answered below
+                    await handler(request)
+                if self.draining and method not in OPEN_ROUTES:
+                    raise HttpError(503, "the server is shutting down", close=True)
+                if self._token is not None and method not in OPEN_ROUTES:
+                    self._authenticate(request)
+                if method in RESERVING:
+                    reservation = self._reserve(request, method)
+                    token = RESERVATION.set(reservation)
+                self.active += 1
+                try:
+                    response = await handler(request)
+                finally:
+                    self.active -= 1
+                status = response.status
+                return response
+            except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, too large
+                raise HttpError(exc.status, _describe(exc, request), exc.status == 413) from None
+            except ServingError as exc:
+                raise self._refusal(exc) from None
+            except HttpError:
+                raise
+            except asyncio.CancelledError:  # the client went away
+                status = 499
+                raise
+            except Exception as exc:
+                refused = as_refusal(exc)
+                if refused is not None:
+                    raise self._refusal(refused) from None
+                log.exception("%s %s failed", request.method, request.path)
+                raise HttpError(
+                    500, f"internal error in {method}: {type(exc).__name__}: {exc}"
+                ) from None
+        except HttpError as err:
+            status = err.status
+            return self._error(err, method, labels)
+        finally:
+            if token is not None:
+                RESERVATION.reset(token)
+            if reservation is not None:
+                reservation.release()
+            if method not in NOT_COUNTED:
+                code = "CANCELLED" if status == 499 else CODE_NAMES.get(status, "UNKNOWN")
+                self.metrics.count_call(
+                    labels.model,
+                    labels.version,
+                    method,
+                    code,
+                    time.perf_counter() - started,
+                    protocol="http",
+                )
+            log.debug(
+                "%s %s %s %d %.2f ms",
+                request.remote,
+                request.method,
+                request.path_qs,
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _refusal(self, exc: ServingError) -> HttpError:
+        return HttpError(STATUS[exc.kind], exc.message)
+
+    def _error(self, err: HttpError, method: str, labels: Labels) -> web.Response:
+        if err.status < 500 or err.status == 503:
+            log.debug("%s %s: %d %s", method, labels.model, err.status, err.message)
+        headers = {"Retry-After": RETRY_AFTER_S} if err.status == 503 else {}
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        response = web.Response(
+            status=err.status, body=rc.error_body(err.message), headers=headers,
+            content_type=rc.JSON,
+        )  # fmt: skip
+        if err.close:
+            response.force_close()
+        return response
+
+    def _authenticate(self, request: web.Request) -> None:
+        assert self._token is not None
+        header = request.headers.get("Authorization")
+        if header is None:
+            raise HttpError(401, "missing `Authorization: Bearer <token>`")
+        scheme, _, given = header.strip().partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("latin-1", "replace"), self._token
+        )
+        if not ok:
+            raise HttpError(401, "invalid bearer token")
+
+    def _reserve(self, request: web.Request, method: str) -> Any:
+        """Before a byte of the body is read: its declared size checked, and what it will cost
+        held against the request data budget (the method's measured average, at least twice
+        the body: its bytes and what they are decoded into), or 503."""
+        length = request.content_length
+        limit = self.limits.max_body_bytes
+        if length is not None and length > limit:
+            raise HttpError(
+                413,
+                f"request body of {length:,} bytes is over the limit of {limit:,} "
+                "(--max-message-mb)",
+                close=True,
+            )
+        return self.admission.reserve(f"http:{method}", 2 * (length or 0))
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole body, within the size limit and the read timeout."""
+        limit = self.limits.max_body_bytes
+        chunks = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.limits.read_timeout_s):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HttpError(
+                            413,
+                            f"request body over the limit of {limit:,} bytes (--max-message-mb)",
+                            close=True,
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HttpError(
+                408,
+                f"the request body did not arrive within {self.limits.read_timeout_s:g} s "
+                f"({size:,} bytes came)",
+                close=True,
+            ) from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _resolve(self, request: web.Request) -> Any:
+        version = rc.parse_version(request.match_info.get("v", ""))
+        served = self.plane.resolve(request.match_info["model"], version)
+        labels: Labels = request["labels"]
+        labels.model, labels.version = served.name, str(served.version)
+        return served
+
+    @staticmethod
+    def _json(obj: Any) -> web.Response:
+        return web.Response(body=rc.dumps(obj), content_type=rc.JSON)
+
+    # ------------------------------------------------------------ KServe v2
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        if not self._ready():
+            raise HttpError(503, "not ready: no model is ready, or the server is shutting down")
+        return web.Response()
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return self._json(rc.server_metadata(SERVER_NAME, self._version, EXTENSIONS))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        served = self._resolve(request)
+        return self._json(rc.model_metadata(served, self.plane.ready_versions(served.name)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        served = self._resolve(request)  # 404 for an unknown model, 503 while it loads
+        if not self.plane.is_ready(served.name, served.version):
+            raise Unavailable(f"model {served.name!r} v{served.version} is not ready")
+        return web.Response()
+
+    async def infer(self, request: web.Request) -> web.Response:
+        served = self._resolve(request)
+        body = await self._body(request)
+        parsed = rc.parse_infer(body, request.headers.get(rc.HEADER_LENGTH))
+        rc.check_names(parsed, served)
+        # Held against the budget from its shape, before its data is decoded.
+        with self.plane.admit(served, *rc.infer_extent(parsed)):
+            pixels = rc.decode_input(parsed)
+            prediction = await self.plane.predict(served, pixels, parsed.top)
+            out, headers = rc.infer_response(served, parsed, prediction)
+        return web.Response(body=out, headers=headers)
+
+    # ------------------------------------------------------------ our own API
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return self._json(rc.models_json(self.plane.catalog()))
+
+    async def summary(self, request: web.Request) -> web.Response:
+        served = self._resolve_query_version(request)
+        return self._json(rc.summary_json(served, await served.parameter_summary()))
+
+    async def classify(self, request: web.Request) -> web.Response:
+        served = self._resolve_query_version(request)
+        top = rc.parse_top_k(request.query.get("top_k"))
+        if request.content_type.startswith("multipart/"):
+            items = await self._form_images(request)
+        else:
+            body = await self._body(request)
+            if not body:
+                raise HttpError(400, "no image in the request body (send the file's bytes)")
+            items = [body]
+        with self.plane.admit_images(served, len(items), sum(len(i) for i in items)):
+            # Decoding images is CPU work: keep it off the event loop.
+            batch = await asyncio.to_thread(self.plane.decode_images, served, list(items))
+            prediction = await self.plane.predict(served, batch, top)
+            return self._json(rc.classify_json(served, prediction))
+
+    def _resolve_query_version(self, request: web.Request) -> Any:
+        version = rc.parse_version(request.query.get("version", ""))
+        served = self.plane.resolve(request.match_info["model"], version)
+        labels: Labels = request["labels"]
+        labels.model, labels.version = served.name, str(served.version)
+        return served
+
+    async def _form_images(self, request: web.Request) -> list[bytes]:
+        """Every file of a multipart form, in order, within the size limit and read timeout."""
+        limit = self.limits.max_body_bytes
+        found: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.limits.read_timeout_s):
+                reader = await request.multipart()
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader) or part.filename is None:
+                        continue  # a plain form field, or a nested multipart: no image
+                    data = bytearray()
+                    while chunk := await part.read_chunk():
+                        size += len(chunk)
+                        if size > limit:
+                            raise HttpError(
+                                413, f"form over the limit of {limit:,} bytes", close=True
+                            )
+                        data += chunk
+                    found.append(bytes(data))
+        except TimeoutError:
+            raise HttpError(
+                408, f"the form did not arrive within {self.limits.read_timeout_s:g} s", True
+            ) from None
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed form
+            raise HttpError(400, f"malformed multipart form: {exc}") from None
+        if not found:
+            raise HttpError(400, "the form has no file part (send the image as a file field)")
+        return found
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type=rc.JSON)
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path template) of every route the app serves, for the OpenAPI check."""
+    out = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("formatter") or info.get("path")
+        if route.method != "HEAD" and path:
+            out.add((route.method, path))
+    return out
+
+
+class RestServer:
+    """The REST API's listening socket on the server's loop: start, drain, stop."""
+
+    def __init__(self, api: RestApi, grace_s: float, idle_s: float) -> None:
+        self.api = api
+        self.port = 0
+        self._runner = web.AppRunner(
+            api.app(),
+            access_log=None,  # the middleware logs each request at debug level
+            shutdown_timeout=grace_s,
+            keepalive_timeout=idle_s or 3600.0,
+            handle_signals=False,
+        )
+
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool
+    ) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None
+        )
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """New requests are answered 503 while the running ones finish within `grace_s`."""
+        self.api.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.api.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._runner.cleanup()
+
+
+def ssl_context(cert: Any, key: Any, client_ca: Any) -> ssl.SSLContext:
+    """The same certificate (and client CA, for mutual TLS) as the gRPC port's."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        context.load_verify_locations(str(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
