@@ -3,7 +3,14 @@ models, /metrics scrapes, and the hostile-traffic generators (`python -m harness
 `python -m harness.soak`). Installed with the project, so every caller imports it plainly.
 """
 
-from harness.models import PYTHON, ROOT, copy_repository, train_model, write_tiny_model
+from harness.models import (
+    PYTHON,
+    ROOT,
+    copy_repository,
+    train_model,
+    write_tiny_cnn,
+    write_tiny_model,
+)
 from harness.ports import free_port
 from harness.scrape import Scrape, scrape
 from harness.server import ServerProcess, serve_newest
@@ -18,5 +25,6 @@ __all__ = [
     "scrape",
     "serve_newest",
     "train_model",
+    "write_tiny_cnn",
     "write_tiny_model",
 ]

@@ -203,6 +203,34 @@ def _classifications(
 
 
 @dataclass(frozen=True)
+class FeatureMaps:
+    """One image's activations as the server computed them: layer name -> float32 [H, W, C],
+    in the graph's order, and the prediction of the same run."""
+
+    model: str
+    version: int
+    maps: dict[str, npt.NDArray[np.float32]]
+    kinds: dict[str, str]  # layer name -> Conv2D, MaxPooling2D, ...
+    image: npt.NDArray[np.uint8]  # [H, W, C]: the image as the model saw it
+    probabilities: npt.NDArray[np.float32]  # [classes]
+    labels: list[tuple[str, float]]  # the top classes, best first
+
+
+@dataclass(frozen=True)
+class Filters:
+    model: str
+    version: int
+    layer: str
+    kernels: npt.NDArray[np.float32]  # [K, K, in, out]
+    biases: npt.NDArray[np.float32]  # [out]
+
+
+def _array(t: pb.Tensor) -> npt.NDArray[Any]:
+    datatype = "UINT8" if t.dtype == pb.DATA_TYPE_UINT8 else "FP32"
+    return tensors.decode(t.data, datatype, t.shape)
+
+
+@dataclass(frozen=True)
 class Failure:
     """A streamed batch the server answered with an error (the other batches go on)."""
 
@@ -397,6 +425,56 @@ class Client:
         labels, indices = _classifications(response.classifications)
         return Prediction(response.model, response.version, None, labels, indices)
 
+    def feature_maps(
+        self,
+        model: str,
+        image: str | Path | bytes | npt.NDArray[np.uint8],
+        *,
+        layers: Sequence[str] = (),
+        version: int = 0,
+        top_k: int = 3,
+    ) -> FeatureMaps:
+        """The activations of each convolution and pooling layer (or of `layers`) for one
+        image: a file, encoded bytes, or uint8 pixels [H, W] / [H, W, C]."""
+        if isinstance(image, np.ndarray):
+            pixels = np.ascontiguousarray(image, dtype=np.uint8)
+            item = pb.Image(
+                pixels=pb.Tensor(
+                    dtype=pb.DATA_TYPE_UINT8, shape=pixels.shape, data=tensors.to_bytes(pixels)
+                )
+            )
+        else:
+            item = pb.Image(encoded=image if isinstance(image, bytes) else Path(image).read_bytes())
+        response = self.stub.GetFeatureMaps(
+            pb.GetFeatureMapsRequest(
+                model=model, version=version, image=item, layers=layers, top_k=top_k
+            ),
+            timeout=self.timeout,
+        )
+        return FeatureMaps(
+            response.model,
+            response.version,
+            {m.name: _array(m.values) for m in response.layers},
+            {m.name: m.kind for m in response.layers},
+            _array(response.image),
+            _array(response.probabilities),
+            [(s.label, s.score) for s in response.classification.top],
+        )
+
+    def filters(self, model: str, layer: str = "", *, version: int = 0) -> Filters:
+        """A convolution layer's kernels [K, K, in, out] and biases (the first layer's when
+        `layer` is empty)."""
+        response = self.stub.GetFilters(
+            pb.GetFiltersRequest(model=model, version=version, layer=layer), timeout=self.timeout
+        )
+        return Filters(
+            response.model,
+            response.version,
+            response.layer,
+            _array(response.kernels),
+            _array(response.biases),
+        )
+
     def summary(self, model: str, version: int = 0) -> pb.GetParameterSummaryResponse:
         response: pb.GetParameterSummaryResponse = self.stub.GetParameterSummary(
             pb.GetParameterSummaryRequest(model=model, version=version), timeout=self.timeout
@@ -423,13 +501,14 @@ class Client:
 
 
 def format_summary(s: pb.GetParameterSummaryResponse) -> str:
-    rows = [("Layer", "Kind", "Output shape", "Params", "How")]
+    rows = [("Layer", "Kind", "Output shape", "Output size", "Params", "How")]
     for layer in s.layers:
         rows.append(
             (
                 layer.name,
                 layer.kind,
                 "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
+                layer.output_size_formula,
                 f"{layer.parameters:,}",
                 layer.formula,
             )
@@ -450,6 +529,34 @@ def format_summary(s: pb.GetParameterSummaryResponse) -> str:
             f"One dense neuron over the raw {shape} input would need {s.dense_neuron_formula} weights",
         ]
     )
+
+
+def _draw_feature_maps(client: Client, args: argparse.Namespace) -> None:
+    from serving import pictures
+
+    got = client.feature_maps(
+        args.model, args.file, layers=args.layer, version=args.version, top_k=args.top_k
+    )
+    best = ", ".join(f"{label} ({score:.3f})" for label, score in got.labels)
+    print(f"{args.file}: {best}")
+    for name, values in got.maps.items():
+        print(f"  {name} {tuple(values.shape)} max {float(values.max()):.3f}")
+    title = f"{got.model} v{got.version}: {args.file.name}"
+    pictures.feature_maps_picture(got.image, got.labels, got.maps, got.kinds, title).save(
+        args.out, format="PNG"
+    )
+    print(f"wrote {args.out}")
+
+
+def _draw_filters(client: Client, args: argparse.Namespace) -> None:
+    from serving import pictures
+
+    got = client.filters(args.model, args.layer, version=args.version)
+    k1, k2, cin, cout = got.kernels.shape
+    print(f"{got.layer}: {cout} kernels of {k1}x{k2}x{cin}")
+    title = f"{got.model} v{got.version}"
+    pictures.filters_picture(got.kernels, got.biases, got.layer, title).save(args.out, format="PNG")
+    print(f"wrote {args.out}")
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
@@ -486,6 +593,20 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("summary", help="the parameter summary of a model")
     s.add_argument("--model", required=True)
     s.add_argument("--version", type=int, default=0)
+    fm = sub.add_parser(
+        "feature-maps", help="draw each convolution and pooling layer's activations for an image"
+    )
+    fm.add_argument("file", type=Path, help="an image file (PNG, JPEG, ...)")
+    fm.add_argument("--model", required=True)
+    fm.add_argument("--version", type=int, default=0)
+    fm.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
+    fm.add_argument("--top-k", type=int, default=3)
+    fm.add_argument("--out", type=Path, default=Path("maps.png"), help="PNG to write")
+    fi = sub.add_parser("filters", help="draw the kernels of a convolution layer")
+    fi.add_argument("--model", required=True)
+    fi.add_argument("--version", type=int, default=0)
+    fi.add_argument("--layer", default="", help="a convolution layer (default: the first)")
+    fi.add_argument("--out", type=Path, default=Path("filters.png"), help="PNG to write")
     m = sub.add_parser("metadata", help="a model's metadata")
     m.add_argument("--model", required=True)
     m.add_argument("--version", type=int, default=0)
@@ -504,6 +625,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
+    if args.command == "feature-maps" and not args.file.is_file():
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return 2
     if args.command == "classify":
         for f in args.files:
             if not f.is_file():
@@ -529,6 +653,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                     print(f"{f}: {best}")
             elif args.command == "summary":
                 print(format_summary(client.summary(args.model, args.version)))
+            elif args.command == "feature-maps":
+                _draw_feature_maps(client, args)
+            elif args.command == "filters":
+                _draw_filters(client, args)
             elif args.command == "metadata":
                 md = client.metadata(args.model, args.version)
                 print(f"{md.name} v{md.version} (ready: {', '.join(map(str, md.ready_versions))})")

@@ -13,7 +13,15 @@ import numpy as np
 import numpy.typing as npt
 
 from serving import tensors
-from serving.dataplane import Duration, ModelCatalog, Prediction, TopK, VersionStats
+from serving.dataplane import (
+    Duration,
+    FeatureMaps,
+    Filters,
+    ModelCatalog,
+    Prediction,
+    TopK,
+    VersionStats,
+)
 from serving.errors import InvalidArgument
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -69,19 +77,18 @@ def classify_extent(request: pb.ClassifyRequest) -> tuple[int, int]:
 
 
 def decode_classify_images(request: pb.ClassifyRequest) -> list[bytes | npt.NDArray[np.uint8]]:
-    out: list[bytes | npt.NDArray[np.uint8]] = []
-    for i, image in enumerate(request.images):
-        kind = image.WhichOneof("source")
-        if kind == "encoded":
-            out.append(image.encoded)
-        elif kind == "pixels":
-            if image.pixels.dtype != pb.DATA_TYPE_UINT8:
-                raise InvalidArgument(f"image {i}: raw pixels must be DATA_TYPE_UINT8")
-            pixels = decode_tensor(image.pixels, f"image {i}")
-            out.append(pixels)  # type: ignore[arg-type]
-        else:
-            raise InvalidArgument(f"image {i}: neither encoded bytes nor pixels set")
-    return out
+    return [decode_image(image, i) for i, image in enumerate(request.images)]
+
+
+def decode_image(image: pb.Image, i: int = 0) -> bytes | npt.NDArray[np.uint8]:
+    kind = image.WhichOneof("source")
+    if kind == "encoded":
+        return image.encoded
+    if kind == "pixels":
+        if image.pixels.dtype != pb.DATA_TYPE_UINT8:
+            raise InvalidArgument(f"image {i}: raw pixels must be DATA_TYPE_UINT8")
+        return decode_tensor(image.pixels, f"image {i}")  # type: ignore[return-value]
+    raise InvalidArgument(f"image {i}: neither encoded bytes nor pixels set")
 
 
 # The per-image classifications are written as wire bytes and merged in one C-level parse:
@@ -189,6 +196,7 @@ def summary_response(served: ServedVersion, s: ParameterSummary) -> pb.GetParame
                 strides=layer.strides,
                 padding=layer.padding,
                 activation=layer.activation,
+                output_size_formula=layer.output_size_formula,
             )
             for layer in s.layers
         ],
@@ -199,6 +207,27 @@ def summary_response(served: ServedVersion, s: ParameterSummary) -> pb.GetParame
         dense_neuron_formula=s.dense_neuron_formula,
         keras_parameters=int(keras) if keras.isdigit() else 0,
     )
+
+
+def feature_maps_response(served: ServedVersion, maps: FeatureMaps) -> pb.GetFeatureMapsResponse:
+    response = pb.GetFeatureMapsResponse(model=served.name, version=served.version)
+    for layer in maps.layers:
+        encode_tensor(layer.values, response.layers.add(name=layer.name, kind=layer.kind).values)
+    names = served.runtime.info.class_names
+    response.classification.top.extend(
+        pb.ClassScore(index=i, label=names[i], score=score)
+        for i, score in zip(maps.top.indices[0].tolist(), maps.top.scores[0].tolist(), strict=True)
+    )
+    encode_tensor(maps.probabilities, response.probabilities)
+    encode_tensor(maps.image, response.image)
+    return response
+
+
+def filters_response(served: ServedVersion, filters: Filters) -> pb.GetFiltersResponse:
+    response = pb.GetFiltersResponse(model=served.name, version=served.version, layer=filters.layer)
+    encode_tensor(filters.kernels, response.kernels)
+    encode_tensor(filters.biases, response.biases)
+    return response
 
 
 def metadata_response(

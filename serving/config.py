@@ -105,6 +105,11 @@ class Settings:
         "largest decoded image (width x height) Classify accepts; also Pillow's decompression-"
         "bomb limit (0: no limit of ours, Pillow's default of about 89 megapixels stays)",
     )
+    max_feature_map_mb: float = option(
+        16.0,
+        "largest GetFeatureMaps or GetFilters answer, in MiB of float32 values; a request for "
+        "more is refused RESOURCE_EXHAUSTED (ask for fewer layers)",
+    )
     max_versions: int = option(2, "how many of the newest versions of each model stay loaded")
     poll_seconds: float = option(5.0, "how often the repository is rescanned (0: only on SIGHUP)")
     grace_seconds: float = option(10.0, "how long in-flight calls may drain on SIGTERM")
@@ -350,6 +355,8 @@ def validate(s: Settings) -> None:
     for name in ("max_concurrent_streams", "max_connections"):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
+    if s.max_feature_map_mb <= 0:
+        raise bad("max_feature_map_mb", "expected a number > 0")
     if s.keepalive_timeout_s <= 0:
         raise bad("keepalive_timeout_s", "expected a number > 0")
     if s.http_read_timeout_s <= 0:

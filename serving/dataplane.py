@@ -7,23 +7,27 @@ Servicers and handlers talk to this and nothing below it. Knows nothing of gRPC,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from serving import images
-from serving.admission import Admission, Ticket, request_cost
+from serving.admission import PER_CALL_BYTES, Admission, Ticket, request_cost
 from serving.batching import Observer
-from serving.config import DEFAULTS
-from serving.errors import InvalidArgument, ServingError
+from serving.config import DEFAULTS, MiB
+from serving.errors import InvalidArgument, ResourceExhausted, ServingError
+from serving.inspection import MAP_KINDS
 from serving.repository import BatchingOptions, ModelRepository, VersionStatus
 
 # Re-exported: the type `resolve` hands the protocols.
 from serving.repository import ServedVersion as ServedVersion  # noqa: PLC0414
+from serving.summary import Layer, ParameterSummary
 
 F32 = npt.NDArray[np.float32]
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -33,6 +37,8 @@ ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 class Limits:
     max_request_batch: int = DEFAULTS.max_request_batch
     max_image_pixels: int = DEFAULTS.max_image_pixels
+    # The float32 values of one feature-map answer.
+    max_feature_map_bytes: int = round(DEFAULTS.max_feature_map_mb * MiB)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,30 @@ def top_k(probabilities: F32, k: int) -> TopK:
 class Prediction:
     probabilities: F32  # [N, classes]
     top: TopK | None  # the best classes of each image, when they were asked for
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    name: str
+    kind: str
+    values: F32  # [H, W, channels]
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """One image's activations, layer by layer, and the prediction of the same run."""
+
+    layers: list[LayerMap]
+    image: npt.NDArray[np.uint8]  # [H, W, C]: the image as the model saw it
+    probabilities: F32  # [classes]
+    top: TopK  # [1, k]
+
+
+@dataclass(frozen=True)
+class Filters:
+    layer: str
+    kernels: F32  # [K, K, in, out]
+    biases: F32  # [out]
 
 
 @dataclass(frozen=True)
@@ -299,3 +329,103 @@ class DataPlane:
                 img = images.from_pixels(item, i)
             batch[i] = images.fit(img, shape, i)
         return batch
+
+    # Inside the model ----------------------------------------------------------------------
+
+    async def feature_maps(
+        self,
+        served: ServedVersion,
+        image: bytes | npt.NDArray[np.uint8],
+        layers: Sequence[str] = (),
+        top: int = 1,
+        request_bytes: int = 0,
+    ) -> FeatureMaps:
+        """The activations of `layers` (all convolution and pooling layers when empty) for one
+        image, from the version's feature-map session. Refused before any work when the answer
+        would pass `max_feature_map_bytes`; held against the budget like an inference."""
+        summary = await served.parameter_summary()
+        chosen = self._map_layers(served, summary, layers)
+        nbytes = sum(4 * math.prod(layer.output_shape) for layer in chosen)
+        cap = self.limits.max_feature_map_bytes
+        if nbytes > cap:
+            largest = max(chosen, key=lambda layer: math.prod(layer.output_shape))
+            raise ResourceExhausted(
+                f"the feature maps of {len(chosen)} layers ({', '.join(x.name for x in chosen)}) "
+                f"are {_size(nbytes)} as float32, over the cap of {_size(cap)} "
+                f"(--max-feature-map-mb); ask for fewer layers (the largest, {largest.name}, is "
+                f"{_size(4 * math.prod(largest.output_shape))})"
+            )
+        h, w, c = served.runtime.info.input_shape
+        # The request twice (message and its bytes), the input, and the maps twice (the arrays
+        # and their encoded copy).
+        cost = 2 * request_bytes + 5 * h * w * c + 2 * nbytes + PER_CALL_BYTES
+        with self.admission.admit(served.name, None, 1, cost):
+            batch = await asyncio.to_thread(self.decode_images, served, [image])
+            x = served.runtime.prepare(batch)
+            session = await served.feature_map_session()
+            probabilities, maps = await asyncio.to_thread(session.run, x, chosen)
+        return FeatureMaps(
+            [LayerMap(layer.name, layer.kind, m) for layer, m in zip(chosen, maps, strict=True)],
+            batch[0],
+            probabilities,
+            top_k(probabilities[None, :], top),
+        )
+
+    @staticmethod
+    def _map_layers(
+        served: ServedVersion, summary: ParameterSummary, names: Sequence[str]
+    ) -> list[Layer]:
+        known = [layer for layer in summary.layers if layer.kind in MAP_KINDS and layer.output]
+        if not names:
+            return known
+        by_name = {layer.name: layer for layer in known}
+        listed = ", ".join(by_name) or "none"
+        chosen: list[Layer] = []
+        for name in dict.fromkeys(names):  # each once, in the order asked
+            if name not in by_name:
+                other = next((x for x in summary.layers if x.name == name), None)
+                what = f"is a {other.kind} layer" if other else "is not a layer"
+                raise InvalidArgument(
+                    f"{name!r} {what} of model {served.name!r} v{served.version}; feature maps "
+                    f"come from its convolution and pooling layers: {listed}"
+                )
+            chosen.append(by_name[name])
+        order = {layer.name: i for i, layer in enumerate(known)}
+        return sorted(chosen, key=lambda layer: order[layer.name])
+
+    async def filters(self, served: ServedVersion, layer: str = "") -> Filters:
+        """The kernels [K, K, in, out] and biases of one convolution layer (the first when
+        `layer` is empty)."""
+        summary = await served.parameter_summary()
+        convs = {x.name: x for x in summary.layers if x.kind == "Conv2D" and x.weight}
+        if not convs:
+            raise InvalidArgument(
+                f"model {served.name!r} v{served.version} has no convolution layer"
+            )
+        if not layer:
+            layer = next(iter(convs))
+        if layer not in convs:
+            other = next((x for x in summary.layers if x.name == layer), None)
+            what = f"is a {other.kind} layer" if other else "is not a layer"
+            raise InvalidArgument(
+                f"{layer!r} {what} of model {served.name!r} v{served.version}; filters come from "
+                f"its convolution layers: {', '.join(convs)}"
+            )
+        chosen = convs[layer]
+        nbytes = 4 * chosen.parameters
+        cap = self.limits.max_feature_map_bytes
+        if nbytes > cap:
+            raise ResourceExhausted(
+                f"the filters of {layer} are {_size(nbytes)} as float32, over the cap of "
+                f"{_size(cap)} (--max-feature-map-mb)"
+            )
+        kernels, biases = await served.filters(chosen)
+        return Filters(layer, kernels, biases)
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 10 * 1024:
+        return f"{nbytes:,} bytes"
+    if nbytes < MiB:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / MiB:.1f} MiB"

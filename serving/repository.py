@@ -23,8 +23,9 @@ import numpy.typing as npt
 from serving.batching import Batcher, Observer, run_unbatched
 from serving.config import DEFAULTS
 from serving.errors import NotFound, Unavailable
+from serving.inspection import FeatureMapSession, read_filters
 from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
-from serving.summary import ParameterSummary, summarize
+from serving.summary import Layer, ParameterSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,30 @@ class ServedVersion:
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _summary: ParameterSummary | None = None
+    _maps: FeatureMapSession | None = None  # made on the first feature-map call, dropped at unload
+    _maps_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def parameter_summary(self) -> ParameterSummary:
         """The per-layer summary of the graph this version serves, read once (off the loop)."""
         if self._summary is None:
             self._summary = await asyncio.to_thread(summarize, self.runtime.path)
         return self._summary
+
+    async def feature_map_session(self) -> FeatureMapSession:
+        """The second session that exposes the layers' activations, made once (off the loop)."""
+        async with self._maps_lock:  # concurrent first calls make one session, not several
+            if self._maps is None:
+                summary = await self.parameter_summary()
+                self._maps = await asyncio.to_thread(FeatureMapSession, self.runtime.path, summary)
+        return self._maps
+
+    @property
+    def has_feature_map_session(self) -> bool:
+        return self._maps is not None
+
+    async def filters(self, layer: Layer) -> tuple[F32, F32]:
+        """A convolution layer's kernels [K, K, in, out] and biases, read from the file."""
+        return await asyncio.to_thread(read_filters, self.runtime.path, layer)
 
     async def infer(self, x: F32) -> F32:
         self.inflight += 1
@@ -97,6 +116,7 @@ class ServedVersion:
                 )
         if self.batcher is not None:
             await self.batcher.close()
+        self._maps = None
 
 
 @dataclass

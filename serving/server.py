@@ -106,7 +106,11 @@ class Server:
         self.metrics.watch_admission(self.admission.budget_bytes)
         self.plane = DataPlane(
             self.repository,
-            Limits(settings.max_request_batch, settings.max_image_pixels),
+            Limits(
+                settings.max_request_batch,
+                settings.max_image_pixels,
+                round(settings.max_feature_map_mb * MiB),
+            ),
             self.stats,
             self.admission,
         )

@@ -5,6 +5,9 @@ The graph is walked in order; weight-carrying and shape-changing operators becom
 (+ bias Add) -> Dense), activations attach to the layer before them, and layout plumbing
 (the NHWC<->NCHW transposes tf2onnx inserts) is skipped. Shapes are tracked in NHWC, as
 Keras prints them, so the counts and shapes equal `model.summary()` for the design-notes CNN.
+Each layer also says how its output size follows from its input's (the design notes'
+O = (W - K + 2P)/S + 1), and which ONNX values hold its output and weights (feature maps and
+filters are read from those).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class Layer:
     strides: tuple[int, ...] = ()
     padding: str = ""
     activation: str = ""
+    output_size_formula: str = ""
+    output: str = ""  # the ONNX value of the layer's output (after its activation), NCHW for maps
+    weight: str = ""  # the initializers of its weights and bias, as ONNX lays them out
+    bias: str = ""
 
 
 @dataclass
@@ -69,30 +76,70 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int = 1) -> int:
-    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+@dataclass(frozen=True)
+class Spatial:
+    """How a convolution or pooling maps its input's height and width to its output's."""
+
+    out: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[tuple[int, int], tuple[int, int]]  # (before, after) for height, then width
+    padding: str  # valid | same | pads [...]
+
+    def formula(self, size: tuple[int, int], kernel: tuple[int, int], pool: bool) -> str:
+        """The arithmetic of the output size, once when height and width share it."""
+        parts = [
+            size_formula(size[d], kernel[d], self.strides[d], *self.pads[d], pool=pool)
+            for d in (0, 1)
+        ]
+        same_numbers = (size[0], kernel[0], self.strides[0], self.pads[0]) == (
+            size[1],
+            kernel[1],
+            self.strides[1],
+            self.pads[1],
+        )
+        return parts[0] if same_numbers else f"height {parts[0]}; width {parts[1]}"
 
 
-def _spatial(
-    node: onnx.NodeProto, h: int, w: int, kh: int, kw: int
-) -> tuple[int, int, tuple[int, int], str]:
+def size_formula(
+    size: int, kernel: int, stride: int, before: int, after: int, *, pool: bool
+) -> str:
+    """O = (W - K + 2P)/S + 1 with the layer's own numbers; floor() where the division is not
+    exact (Keras drops what does not fill a last window) and always for pooling, as the design
+    notes write it. Keras's `same` pads what keeps ceil(W/S) outputs, an odd pixel after."""
+    padded = size - kernel + before + after
+    out = padded // stride + 1
+    pad = f"2*{before}" if before == after else f"{before} + {after}"
+    inner = f"{size} - {kernel}" if pool and before == after == 0 else f"{size} - {kernel} + {pad}"
+    if pool or padded % stride:
+        return f"floor(({inner})/{stride}) + 1 = {out}"
+    return f"({inner})/{stride} + 1 = {out}"
+
+
+def _spatial(node: onnx.NodeProto, h: int, w: int, kh: int, kw: int) -> Spatial:
     a = _attrs(node)
     strides: tuple[int, ...] = tuple(a.get("strides", [1, 1]))  # type: ignore[arg-type]
     sh, sw = int(strides[0]), int(strides[1])
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return -(-h // sh), -(-w // sw), (sh, sw), "same"
-    pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]  # type: ignore[attr-defined]
-    ph, pw = pads[0] + pads[2], pads[1] + pads[3]
-    oh, ow = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
-    if ph == 0 and pw == 0:
+        oh, ow = -(-h // sh), -(-w // sw)
+        pads = []
+        for size, k, stride, out in ((h, kh, sh, oh), (w, kw, sw, ow)):
+            total = max((out - 1) * stride + k - size, 0)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
+        return Spatial((oh, ow), (sh, sw), (pads[0], pads[1]), "same")
+    p = [int(x) for x in a.get("pads", [0, 0, 0, 0])]  # type: ignore[attr-defined]
+    pads_hw = ((p[0], p[2]), (p[1], p[3]))
+    oh = (h - kh + p[0] + p[2]) // sh + 1
+    ow = (w - kw + p[1] + p[3]) // sw + 1
+    if not any(p):
         padding = "valid"
     elif (oh, ow) == (-(-h // sh), -(-w // sw)):
         padding = "same"
     else:
-        padding = f"pads {pads}"
-    return oh, ow, (sh, sw), padding
+        padding = f"pads {p}"
+    return Spatial((oh, ow), (sh, sw), pads_hw, padding)
 
 
 def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
@@ -114,7 +161,8 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
                 continue
             cout, cin_per_group, kh, kw = (int(d) for d in weight.dims)
             bias = len(node.input) > 2 and node.input[2] in inits
-            oh, ow, strides, padding = _spatial(node, shape[0], shape[1], kh, kw)
+            spatial = _spatial(node, shape[0], shape[1], kh, kw)
+            size_formula_ = spatial.formula((shape[0], shape[1]), (kh, kw), pool=False)
             groups = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
             params = cout * cin_per_group * kh * kw + (cout if bias else 0)
             formula = (
@@ -124,29 +172,59 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
             )
             if groups > 1:
                 formula += f" ({groups} groups)"
-            shape = (oh, ow, cout)
+            shape = (*spatial.out, cout)
             last = Layer(
-                _layer_name(node), "Conv2D", shape, params, formula, (kh, kw), strides, padding
+                _layer_name(node),
+                "Conv2D",
+                shape,
+                params,
+                formula,
+                (kh, kw),
+                spatial.strides,
+                spatial.padding,
+                output_size_formula=size_formula_,
+                output=node.output[0],
+                weight=node.input[1],
+                bias=node.input[2] if bias else "",
             )
             summary.layers.append(last)
         elif op in ("MaxPool", "AveragePool"):
             a = _attrs(node)
             kh, kw = (int(k) for k in a["kernel_shape"])  # type: ignore[attr-defined]
-            oh, ow, strides, padding = _spatial(node, shape[0], shape[1], kh, kw)
-            shape = (oh, ow, shape[2])
+            spatial = _spatial(node, shape[0], shape[1], kh, kw)
+            size_formula_ = spatial.formula((shape[0], shape[1]), (kh, kw), pool=True)
+            shape = (*spatial.out, shape[2])
             kind = "MaxPooling2D" if op == "MaxPool" else "AveragePooling2D"
             last = Layer(
-                _layer_name(node), kind, shape, 0, "0 (no weights)", (kh, kw), strides, padding
+                _layer_name(node),
+                kind,
+                shape,
+                0,
+                "0 (no weights)",
+                (kh, kw),
+                spatial.strides,
+                spatial.padding,
+                output_size_formula=size_formula_,
+                output=node.output[0],
             )
             summary.layers.append(last)
         elif op in ("GlobalAveragePool", "GlobalMaxPool"):
             shape = (shape[-1],)
             kind = "GlobalAveragePooling2D" if op == "GlobalAveragePool" else "GlobalMaxPooling2D"
-            last = Layer(_layer_name(node), kind, shape, 0, "0 (no weights)")
+            last = Layer(_layer_name(node), kind, shape, 0, "0 (no weights)", output=node.output[0])
             summary.layers.append(last)
         elif op in ("Flatten", "Reshape") and len(shape) == 3 and _flattens(node, inits):
+            product = "*".join(map(str, shape))
             shape = (int(np.prod(shape)),)
-            last = Layer(_layer_name(node), "Flatten", shape, 0, "0 (reshape only)")
+            last = Layer(
+                _layer_name(node),
+                "Flatten",
+                shape,
+                0,
+                "0 (reshape only)",
+                output_size_formula=f"{product} = {shape[0]:,}",
+                output=node.output[0],
+            )
             summary.layers.append(last)
         elif op in ("MatMul", "Gemm"):
             weight = inits.get(node.input[1])
@@ -159,7 +237,14 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
             params = n_in * n_out + (n_out if bias else 0)
             shape = (n_out,)
             last = Layer(
-                _layer_name(node), "Dense", shape, params, _dense_formula(n_in, n_out, bias)
+                _layer_name(node),
+                "Dense",
+                shape,
+                params,
+                _dense_formula(n_in, n_out, bias),
+                output=node.output[0],
+                weight=node.input[1],
+                bias=node.input[2] if bias else "",
             )
             summary.layers.append(last)
         elif (
@@ -170,8 +255,12 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
                 n_in = (last.parameters) // n_out
                 last.parameters += n_out
                 last.formula = _dense_formula(n_in, n_out, True)
+                last.output = node.output[0]
+                last.bias = next(i for i in node.input if i in inits)
         elif op in ACTIVATIONS and last is not None and not last.activation:
             last.activation = ACTIVATIONS[op]
+            if node.input and node.input[0] == last.output:
+                last.output = node.output[0]
     return summary
 
 

@@ -43,7 +43,7 @@ CODES: dict[Kind, grpc.StatusCode] = {
 
 # Unary inference methods: each holds a reservation of the request data budget from before its
 # message is read (see serving.admission), and is refused unread when the budget is taken.
-RESERVING = frozenset({"Predict", "Classify", "ModelInfer"})
+RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps"})
 # Stream methods that answer an undecodable message themselves (the stream goes on) instead
 # of the guard ending the whole call.
 SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})

@@ -78,6 +78,24 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         served = call.resolve(self.plane, request.model, request.version)
         return codec.summary_response(served, await served.parameter_summary())
 
+    @rpc("GetFeatureMaps")
+    async def GetFeatureMaps(
+        self, request: pb.GetFeatureMapsRequest, context: Ctx, call: Call
+    ) -> pb.GetFeatureMapsResponse:
+        served = call.resolve(self.plane, request.model, request.version)
+        image = codec.decode_image(request.image)
+        maps = await self.plane.feature_maps(
+            served, image, list(request.layers), request.top_k or 1, request.ByteSize()
+        )
+        return codec.feature_maps_response(served, maps)
+
+    @rpc("GetFilters")
+    async def GetFilters(
+        self, request: pb.GetFiltersRequest, context: Ctx, call: Call
+    ) -> pb.GetFiltersResponse:
+        served = call.resolve(self.plane, request.model, request.version)
+        return codec.filters_response(served, await self.plane.filters(served, request.layer))
+
     @rpc("ListModels")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call

@@ -58,11 +58,15 @@ CODE_NAMES = {
     504: "DEADLINE_EXCEEDED",
 }
 RETRY_AFTER_S = "1"
-# Routes anyone may call without the token: probes and the API's description.
-OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "OpenAPI"})
+# Routes anyone may call without the token: probes, the API's description, the page's files
+# (the page's own calls to the API send the token it is given).
+OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "OpenAPI", "Page"})
 # Routes whose bodies are held against the request data budget before they are read.
-RESERVING = frozenset({"ModelInfer", "Classify"})
-NOT_COUNTED = frozenset({"OpenAPI"})  # like reflection over gRPC
+RESERVING = frozenset({"ModelInfer", "Classify", "GetFeatureMaps"})
+NOT_COUNTED = frozenset({"OpenAPI", "Page"})  # like reflection over gRPC
+# The browser page (serving/web): static files, no build step, nothing from the network.
+PAGE_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+PAGE_POLICY = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'"
 
 
 def _describe(exc: web.HTTPException, request: web.Request) -> str:
@@ -92,6 +96,16 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 def openapi_document() -> bytes:
     return resources.files("serving.api").joinpath("openapi.json").read_bytes()
+
+
+def page_files() -> dict[str, bytes]:
+    """The page's files by name, read once (they ship in the package: serving/web)."""
+    folder = resources.files("serving.web")
+    return {
+        f.name: f.read_bytes()
+        for f in folder.iterdir()
+        if f.is_file() and any(f.name.endswith(ext) for ext in PAGE_TYPES)
+    }
 
 
 class HttpError(Exception):
@@ -138,6 +152,7 @@ class RestApi:
         self.draining = False
         self.active = 0
         self._openapi = openapi_document()
+        self._page = page_files()
 
     # ------------------------------------------------------------ assembly
 
@@ -158,6 +173,10 @@ class RestApi:
         add("GET", "/v1/models", self.list_models, name="ListModels")
         add("GET", "/v1/models/{model}/summary", self.summary, name="GetParameterSummary")
         add("POST", "/v1/models/{model}/classify", self.classify, name="Classify")
+        add("POST", "/v1/models/{model}/feature-maps", self.feature_maps, name="GetFeatureMaps")
+        add("GET", "/v1/models/{model}/filters", self.filters, name="GetFilters")
+        add("GET", "/", self.page, name="Page")
+        add("GET", "/page/{file}", self.page, name="PageFile")
         add("GET", "/openapi.json", self.openapi, name="OpenAPI")
         return app
 
@@ -168,7 +187,7 @@ class RestApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         route = request.match_info.route.name
-        method = (route or "_unknown").removesuffix("V")
+        method = (route or "_unknown").removesuffix("V").removesuffix("File")
         labels = Labels()
         request["labels"] = labels
         started = time.perf_counter()
@@ -376,6 +395,32 @@ class RestApi:
             batch = await asyncio.to_thread(self.plane.decode_images, served, list(items))
             prediction = await self.plane.predict(served, batch, top)
             return self._json(rc.classify_json(served, prediction))
+
+    async def feature_maps(self, request: web.Request) -> web.Response:
+        served = self._resolve_query_version(request)
+        top = rc.parse_top_k(request.query.get("top_k"))
+        layers = rc.parse_layers(request.query.get("layers"))
+        body = await self._body(request)
+        if not body:
+            raise HttpError(400, "no image in the request body (send the file's bytes)")
+        maps = await self.plane.feature_maps(served, body, layers, top, len(body))
+        return self._json(rc.feature_maps_json(served, maps))
+
+    async def filters(self, request: web.Request) -> web.Response:
+        served = self._resolve_query_version(request)
+        found = await self.plane.filters(served, request.query.get("layer", ""))
+        return self._json(rc.filters_json(served, found))
+
+    async def page(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("file", "index.html")
+        body = self._page.get(name)
+        if body is None:
+            raise HttpError(
+                404, f"no page file {name!r}; the page's files: {', '.join(sorted(self._page))}"
+            )
+        kind = PAGE_TYPES[name[name.rindex(".") :]]
+        headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+        return web.Response(body=body, content_type=kind, charset="utf-8", headers=headers)
 
     def _resolve_query_version(self, request: web.Request) -> Any:
         version = rc.parse_version(request.query.get("version", ""))

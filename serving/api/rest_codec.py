@@ -10,6 +10,7 @@ serving.tensors like every protocol's.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from serving import tensors
-from serving.dataplane import ModelCatalog, Prediction, ServedVersion, TopK
+from serving.dataplane import FeatureMaps, Filters, ModelCatalog, Prediction, ServedVersion, TopK
 from serving.errors import InvalidArgument
 from serving.summary import ParameterSummary
 
@@ -375,6 +376,7 @@ def summary_json(served: ServedVersion, s: ParameterSummary) -> dict[str, Any]:
                 "strides": list(layer.strides),
                 "padding": layer.padding,
                 "activation": layer.activation,
+                "output_size_formula": layer.output_size_formula,
             }
             for layer in s.layers
         ],
@@ -400,4 +402,51 @@ def models_json(catalog: list[ModelCatalog]) -> dict[str, Any]:
             }
             for m in catalog
         ]
+    }
+
+
+# ------------------------------------------------------------------ inside the model
+
+
+def parse_layers(text: str | None) -> list[str]:
+    """`?layers=conv1,pool1` -> their names (none: every convolution and pooling layer)."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def array_json(array: npt.NDArray[np.generic]) -> dict[str, Any]:
+    """An array as its dtype, shape and little-endian C-order bytes in base64: exact, and a
+    third the size of the same floats written as JSON numbers."""
+    return {
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "base64": base64.b64encode(tensors.to_bytes(array)).decode("ascii"),
+    }
+
+
+def feature_maps_json(served: ServedVersion, maps: FeatureMaps) -> dict[str, Any]:
+    names = served.runtime.info.class_names
+    return {
+        "model": served.name,
+        "version": served.version,
+        "top": [
+            {"index": i, "label": names[i], "score": score}
+            for i, score in zip(
+                maps.top.indices[0].tolist(), maps.top.scores[0].tolist(), strict=True
+            )
+        ],
+        "probabilities": maps.probabilities.tolist(),
+        "image": array_json(maps.image),
+        "layers": [
+            {"name": m.name, "kind": m.kind, "values": array_json(m.values)} for m in maps.layers
+        ],
+    }
+
+
+def filters_json(served: ServedVersion, filters: Filters) -> dict[str, Any]:
+    return {
+        "model": served.name,
+        "version": served.version,
+        "layer": filters.layer,
+        "kernels": array_json(filters.kernels),
+        "biases": array_json(filters.biases),
     }

@@ -127,7 +127,7 @@ class GetParameterSummaryRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LayerSummary(_message.Message):
-    __slots__ = ("name", "kind", "output_shape", "parameters", "formula", "kernel", "strides", "padding", "activation")
+    __slots__ = ("name", "kind", "output_shape", "parameters", "formula", "kernel", "strides", "padding", "activation", "output_size_formula")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class LayerSummary(_message.Message):
     STRIDES_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZE_FORMULA_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     output_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -146,7 +147,8 @@ class LayerSummary(_message.Message):
     strides: _containers.RepeatedScalarFieldContainer[int]
     padding: str
     activation: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., formula: _Optional[str] = ..., kernel: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., padding: _Optional[str] = ..., activation: _Optional[str] = ...) -> None: ...
+    output_size_formula: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., formula: _Optional[str] = ..., kernel: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., padding: _Optional[str] = ..., activation: _Optional[str] = ..., output_size_formula: _Optional[str] = ...) -> None: ...
 
 class GetParameterSummaryResponse(_message.Message):
     __slots__ = ("model", "version", "input_shape", "layers", "total_parameters", "trainable_parameters", "non_trainable_parameters", "dense_neuron_parameters", "dense_neuron_formula", "keras_parameters")
@@ -171,6 +173,70 @@ class GetParameterSummaryResponse(_message.Message):
     dense_neuron_formula: str
     keras_parameters: int
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., total_parameters: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., non_trainable_parameters: _Optional[int] = ..., dense_neuron_parameters: _Optional[int] = ..., dense_neuron_formula: _Optional[str] = ..., keras_parameters: _Optional[int] = ...) -> None: ...
+
+class GetFeatureMapsRequest(_message.Message):
+    __slots__ = ("model", "version", "image", "layers", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    image: Image
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class FeatureMap(_message.Message):
+    __slots__ = ("name", "kind", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    values: Tensor
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetFeatureMapsResponse(_message.Message):
+    __slots__ = ("model", "version", "layers", "classification", "probabilities", "image")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layers: _containers.RepeatedCompositeFieldContainer[FeatureMap]
+    classification: Classification
+    probabilities: Tensor
+    image: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., image: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetFiltersRequest(_message.Message):
+    __slots__ = ("model", "version", "layer")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ...) -> None: ...
+
+class GetFiltersResponse(_message.Message):
+    __slots__ = ("model", "version", "layer", "kernels", "biases")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    BIASES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    layer: str
+    kernels: Tensor
+    biases: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., kernels: _Optional[_Union[Tensor, _Mapping]] = ..., biases: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

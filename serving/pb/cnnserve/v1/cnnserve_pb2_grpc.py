@@ -54,6 +54,16 @@ class CnnServeStub:
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryResponse.FromString,
                 _registered_method=True)
+        self.GetFeatureMaps = channel.unary_unary(
+                '/cnnserve.v1.CnnServe/GetFeatureMaps',
+                request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsResponse.FromString,
+                _registered_method=True)
+        self.GetFilters = channel.unary_unary(
+                '/cnnserve.v1.CnnServe/GetFilters',
+                request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cnnserve.v1.CnnServe/ListModels',
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.ListModelsRequest.SerializeToString,
@@ -98,6 +108,22 @@ class CnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeatureMaps(self, request, context):
+        """The activations of each convolution and pooling layer (or the ones named) for one image,
+        and the prediction of the same run. From a second session of the graph that serves, made
+        on the first call and dropped with the version: Predict never pays for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFilters(self, request, context):
+        """The kernels and biases of one convolution layer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,6 +158,16 @@ def add_CnnServeServicer_to_server(servicer, server):
                     servicer.GetParameterSummary,
                     request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryResponse.SerializeToString,
+            ),
+            'GetFeatureMaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureMaps,
+                    request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsResponse.SerializeToString,
+            ),
+            'GetFilters': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFilters,
+                    request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -252,6 +288,60 @@ class CnnServe:
             '/cnnserve.v1.CnnServe/GetParameterSummary',
             cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryRequest.SerializeToString,
             cnnserve_dot_v1_dot_cnnserve__pb2.GetParameterSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureMaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.CnnServe/GetFeatureMaps',
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsRequest.SerializeToString,
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetFeatureMapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFilters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.CnnServe/GetFilters',
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.SerializeToString,
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.FromString,
             options,
             channel_credentials,
             insecure,
