@@ -33,11 +33,9 @@ class Scrape:
         return sum(s.value for s in self.matching(name, **labels))
 
     def get(self, name: str, **labels: str) -> float | None:
-        """The one sample of `name` with exactly these labels, or None."""
-        for s in self.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-        return None
+        """Like `total`, but None when no sample matches (a series the server never made)."""
+        found = [s.value for s in self.matching(name, **labels)]
+        return sum(found) if found else None
 
     def by(self, name: str, *label_names: str, **labels: str) -> dict[tuple[str, ...], float]:
         """Samples of `name` summed by the values of `label_names` ("" where one is missing)."""
