@@ -383,15 +383,17 @@ class DataPlane:
         chosen: list[Layer] = []
         for name in dict.fromkeys(names):  # each once, in the order asked
             if name not in by_name:
-                other = next((x for x in summary.layers if x.name == name), None)
-                what = f"is a {other.kind} layer" if other else "is not a layer"
-                raise InvalidArgument(
-                    f"{name!r} {what} of model {served.name!r} v{served.version}; feature maps "
-                    f"come from its convolution and pooling layers: {listed}"
+                kinds = "convolution and pooling"
+                raise _not_one_of(
+                    served, summary, name, what="feature maps", kinds=kinds, known=listed
                 )
             chosen.append(by_name[name])
         order = {layer.name: i for i, layer in enumerate(known)}
         return sorted(chosen, key=lambda layer: order[layer.name])
+
+    async def summary(self, served: ServedVersion) -> ParameterSummary:
+        """The version's parameter and output-size summary (read from its graph once)."""
+        return await served.parameter_summary()
 
     async def filters(self, served: ServedVersion, layer: str = "") -> Filters:
         """The kernels [K, K, in, out] and biases of one convolution layer (the first when
@@ -405,11 +407,8 @@ class DataPlane:
         if not layer:
             layer = next(iter(convs))
         if layer not in convs:
-            other = next((x for x in summary.layers if x.name == layer), None)
-            what = f"is a {other.kind} layer" if other else "is not a layer"
-            raise InvalidArgument(
-                f"{layer!r} {what} of model {served.name!r} v{served.version}; filters come from "
-                f"its convolution layers: {', '.join(convs)}"
+            raise _not_one_of(
+                served, summary, layer, what="filters", kinds="convolution", known=", ".join(convs)
             )
         chosen = convs[layer]
         nbytes = 4 * chosen.parameters
@@ -429,3 +428,21 @@ def _size(nbytes: int) -> str:
     if nbytes < MiB:
         return f"{nbytes / 1024:.1f} KiB"
     return f"{nbytes / MiB:.1f} MiB"
+
+
+def _not_one_of(
+    served: ServedVersion,
+    summary: ParameterSummary,
+    name: str,
+    *,
+    what: str,
+    kinds: str,
+    known: str,
+) -> InvalidArgument:
+    """A layer name that `what` (feature maps, filters) cannot come from, and the ones it can."""
+    other = next((x for x in summary.layers if x.name == name), None)
+    found = f"is a {other.kind} layer" if other else "is not a layer"
+    return InvalidArgument(
+        f"{name!r} {found} of model {served.name!r} v{served.version}; {what} come from its "
+        f"{kinds} layers: {known}"
+    )

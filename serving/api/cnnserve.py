@@ -76,7 +76,7 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self, request: pb.GetParameterSummaryRequest, context: Ctx, call: Call
     ) -> pb.GetParameterSummaryResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        return codec.summary_response(served, await served.parameter_summary())
+        return codec.summary_response(served, await self.plane.summary(served))
 
     @rpc("GetFeatureMaps")
     async def GetFeatureMaps(

@@ -325,8 +325,11 @@ class RestApi:
             ) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _resolve(self, request: web.Request) -> Any:
-        version = rc.parse_version(request.match_info.get("v", ""))
+    def _resolve(self, request: web.Request, version_text: str | None = None) -> Any:
+        """The version a request names: in its path (/versions/{v}), or `version_text` (our
+        /v1 routes take it as a query parameter); remembered as the request's metric labels."""
+        text = request.match_info.get("v", "") if version_text is None else version_text
+        version = rc.parse_version(text)
         served = self.plane.resolve(request.match_info["model"], version)
         labels: Labels = request["labels"]
         labels.model, labels.version = served.name, str(served.version)
@@ -377,11 +380,11 @@ class RestApi:
         return self._json(rc.models_json(self.plane.catalog()))
 
     async def summary(self, request: web.Request) -> web.Response:
-        served = self._resolve_query_version(request)
-        return self._json(rc.summary_json(served, await served.parameter_summary()))
+        served = self._resolve(request, request.query.get("version", ""))
+        return self._json(rc.summary_json(served, await self.plane.summary(served)))
 
     async def classify(self, request: web.Request) -> web.Response:
-        served = self._resolve_query_version(request)
+        served = self._resolve(request, request.query.get("version", ""))
         top = rc.parse_top_k(request.query.get("top_k"))
         if request.content_type.startswith("multipart/"):
             items = await self._form_images(request)
@@ -397,7 +400,7 @@ class RestApi:
             return self._json(rc.classify_json(served, prediction))
 
     async def feature_maps(self, request: web.Request) -> web.Response:
-        served = self._resolve_query_version(request)
+        served = self._resolve(request, request.query.get("version", ""))
         top = rc.parse_top_k(request.query.get("top_k"))
         layers = rc.parse_layers(request.query.get("layers"))
         body = await self._body(request)
@@ -407,7 +410,7 @@ class RestApi:
         return self._json(rc.feature_maps_json(served, maps))
 
     async def filters(self, request: web.Request) -> web.Response:
-        served = self._resolve_query_version(request)
+        served = self._resolve(request, request.query.get("version", ""))
         found = await self.plane.filters(served, request.query.get("layer", ""))
         return self._json(rc.filters_json(served, found))
 
@@ -421,13 +424,6 @@ class RestApi:
         kind = PAGE_TYPES[name[name.rindex(".") :]]
         headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
         return web.Response(body=body, content_type=kind, charset="utf-8", headers=headers)
-
-    def _resolve_query_version(self, request: web.Request) -> Any:
-        version = rc.parse_version(request.query.get("version", ""))
-        served = self.plane.resolve(request.match_info["model"], version)
-        labels: Labels = request["labels"]
-        labels.model, labels.version = served.name, str(served.version)
-        return served
 
     async def _form_images(self, request: web.Request) -> list[bytes]:
         """Every file of a multipart form, in order, within the size limit and read timeout."""

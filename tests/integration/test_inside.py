@@ -139,22 +139,15 @@ def test_cli_draws_feature_maps_and_filters(
 ) -> None:
     image = tmp_path / "item.png"
     image.write_bytes(digit[1])
-    common = [PYTHON, "-m", "serving.client", "--target", server.target]
-    done = subprocess.run(
-        [
-            *common,
-            "feature-maps",
-            str(image),
-            "--model",
-            "fashion",
-            "--out",
-            str(tmp_path / "maps.png"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [PYTHON, "-m", "serving.client", "--target", server.target, *args]
+        return subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    done = cli(
+        "feature-maps", str(image), "--model", "fashion", "--out", str(tmp_path / "maps.png")
     )
     assert done.returncode == 0, done.stderr
     assert (
@@ -163,42 +156,14 @@ def test_cli_draws_feature_maps_and_filters(
     )
     maps = Image.open(tmp_path / "maps.png")
     assert maps.format == "PNG" and maps.width >= 400 and maps.height >= 400
-    done = subprocess.run(
-        [
-            *common,
-            "filters",
-            "--model",
-            "fashion",
-            "--layer",
-            "conv1",
-            "--out",
-            str(tmp_path / "f.png"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = cli(
+        "filters", "--model", "fashion", "--layer", "conv1", "--out", str(tmp_path / "f.png")
     )
     assert done.returncode == 0, done.stderr
     assert "conv1: 32 kernels of 3x3x1" in done.stdout
     assert Image.open(tmp_path / "f.png").format == "PNG"
-    done = subprocess.run(
-        [
-            *common,
-            "filters",
-            "--model",
-            "fashion",
-            "--layer",
-            "pool1",
-            "--out",
-            str(tmp_path / "x.png"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = cli(
+        "filters", "--model", "fashion", "--layer", "pool1", "--out", str(tmp_path / "x.png")
     )
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr
     assert not (tmp_path / "x.png").exists()
