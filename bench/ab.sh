@@ -21,7 +21,7 @@ here=$(pwd)
 start() {  # port, flags, tree
   # shellcheck disable=SC2086  # the flags are meant to split
   (cd "$3" && exec "$here/.venv/bin/python" -m serving --model-repository "$models" \
-    --host 127.0.0.1 --port "$1" --metrics-port 0 --poll-seconds 0 $2 > "/tmp/ab-$1.log" 2>&1) &
+    --host 127.0.0.1 --port "$1" --metrics-port 0 --http-port 0 --poll-seconds 0 $2 > "/tmp/ab-$1.log" 2>&1) &
   echo $!
 }
 pid_a=$(start "$port_a" "$flags_a" "${TREE_A:-.}")

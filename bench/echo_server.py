@@ -14,13 +14,19 @@ the difference between the two is what cnnserve adds on top of grpc.aio itself.
   ModelStreamInferResponse.infer_response.id) and `PredictStream` (PredictRequest.id, field 6,
   into PredictStreamResponse.id; the message's index on the stream when the request has none).
   The id is found by walking the request's top-level wire fields, no message is parsed;
+- HTTP/1.1 (`--http-port`, aiohttp on the same event loop, as the real server's REST API):
+  `--http PATH=FILE@N` answers a POST to PATH, once its whole body is read, with FILE's bytes as
+  Triton's binary tensor extension (`application/octet-stream`, `Inference-Header-Content-Length:
+  N`), `--http PATH=FILE` as `application/json`: the floor of aiohttp under the REST rows;
 - `/cnnserve.bench.Echo/Answered` answers with what it has done, as JSON: `{"answered": {method:
-  messages answered}, "streams": streams open now}`, so that a benchmark can divide its load
-  generator's CPU by what was really served and see how many streams the load generator opened.
+  messages answered}, "streams": streams open now}` (HTTP routes counted as "POST PATH"), so that
+  a benchmark can divide its load generator's CPU by what was really served and see how many
+  streams the load generator opened.
 
     python bench/echo_server.py --port 0 --response FILE   # prints "port N" once listening
     python bench/echo_server.py --port 0 --unary /inference.GRPCInferenceService/ModelConfig=F1 \
         --stream /inference.GRPCInferenceService/ModelStreamInfer=F2
+    python bench/echo_server.py --port 0 --http-port 8123 --http /v2/models/m/infer=F3@120
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
 MiB = 1024 * 1024
 ANSWERED = "/cnnserve.bench.Echo/Answered"
@@ -47,6 +55,7 @@ STREAM_IDS: dict[str, tuple[int, tuple[int, ...], bool]] = {
     PREDICT_STREAM: (6, (3,), True),
 }
 LENGTH_DELIMITED = 2
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 # ================================================================================== wire format
@@ -213,12 +222,48 @@ class _Canned(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return handler
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    body: bytes
+    header_length: int | None  # binary tensor extension: where the JSON ends; None: JSON only
+
+
+def http_app(answers: dict[str, HttpAnswer], counts: dict[str, int], max_message_mb: int) -> Any:
+    """POST PATH: the body read whole (as the real server does), the canned answer sent."""
+
+    def route(path: str, answer: HttpAnswer) -> Callable[[web.Request], Awaitable[web.Response]]:
+        key = f"POST {path}"
+        counts[key] = 0
+        if answer.header_length is None:
+            headers = {"Content-Type": "application/json"}
+        else:
+            headers = {
+                "Content-Type": "application/octet-stream",
+                HEADER_LENGTH: str(answer.header_length),
+            }
+
+        async def handle(request: web.Request) -> web.Response:
+            await request.read()
+            counts[key] += 1
+            return web.Response(body=answer.body, headers=headers)
+
+        return handle
+
+    app = web.Application(client_max_size=max_message_mb * MiB)
+    for path, answer in answers.items():
+        app.router.add_post(path, route(path, answer))
+    return app
+
+
 async def serve(
     port: int,
     default: bytes | None,
     unary: dict[str, bytes],
     streams: dict[str, bytes],
     max_message_mb: int,
+    *,
+    http_port: int = 0,
+    http: dict[str, HttpAnswer] | None = None,
 ) -> None:
     server = grpc.aio.server(
         options=[
@@ -227,15 +272,25 @@ async def serve(
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((_Canned(default, unary, streams),))
+    canned = _Canned(default, unary, streams)
+    server.add_generic_rpc_handlers((canned,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    runner = None
+    if http_port:
+        app = http_app(http or {}, canned.answered, max_message_mb)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", http_port).start()
+        print(f"http {http_port}", flush=True)
     print(f"port {bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if runner is not None:
+        await runner.cleanup()
     await server.stop(0.5)
 
 
@@ -246,6 +301,17 @@ def _method_files(values: list[str], flag: str) -> dict[str, bytes]:
         if not sep or not method.startswith("/"):
             raise SystemExit(f"{flag} {value!r}: expected /package.Service/Method=FILE")
         out[method] = Path(file).read_bytes()
+    return out
+
+
+def _http_answers(values: list[str]) -> dict[str, HttpAnswer]:
+    out = {}
+    for value in values:
+        path, sep, spec = value.partition("=")
+        file, at, length = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        if not sep or not path.startswith("/") or (at and not length.isdigit()):
+            raise SystemExit(f"--http {value!r}: expected /path=FILE or /path=FILE@N")
+        out[path] = HttpAnswer(Path(file).read_bytes(), int(length) if at else None)
     return out
 
 
@@ -269,6 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD=FILE",
         help="serialized response to each message of this bidirectional stream",
     )
+    p.add_argument("--http-port", type=int, default=0, help="HTTP/1.1 port (0: none)")
+    p.add_argument(
+        "--http",
+        action="append",
+        default=[],
+        metavar="PATH=FILE[@N]",
+        help="answer POST PATH with FILE's bytes: binary tensor extension with a JSON header of "
+        "N bytes, or JSON without @N",
+    )
     p.add_argument("--max-message-mb", type=int, default=64)
     args = p.parse_args(argv)
     default = args.response.read_bytes() if args.response else None
@@ -276,7 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         default = b""
     unary = _method_files(args.unary, "--unary")
     streams = _method_files(args.stream, "--stream")
-    asyncio.run(serve(args.port, default, unary, streams, args.max_message_mb))
+    http = _http_answers(args.http)
+    asyncio.run(
+        serve(
+            args.port,
+            default,
+            unary,
+            streams,
+            args.max_message_mb,
+            http_port=args.http_port,
+            http=http,
+        )
+    )
     return 0
 
 

@@ -21,15 +21,22 @@ What runs, one after the other (never two at once, so each has the machine to it
 4. a do-nothing grpc.aio server (bench/echo_server.py) answering the same requests with the
    same response bytes, under the same load from the same tool (h2load for h2load's rows,
    perf_analyzer unary and streaming for perf_analyzer's): the floor of the Python gRPC stack;
-5. ONNX Runtime in this process on the same model file, at each batch size: one session with
+5. REST: KServe v2 `POST /v2/models/{name}/infer` on the same server's HTTP/1.1 port, loaded by
+   `h2load --h1` (keep-alive, one connection per request in flight) at the points of the gRPC
+   h2load rows, with Triton's binary tensor extension (the FP32 tensor's raw bytes after a JSON
+   header, as tritonclient.http sends it) and, at batch 1, JSON tensors; against h2load's gRPC
+   ModelInfer row at the same point and an aiohttp route of the echo server (the HTTP floor);
+6. ONNX Runtime in this process on the same model file, at each batch size: one session with
    the server's thread settings, one single-threaded session per core side by side, and at
    batch 1 one single-threaded session alone; the best is the ceiling the ratios are taken
    against.
 
 h2load does not read grpc-status trailers, so every run is checked against the server's own
-count: `cnnserve_requests_total{code="OK"}` must grow by exactly the number of requests sent, or
-the benchmark fails; a perf_analyzer run must leave no other code than OK and at least as many
-OK answers as it reports (it sends more than it measures). Server CPU comes from
+count: `cnnserve_requests_total{code="OK"}` (of the run's method and protocol, grpc or http) must
+grow by exactly the number of requests sent, or the benchmark fails; a REST run must also get a
+200 for each request and answers of exactly the size of the answer checked before (the same
+probabilities as the gRPC answer to the same input); a perf_analyzer run must leave no other
+code than OK and at least as many OK answers as it reports (it sends more than it measures). Server CPU comes from
 /proc/<pid>/stat (utime + stime, all threads), the load generator's from its rusage. Outputs
 (bench/results/ by default): results.csv, report.md, report.png, the server logs, h2load's
 per-request logs and perf_analyzer's outputs; `--publish` copies the report and the plot to
@@ -54,6 +61,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -82,10 +91,15 @@ MODEL_INFER = V2 + "ModelInfer"
 MODEL_STREAM_INFER = V2 + "ModelStreamInfer"
 APIS = {"cnnserve": PREDICT, "v2": MODEL_INFER}
 METHOD_NAME = {PREDICT: "Predict", MODEL_INFER: "ModelInfer"}
+REST_INFER = re.compile(r"/v2/models/[^/]+(/versions/\d+)?/infer")
 ECHO_STATUS = "/cnnserve.bench.Echo/Answered"
 # perf_analyzer's rows: target -> (streaming, the echo target it is compared with)
 PA_TARGETS = {"v2 pa": (False, "echo pa"), "v2 stream": (True, "echo stream")}
-ECHO_TARGETS = ("echo", "echo pa", "echo stream")
+# REST rows (KServe v2 over HTTP/1.1, h2load --h1): target -> (body kind, its echo target)
+REST_TARGETS = {"rest": ("binary", "echo http"), "rest json": ("json", "echo http json")}
+REST_KINDS = {kind: target for target, (kind, _) in REST_TARGETS.items()}
+H1 = "h2load --h1"  # the REST rows' load generator, as named in the table
+ECHO_TARGETS = ("echo", "echo pa", "echo stream", "echo http", "echo http json")
 
 
 class BenchError(SystemExit):
@@ -187,14 +201,21 @@ def wait_serving(target: str, proc: Process, timeout: float, interval: float = 0
 
 
 def start_server(
-    repository: Path, server_args: Sequence[str], log_path: Path, root: Path = ROOT
+    repository: Path,
+    server_args: Sequence[str],
+    log_path: Path,
+    root: Path = ROOT,
+    *,
+    http_port: int = 0,
 ) -> tuple[Process, int, int]:
-    """`python -m serving` run from `root` (another checkout's `serving` package, for A/B)."""
+    """`python -m serving` run from `root` (another checkout's `serving` package, for A/B).
+    The REST port is always given (0: off): the server's default one would clash between the
+    servers a run starts."""
     port, metrics_port = free_port(), free_port()
     cmd = [
         PYTHON, "-m", "serving", "--model-repository", str(repository), "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics_port), "--poll-seconds", "0",
-        "--log-level", "warning", *server_args,
+        "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port),
+        "--poll-seconds", "0", "--log-level", "warning", *server_args,
     ]  # fmt: skip
     return Process(cmd, log_path, cwd=root), port, metrics_port
 
@@ -206,12 +227,22 @@ def start_echo(
     response: bytes | None = None,
     unary: dict[str, bytes] | None = None,
     streams: dict[str, bytes] | None = None,
+    http: dict[str, RestAnswer] | None = None,
+    http_port: int = 0,
 ) -> tuple[Process, int]:
     """bench/echo_server.py answering with canned bytes: `response` to any unary method not
     in `unary` (h2load posts to one path), `unary[method]` to that method, and each message of
-    a `streams[method]` stream with those bytes (the request's id copied in)."""
+    a `streams[method]` stream with those bytes (the request's id copied in); over HTTP/1.1 on
+    `http_port`, a POST to a path of `http` with the real server's answer to it."""
     port = free_port()
     cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port)]
+    for i, (route, answer) in enumerate((http or {}).items()):
+        body_file = workdir / f"echo{tag}-http{i}.bin"
+        body_file.write_bytes(answer.body)
+        length = "" if answer.header_length is None else f"@{answer.header_length}"
+        cmd += ["--http", f"{route}={body_file}{length}"]
+    if http_port:
+        cmd += ["--http-port", str(http_port)]
     if response is not None:
         path = workdir / f"echo-response{tag}.bin"
         path.write_bytes(response)
@@ -243,11 +274,14 @@ def echo_status(port: int) -> dict[str, object]:
 
 
 def scrape(metrics_port: int) -> dict[tuple[str, ...], float]:
-    """The samples the checks read: requests by (method, code), batch-size sum and count."""
+    """The samples the checks read: requests by (method, code, protocol), batch-size sum and
+    count."""
     metrics = harness.scrape(metrics_port)
     out: dict[tuple[str, ...], float] = {
-        ("requests", method, code): value
-        for (method, code), value in metrics.by("cnnserve_requests_total", "method", "code").items()
+        ("requests", method, code, protocol): value
+        for (method, code, protocol), value in metrics.by(
+            "cnnserve_requests_total", "method", "code", "protocol"
+        ).items()
     }
     for name in ("cnnserve_batch_size_sum", "cnnserve_batch_size_count"):
         out[(name,)] = metrics.total(name)
@@ -301,6 +335,74 @@ def request_bytes(api: str, model: str, input_name: str, x: np.ndarray, version:
     return request.SerializeToString()
 
 
+@dataclass(frozen=True)
+class RestAnswer:
+    """The real server's answer to a REST request, which the echo server sends back."""
+
+    body: bytes
+    header_length: int | None  # binary tensor extension: where the JSON ends; None: JSON only
+
+
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What h2load sends to one target at one batch size, and how its answers are checked."""
+
+    url: str
+    payload: Path
+    headers: tuple[str, ...] = GRPC_HEADERS
+    h1: bool = False  # HTTP/1.1 (keep-alive) instead of HTTP/2
+    answer_bytes: int | None = None  # HTTP/1.1: every answer's body has exactly this size
+
+
+def rest_request(kind: str, input_name: str, x: np.ndarray) -> tuple[bytes, tuple[str, ...]]:
+    """A KServe v2 REST infer body and its headers. binary: Triton's binary tensor extension as
+    tritonclient.http sends it with binary_data=True (a JSON header, then the tensor's raw
+    bytes; the output asked back as raw bytes too); json: the tensor as JSON numbers, answered
+    as JSON."""
+    tensor: dict[str, object] = {"name": input_name, "datatype": "FP32", "shape": list(x.shape)}
+    if kind == "json":
+        body = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+        return body, ("content-type: application/json",)
+    head = json.dumps({
+        "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+        "parameters": {"binary_data_output": True},
+    }).encode()  # fmt: skip
+    return head + x.tobytes(), (
+        "content-type: application/octet-stream",
+        f"inference-header-content-length: {len(head)}",
+    )
+
+
+def real_rest_response(
+    url: str, body: bytes, headers: Sequence[str], expected: np.ndarray
+) -> RestAnswer:
+    """The server's REST answer to `body`, checked: 200, and the same probabilities as its
+    gRPC ModelInfer answer to the same input (`expected`), or the benchmark fails."""
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers=dict(h.split(": ", 1) for h in headers)
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer: bytes = response.read()
+            length = response.headers.get("Inference-Header-Content-Length")
+    except urllib.error.HTTPError as exc:
+        raise BenchError(f"{url}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+    n = int(length) if length is not None else len(answer)
+    output = json.loads(answer[:n])["outputs"][0]
+    if length is not None:
+        got = np.frombuffer(answer[n:], dtype="<f4")
+    else:
+        got = np.asarray(output["data"], dtype=np.float32)
+    if got.size != expected.size or not np.allclose(
+        got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6
+    ):
+        raise BenchError(f"{url}: the REST answer differs from the gRPC one: {answer[:300]!r}")
+    return RestAnswer(answer, None if length is None else n)
+
+
 def real_response(target: str, method: str, body: bytes) -> bytes:
     """The server's serialized answer to `body` (what the echo server will send back)."""
     with grpc.insecure_channel(target) as channel:
@@ -348,6 +450,7 @@ class Point:
     vs_in_process: float = math.nan
     vs_echo: float = math.nan
     vs_unary: float = math.nan  # stream rows: over perf_analyzer's unary row at the same point
+    vs_grpc: float = math.nan  # REST rows: over h2load's gRPC v2 (else cnnserve) row, same point
 
 
 @dataclass
@@ -411,13 +514,18 @@ def h2load(
     log_path: Path,
     *,
     sample: Process | None = None,
+    headers: Sequence[str] = GRPC_HEADERS,
+    h1: bool = False,
+    answer_bytes: int | None = None,
 ) -> tuple[LoadResult, float]:
     """Closed loop: `concurrency` connections, each with one request in flight, until
-    `requests` are answered. Returns the result and the largest VmRSS of `sample` seen."""
+    `requests` are answered (over HTTP/2, or HTTP/1.1 keep-alive with `h1`). With
+    `answer_bytes`, the answers' bodies must add up to exactly that many bytes each. Returns
+    the result and the largest VmRSS of `sample` seen."""
     cmd = [
         "h2load", "-n", str(requests), "-c", str(concurrency), "-m", "1", "-t", "1",
-        "-d", str(payload), "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "--log-file", str(log_path), url,
+        "-d", str(payload), *[arg for h in headers for arg in ("-H", h)],
+        *(["--h1"] if h1 else []), "--log-file", str(log_path), url,
     ]  # fmt: skip
     out_path = log_path.with_suffix(".out")
     log_path.unlink(missing_ok=True)  # h2load appends to its log file
@@ -457,6 +565,13 @@ def h2load(
             f"h2load: {result.succeeded} of {requests} requests got HTTP 200, {len(latencies)} "
             f"logged ({url}):\n{text}"
         )
+    if answer_bytes is not None:
+        data = re.search(r"traffic: .*\((\d+)\) data", text)
+        if not data or int(data.group(1)) != requests * answer_bytes:
+            raise BenchError(
+                f"h2load: answers of {requests} x {answer_bytes:,} bytes expected, "
+                f"{data.group(1) if data else '?'} bytes of bodies came ({url}):\n{text}"
+            )
     return result, rss
 
 
@@ -561,6 +676,16 @@ def perf_analyzer(
 # ================================================================================== runs
 
 
+def call_of(url: str) -> tuple[str, str]:
+    """The server's method and protocol labels of the calls h2load makes to `url`."""
+    path = url[url.index("/", len("http://")) :]
+    if path in METHOD_NAME:
+        return METHOD_NAME[path], "grpc"
+    if REST_INFER.fullmatch(path):
+        return "ModelInfer", "http"
+    raise BenchError(f"{url}: no server method known for this path")
+
+
 @dataclass
 class Options:
     duration: float
@@ -578,35 +703,35 @@ class Runner:
         self,
         target: str,
         *,
-        url: str,
-        payload: Path,
+        call: Call,
         batch: int,
         concurrency: int,
         proc: Process,
         metrics_port: int | None,
     ) -> Point:
         """Warm up (which also sizes the measured run), then measure one point."""
-        tag = f"{target}-b{batch}-c{concurrency}"
+        tag = f"{target.replace(' ', '-')}-b{batch}-c{concurrency}"
         warm_n = max(concurrency * 4, 40 if batch == 1 else 8)
-        warm, _ = self._run(url, payload, warm_n, concurrency, tag + "-warmup", proc=proc,
+        warm, _ = self._run(call, warm_n, concurrency, tag + "-warmup", proc=proc,
                             metrics_port=metrics_port)  # fmt: skip
         rate = warm.requests / max(warm.seconds, 1e-3)
         if self.options.warmup > warm.seconds:  # warm up for at least --warmup seconds
             extra = int(rate * (self.options.warmup - warm.seconds))
             if extra > concurrency:
-                warm, _ = self._run(url, payload, extra, concurrency, tag + "-warmup2", proc=proc,
+                warm, _ = self._run(call, extra, concurrency, tag + "-warmup2", proc=proc,
                                     metrics_port=metrics_port)  # fmt: skip
                 rate = warm.requests / max(warm.seconds, 1e-3)
         n = max(concurrency * 10, int(rate * self.options.duration))
         before_cpu = proc.cpu_seconds()
         before = scrape(metrics_port) if metrics_port else {}
-        result, rss = self._run(url, payload, n, concurrency, tag, proc=proc, metrics_port=None,
+        result, rss = self._run(call, n, concurrency, tag, proc=proc, metrics_port=None,
                                 sample=proc)  # fmt: skip
         cpu = proc.cpu_seconds() - before_cpu
-        point = Point(target, batch, concurrency, loadgen="h2load", connections=concurrency)
+        loadgen = H1 if call.h1 else "h2load"
+        point = Point(target, batch, concurrency, loadgen=loadgen, connections=concurrency)
         if metrics_port:
             d = delta(scrape(metrics_port), before)
-            self._check(d, url, n)
+            self._check(d, call.url, n)
             if d.get(("cnnserve_batch_size_count",)):
                 point.mean_batch = (
                     d[("cnnserve_batch_size_sum",)] / d[("cnnserve_batch_size_count",)]
@@ -625,15 +750,14 @@ class Runner:
         print(
             f"  {tag:<22} {point.images_per_s:>9,.0f} img/s  p50 {point.p50_ms:6.2f} ms  "
             f"p99 {point.p99_ms:6.2f} ms  server {point.server_cores:.2f} cores  "
-            f"h2load {point.loadgen_cores:.2f} cores  batch {point.mean_batch:.1f}",
+            f"{loadgen} {point.loadgen_cores:.2f} cores  batch {point.mean_batch:.1f}",
             flush=True,
         )
         return point
 
     def _run(
         self,
-        url: str,
-        payload: Path,
+        call: Call,
         n: int,
         concurrency: int,
         tag: str,
@@ -644,24 +768,26 @@ class Runner:
     ) -> tuple[LoadResult, float]:
         before = scrape(metrics_port) if metrics_port else {}
         result = h2load(
-            url, payload, n, concurrency, self.logs / f"h2load-{tag}.log", sample=sample
-        )
+            call.url, call.payload, n, concurrency, self.logs / f"h2load-{tag}.log",
+            sample=sample, headers=call.headers, h1=call.h1, answer_bytes=call.answer_bytes,
+        )  # fmt: skip
         proc.check_alive()
         if metrics_port:
-            self._check(delta(scrape(metrics_port), before), url, n)
+            self._check(delta(scrape(metrics_port), before), call.url, n)
         return result
 
     @staticmethod
     def _check(d: dict[tuple[str, ...], float], url: str, sent: int) -> None:
-        """Every request sent must be counted OK by the server, and nothing else."""
-        method = METHOD_NAME[url[url.index("/", len("http://")) :]]
-        ok = d.get(("requests", method, "OK"), 0.0)
-        other = {
-            k: v for k, v in d.items() if k[0] == "requests" and k != ("requests", method, "OK")
-        }
+        """Every request sent must be counted OK by the server, under the protocol it came
+        by, and nothing else."""
+        method, protocol = call_of(url)
+        key = ("requests", method, "OK", protocol)
+        ok = d.get(key, 0.0)
+        other = {k: v for k, v in d.items() if k[0] == "requests" and k != key}
         if ok != sent or other:
             raise BenchError(
-                f"{url}: sent {sent} requests, the server counted {ok:.0f} {method} OK"
+                f"{url}: sent {sent} requests, the server counted {ok:.0f} {method} OK "
+                f"over {protocol}"
                 + (f" and also {other}" if other else "")
                 + " (cnnserve_requests_total): answers were not all successful"
             )
@@ -768,7 +894,7 @@ class Runner:
     ) -> int:
         """perf_analyzer's run: every call the server counted was OK (its metadata, config and
         statistics calls too), and it counted at least the answers perf_analyzer measured."""
-        ok = d.get(("requests", method, "OK"), 0.0)
+        ok = d.get(("requests", method, "OK", "grpc"), 0.0)
         failed = {k: v for k, v in d.items() if k[0] == "requests" and k[2] != "OK"}
         if failed or ok < reported or not reported:
             raise BenchError(
@@ -905,7 +1031,8 @@ def _mode(p: Point) -> str:
 
 
 def ordered(points: list[Point]) -> list[Point]:
-    """Table order: h2load's rows (our APIs, the variants, echo), perf_analyzer's (unary, then
+    """Table order: h2load's rows (our APIs, the variants, echo; REST, its echo),
+    perf_analyzer's (unary, then
     streams; ours, then echo), in-process; then batch and concurrency (the runs themselves are
     interleaved point by point)."""
 
@@ -914,6 +1041,8 @@ def ordered(points: list[Point]) -> list[Point]:
             kind, name = 9, ""
         elif p.loadgen == "perf_analyzer":
             kind, name = 5 + _is_echo(p), {"unary": "0", "stream": "1"}[_mode(p)]
+        elif p.loadgen == H1:
+            kind, name = 3 + _is_echo(p), p.target
         elif _is_echo(p):
             kind, name = 2, ""
         elif p.target in APIS:
@@ -925,25 +1054,39 @@ def ordered(points: list[Point]) -> list[Point]:
     return sorted(points, key=rank)
 
 
+def echo_of(p: Point) -> str | None:
+    """The echo target a row is compared with: the same load generator, protocol, kind of
+    call and payloads."""
+    if _is_echo(p) or p.target.startswith("in-process"):
+        return None
+    if p.target in PA_TARGETS:
+        return PA_TARGETS[p.target][1]
+    if p.target in REST_TARGETS:
+        return REST_TARGETS[p.target][1]
+    return "echo" if p.loadgen == "h2load" else None
+
+
 def add_ratios(points: list[Point]) -> None:
     ceiling: dict[int, float] = {}
     for p in points:
         if p.target.startswith("in-process"):
             ceiling[p.batch] = max(ceiling.get(p.batch, 0.0), p.images_per_s)
-    # like with like: a row against the echo rows of the same load generator and kind of call
-    echo = {(p.loadgen, _mode(p), p.batch, p.concurrency): p.images_per_s
-            for p in points if _is_echo(p)}  # fmt: skip
+    echo = {(p.target, p.batch, p.concurrency): p.images_per_s for p in points if _is_echo(p)}
     unary = {(p.batch, p.concurrency): p.images_per_s for p in points if p.target == "v2 pa"}
+    grpc_api = "v2" if any(p.target == "v2" for p in points) else "cnnserve"
+    grpc = {(p.batch, p.concurrency): p.images_per_s for p in points if p.target == grpc_api}
     for p in points:
         if p.target.startswith("in-process"):
             continue
         if p.batch in ceiling:
             p.vs_in_process = p.images_per_s / ceiling[p.batch]
-        key = (p.loadgen, _mode(p), p.batch, p.concurrency)
-        if key in echo and not _is_echo(p):
+        key = (echo_of(p), p.batch, p.concurrency)
+        if key in echo:
             p.vs_echo = p.images_per_s / echo[key]
         if p.target == "v2 stream" and (p.batch, p.concurrency) in unary:
             p.vs_unary = p.images_per_s / unary[p.batch, p.concurrency]
+        if p.target in REST_TARGETS and (p.batch, p.concurrency) in grpc:
+            p.vs_grpc = p.images_per_s / grpc[p.batch, p.concurrency]
 
 
 def write_csv(points: list[Point], path: Path) -> None:
@@ -964,8 +1107,8 @@ def markdown_table(points: list[Point]) -> str:
     head = (
         "| target | load gen. | batch | conc. | streams | conn. | images/s | p50 ms | p99 ms | "
         "mean server batch | server CPU µs/image | server cores | load-gen. cores | "
-        "load-gen. CPU µs/request | vs in-process | vs echo | vs unary |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "load-gen. CPU µs/request | vs in-process | vs echo | vs unary | vs gRPC |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for p in points:
@@ -977,7 +1120,7 @@ def markdown_table(points: list[Point]) -> str:
             f"{_fmt(p.server_cpu_us_per_image, '.0f')} | {_fmt(p.server_cores, '.2f')} | "
             f"{_fmt(p.loadgen_cores, '.2f')} | {_fmt(p.loadgen_cpu_us_per_request, '.0f')} | "
             f"{_fmt(p.vs_in_process * 100, '.0f', '%')} | {_fmt(p.vs_echo * 100, '.0f', '%')} | "
-            f"{_fmt(p.vs_unary, '.2f', 'x')} |"
+            f"{_fmt(p.vs_unary, '.2f', 'x')} | {_fmt(p.vs_grpc, '.2f', 'x')} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -1066,6 +1209,24 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
     return lines
 
 
+def rest_lines(report: Report) -> list[str]:
+    """Each REST row's ratios in words: against gRPC, its echo floor and ONNX Runtime."""
+    lines = []
+    for p in report.points:
+        if p.target not in REST_TARGETS:
+            continue
+        kind = REST_TARGETS[p.target][0]
+        lines.append(
+            f"- {kind}, batch {p.batch} at concurrency {p.concurrency}: "
+            f"{p.images_per_s:,.0f} images/s = {_fmt(p.vs_grpc, '.2f', 'x')} gRPC ModelInfer, "
+            f"{_fmt(p.vs_echo * 100, '.0f', '%')} of `{REST_TARGETS[p.target][1]}`, "
+            f"{_fmt(p.vs_in_process * 100, '.0f', '%')} of in-process ONNX Runtime; "
+            f"server {_fmt(p.server_cpu_us_per_image, '.0f')} µs CPU an image, p99 "
+            f"{_fmt(p.p99_ms, '.2f')} ms"
+        )
+    return lines
+
+
 def plot(points: list[Point], path: Path) -> None:
     import matplotlib
 
@@ -1075,7 +1236,8 @@ def plot(points: list[Point], path: Path) -> None:
     batches = sorted({p.batch for p in points})
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
     styles = {"cnnserve": "o-", "v2": "s-", "echo": "^--", "v2 pa": "s:", "echo pa": "^:",
-              "v2 stream": "D-", "echo stream": "v--"}  # fmt: skip
+              "v2 stream": "D-", "echo stream": "v--", "rest": "P-", "echo http": "<--",
+              "rest json": "X-", "echo http json": ">--"}  # fmt: skip
     styles.update({p.target: "d-." for p in points if "-w" in p.target})
     colors = {t: f"C{i % 10}" for i, t in enumerate(styles)}  # one colour per target throughout
     for row, batch in zip(axes, batches, strict=True):
@@ -1125,6 +1287,9 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         return f"{min(values):.2f}..{max(values):.2f}" if values else "-"
 
     s = report.settings
+    rest = rest_lines(report)
+    if rest:
+        rest = ["## REST (KServe v2 over HTTP/1.1)", "", *rest, ""]
     text = [
         "# Serving benchmark",
         "",
@@ -1159,6 +1324,20 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         "image at the windows' rate. Checked: no code but OK in the server's counts, and at least "
         "as many OK answers as perf_analyzer measured.",
         "",
+        f"- **h2load --h1** (REST: `rest`, `rest json`, `echo http`, `echo http json`): KServe "
+        "v2 `POST /v2/models/{name}/infer` to the same server's REST port (aiohttp, same process "
+        "and data plane), HTTP/1.1 keep-alive, one connection per request in flight like the "
+        "gRPC rows, same points. `rest`: Triton's binary tensor extension as tritonclient.http "
+        "sends it (`application/octet-stream`, `Inference-Header-Content-Length`, a JSON header "
+        "then the FP32 tensor's raw bytes, the same bytes as the gRPC rows' tensors; the output "
+        "asked back as raw bytes, `binary_data_output`); `rest json`: the tensor as JSON "
+        f"numbers, answered as JSON (batch 1 only). Bodies: {s.get('rest_request_bytes') or '-'}. "
+        "Checked like the gRPC rows: the server's "
+        '`cnnserve_requests_total{method="ModelInfer",code="OK",protocol="http"}` grows by '
+        "exactly the requests sent and nothing else moves, h2load counts a 200 for each, and the "
+        "answers' bodies add up to exactly the requests times the size of the answer checked "
+        "before the run (the same probabilities as the gRPC answer to the same input).",
+        "",
         markdown_table(pts),
         "`vs in-process`: images/s over the best in-process ORT figure at the same batch size "
         "(the best of one session with ONNX Runtime's default threads, one single-threaded "
@@ -1167,9 +1346,16 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         "under the same load generator and the same kind of call (h2load unary against h2load "
         "unary, perf_analyzer unary against perf_analyzer unary, streams against streams). "
         "`vs unary`: a stream row over perf_analyzer's unary `v2 pa` row at the same batch and "
-        "concurrency. `server CPU`: the server process's utime + stime over the run, all "
-        "threads; for in-process rows, this process's ORT threads.",
+        "concurrency. `vs gRPC`: a REST row over h2load's gRPC `v2` (ModelInfer) row at the same "
+        "batch and concurrency: the same server, request and answer over HTTP/1.1 and aiohttp "
+        "instead of HTTP/2 and grpc.aio. A REST row's `vs echo` is over `echo http` (`echo http "
+        "json` for `rest json`): bench/echo_server.py's aiohttp route, on the event loop of its "
+        "grpc.aio server as in the real server, reading the whole body and answering with the "
+        "real server's answer bytes and headers, under the same h2load --h1 load: the floor of "
+        "aiohttp and the loopback on this machine. `server CPU`: the server process's utime + "
+        "stime over the run, all threads; for in-process rows, this process's ORT threads.",
         "",
+        *rest,
         "## Targets",
         "",
         *targets(report, apis),
@@ -1181,7 +1367,8 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         f"- VmRSS: one model idle {report.idle_rss_one_model_mb:.0f} MB; the benchmark server "
         f"({s['models_served']}) idle {report.idle_rss_mb:.0f} MB, under load up to "
         f"{report.load_rss_mb:.0f} MB (VmHWM {report.load_hwm_mb:.0f} MB)",
-        f"- h2load used {cores('h2load')} CPU cores (one thread), perf_analyzer "
+        f"- h2load used {cores('h2load')} CPU cores (one thread; {cores(H1)} with --h1), "
+        "perf_analyzer "
         f"{cores('perf_analyzer')} (a thread per call in flight or per stream); their CPU per "
         f"request is in the table. On this {os.cpu_count()}-core machine they share the CPUs "
         "with the server.",
@@ -1256,6 +1443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--startups", type=int, default=3, help="start-up measurements")
     p.add_argument("--server-args", default="", help="extra flags for python -m serving")
+    p.add_argument(
+        "--rest",
+        default="binary,json",
+        help="REST rows (h2load --h1, the batch sizes and concurrencies of the gRPC rows): "
+        "binary (Triton's binary tensor extension), json (JSON tensors, batch 1 only); empty: none",
+    )
     p.add_argument("--no-echo", action="store_true", help="skip the echo server")
     p.add_argument(
         "--workers-compare",
@@ -1310,6 +1503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     apis = [a for a in args.apis.split(",") if a]
     if unknown := set(apis) - set(APIS):
         raise BenchError(f"unknown API(s) {sorted(unknown)}; choose from {', '.join(APIS)}")
+    if not apis:
+        raise BenchError("--apis: at least one gRPC API (the REST rows are compared with it)")
+    rest_kinds = [k for k in args.rest.split(",") if k]
+    if unknown := set(rest_kinds) - set(REST_KINDS):
+        raise BenchError(f"--rest: unknown {sorted(unknown)}; choose from {', '.join(REST_KINDS)}")
     models: Path = args.models.resolve()
     model = pick_model(models, args.model)
     model_path = newest_version(models, model)
@@ -1388,10 +1586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     responses: dict[tuple[str, int], bytes] = {}
     payloads: dict[tuple[str, int], Path] = {}
     started: list[Process] = []
+    http_port = free_port() if rest_kinds else 0
     try:
         proc, port, metrics_port = start_server(
-            models, server_args, logs / "server.log", args.server_root.resolve()
-        )
+            models, server_args, logs / "server.log", args.server_root.resolve(),
+            http_port=http_port,
+        )  # fmt: skip
         started.append(proc)
         wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
         time.sleep(1.0)
@@ -1402,17 +1602,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payloads[api, batch] = out / f"payload-{api}-b{batch}.bin"
                 payloads[api, batch].write_bytes(grpc_frame(body))
                 responses[api, batch] = real_response(f"127.0.0.1:{port}", APIS[api], body)
-        # target -> (process, URL per batch, payload per batch, metrics port)
-        targets_at: dict[str, tuple[Process, dict[int, str], dict[int, Path], int | None]] = {
+        # target -> (process, what h2load sends it per batch, metrics port)
+        targets_at: dict[str, tuple[Process, dict[int, Call], int | None]] = {
             api: (
                 proc,
-                {b: f"http://127.0.0.1:{port}{APIS[api]}" for b in inputs},
-                {b: payloads[api, b] for b in inputs},
+                {b: Call(f"http://127.0.0.1:{port}{APIS[api]}", payloads[api, b]) for b in inputs},
                 metrics_port,
             )
             for api in apis
         }
         first = apis[0]
+        rest_answers: dict[tuple[str, int], RestAnswer] = {}
+        rest_calls: dict[tuple[str, int], Call] = {}
+        rest_sizes: list[str] = []
+        for batch, x in inputs.items():
+            if not rest_kinds:
+                break
+            infer = v2.ModelInferResponse.FromString(real_response(
+                f"127.0.0.1:{port}", MODEL_INFER, request_bytes("v2", model, input_name, x)))  # fmt: skip
+            expected = np.frombuffer(infer.raw_output_contents[0], dtype="<f4")
+            for kind in rest_kinds:
+                if kind == "json" and batch != 1:
+                    continue
+                body, headers = rest_request(kind, input_name, x)
+                file = out / f"payload-rest-{kind}-b{batch}.bin"
+                file.write_bytes(body)
+                url = f"http://127.0.0.1:{http_port}/v2/models/{model}/infer"
+                answer = real_rest_response(url, body, headers, expected)
+                rest_answers[kind, batch] = answer
+                rest_calls[kind, batch] = Call(url, file, headers, True, len(answer.body))
+                rest_sizes.append(f"{kind} batch {batch}: {len(body):,} B")
+        for kind in rest_kinds:
+            calls = {b: c for (k, b), c in rest_calls.items() if k == kind}
+            targets_at[REST_KINDS[kind]] = (proc, calls, metrics_port)
+        report.settings["rest_request_bytes"] = ", ".join(rest_sizes)
         extra: list[tuple[str, list[str], int, str]] = []  # name, flags, health checks, note
         if args.workers_compare > 1:
             n = args.workers_compare
@@ -1435,10 +1658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wait_serving(f"127.0.0.1:{v_port}", v_proc, timeout=120)
             targets_at[f"{first}-{name}"] = (
                 v_proc,
-                {b: f"http://127.0.0.1:{v_port}{APIS[first]}" for b in inputs},
-                {b: payloads[first, b] for b in inputs},
+                {b: Call(f"http://127.0.0.1:{v_port}{APIS[first]}", payloads[first, b])
+                 for b in inputs},
                 v_metrics,
-            )
+            )  # fmt: skip
             report.notes.append(f"{first}-{name}: {note}")
         target = f"127.0.0.1:{port}"
         pa_unary: dict[str, bytes] = {}
@@ -1467,24 +1690,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pa_infer[batch] = real_response(target, MODEL_INFER, body)
                 pa_stream[batch] = real_stream_response(target, MODEL_STREAM_INFER, body)
         echo_ports: dict[int, int] = {}
-        echo_urls: dict[int, str] = {}
         echo_procs: dict[int, Process] = {}
+        # echo target -> what h2load sends it per batch
+        echo_calls: dict[str, dict[int, Call]] = {"echo": {}}
+        echo_calls.update({REST_TARGETS[REST_KINDS[k]][1]: {} for k in rest_kinds})
         if not args.no_echo:
             for batch in sorted(set(inputs) | set(pa_batches)):
                 unary = {**pa_unary, MODEL_INFER: pa_infer[batch]} if batch in pa_infer else {}
                 if first == "v2" and batch in inputs:  # h2load posts to ModelInfer too
                     unary.pop(MODEL_INFER, None)
+                # one path per kind of REST body, each answered with the real server's answer
+                http = {f"/{kind}/v2/models/{model}/infer": answer
+                        for (kind, b), answer in rest_answers.items() if b == batch}  # fmt: skip
+                echo_http_port = free_port() if http else 0
                 echo, echo_port = start_echo(
                     logs,
                     f"b{batch}",
                     response=responses[first, batch] if batch in inputs else None,
                     unary=unary,
                     streams={MODEL_STREAM_INFER: pa_stream[batch]} if batch in pa_stream else {},
+                    http=http,
+                    http_port=echo_http_port,
                 )
                 started.append(echo)
                 echo_procs[batch] = echo
                 echo_ports[batch] = echo_port
-                echo_urls[batch] = f"http://127.0.0.1:{echo_port}{APIS[first]}"
+                if batch in inputs:
+                    url = f"http://127.0.0.1:{echo_port}{APIS[first]}"
+                    echo_calls["echo"][batch] = Call(url, payloads[first, batch])
+                for kind in rest_kinds:
+                    if (kind, batch) in rest_calls:
+                        call = rest_calls[kind, batch]
+                        url = f"http://127.0.0.1:{echo_http_port}/{kind}/v2/models/{model}/infer"
+                        echo_calls[REST_TARGETS[REST_KINDS[kind]][1]][batch] = Call(
+                            url, call.payload, call.headers, True, call.answer_bytes
+                        )
             report.notes.append(
                 f"echo: bench/echo_server.py answering the {first} request (h2load) and "
                 "perf_analyzer's ModelInfer and ModelStreamInfer requests, and its metadata, "
@@ -1494,30 +1734,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for batch, concs in batches.items():
             for conc in concs:
-                for target, (t_proc, urls, t_payloads, t_metrics) in targets_at.items():
-                    report.points.append(
-                        runner.load(
-                            target,
-                            url=urls[batch],
-                            payload=t_payloads[batch],
-                            batch=batch,
-                            concurrency=conc,
-                            proc=t_proc,
-                            metrics_port=t_metrics,
+                for target, (t_proc, calls, t_metrics) in targets_at.items():
+                    if batch in calls:
+                        report.points.append(
+                            runner.load(
+                                target,
+                                call=calls[batch],
+                                batch=batch,
+                                concurrency=conc,
+                                proc=t_proc,
+                                metrics_port=t_metrics,
+                            )
                         )
-                    )
-                if not args.no_echo:
-                    report.points.append(
-                        runner.load(
-                            "echo",
-                            url=echo_urls[batch],
-                            payload=payloads[first, batch],
-                            batch=batch,
-                            concurrency=conc,
-                            proc=echo_procs[batch],
-                            metrics_port=None,
+                for echo_target, calls in echo_calls.items():
+                    if batch in calls and not args.no_echo:
+                        report.points.append(
+                            runner.load(
+                                echo_target,
+                                call=calls[batch],
+                                batch=batch,
+                                concurrency=conc,
+                                proc=echo_procs[batch],
+                                metrics_port=None,
+                            )
                         )
-                    )
         pa_targets = [*PA_TARGETS] + ([] if args.no_echo else [e for _, e in PA_TARGETS.values()])
         if pa is not None:
             for batch in pa_batches:
@@ -1540,7 +1780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif pa_skipped:
             report.notes.append(f"no perf_analyzer rows (streams): {pa_skipped}")
         report.load_rss_mb = max(
-            p.rss_mb_max for p in report.points if p.target in apis or p.target in PA_TARGETS
+            p.rss_mb_max
+            for p in report.points
+            if p.target in apis or p.target in PA_TARGETS or p.target in REST_TARGETS
         )
         report.load_hwm_mb = proc.memory_mb("VmHWM")
     finally:

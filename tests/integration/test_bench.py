@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import echo_server
-from bench.serving_bench import BenchError, Runner, setup_perf_analyzer
-from harness import PYTHON, ROOT, write_tiny_model
+from bench import echo_server, serving_bench
+from bench.serving_bench import BenchError, RestAnswer, Runner, setup_perf_analyzer, start_echo
+from harness import PYTHON, ROOT, free_port, write_tiny_model
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,21 @@ def test_bench_smoke_writes_csv_table_and_plot(
         assert {(api, 1, 1), (api, 1, 4), (api, 32, 1)} <= points, points
     assert {("in-process", 1, 1), ("in-process x2", 1, 2), ("in-process", 32, 1)} <= points
     assert ("in-process 1t", 1, 1) in points
+    # REST (h2load --h1) at the gRPC rows' points, binary tensors; JSON tensors at batch 1
+    for target in ("rest", "echo http"):
+        assert {(target, 1, 1), (target, 1, 4), (target, 32, 1)} <= points, points
+    assert {("rest json", 1, 1), ("echo http json", 1, 4)} <= points, points
+    rest = [r for r in rows if r["target"] in ("rest", "rest json")]
+    assert all(r["loadgen"] == "h2load --h1" for r in rest)
+    # plausible: served, and a ratio to gRPC, the HTTP echo floor and ONNX Runtime
+    assert all(0 < float(r["vs_grpc"]) < 100 for r in rest), rest
+    assert all(0 < float(r["vs_echo"]) < 100 and float(r["vs_in_process"]) > 0 for r in rest)
     assert all(float(r["images_per_s"]) > 0 for r in rows)
-    served = [r for r in rows if r["target"] in ("cnnserve", "v2", "v2 pa", "v2 stream")]
+    served = [
+        r
+        for r in rows
+        if r["target"] in ("cnnserve", "v2", "v2 pa", "v2 stream", "rest", "rest json")
+    ]
     assert all(float(r["server_cpu_us_per_image"]) > 0 for r in served)
     assert all(r["vs_in_process"] != "nan" and r["vs_echo"] != "nan" for r in served)
     if perf_analyzer:  # one streaming point (4 streams), against unary and the echo floor
@@ -73,6 +86,7 @@ def test_bench_smoke_writes_csv_table_and_plot(
     report = (out / "report.md").read_text()
     assert "| target | load gen. | batch |" in report and "## Targets" in report
     assert "start-up to SERVING" in report and "VmRSS" in report
+    assert "## REST (KServe v2 over HTTP/1.1)" in report and "| rest | h2load --h1 | 1 |" in report
     assert (out / "report.png").stat().st_size > 10_000
 
 
@@ -94,32 +108,75 @@ def test_echo_copies_the_request_id_into_each_stream_answer() -> None:
 
 def test_bench_fails_when_the_server_did_not_answer_every_request_ok() -> None:
     url = "http://127.0.0.1:1/cnnserve.v1.CnnServe/Predict"
-    Runner._check({("requests", "Predict", "OK"): 100.0}, url, 100)  # all answered OK
+    Runner._check({("requests", "Predict", "OK", "grpc"): 100.0}, url, 100)  # all answered OK
     with pytest.raises(BenchError, match="sent 100 requests, the server counted 99"):
-        Runner._check({("requests", "Predict", "OK"): 99.0}, url, 100)
+        Runner._check({("requests", "Predict", "OK", "grpc"): 99.0}, url, 100)
     with pytest.raises(BenchError, match="INVALID_ARGUMENT"):
         Runner._check(
             {
-                ("requests", "Predict", "OK"): 100.0,
-                ("requests", "Predict", "INVALID_ARGUMENT"): 3.0,
+                ("requests", "Predict", "OK", "grpc"): 100.0,
+                ("requests", "Predict", "INVALID_ARGUMENT", "grpc"): 3.0,
             },
             url,
             100,
         )
+    # REST: counted under protocol="http"; the same method over gRPC does not count
+    rest = "http://127.0.0.1:1/v2/models/tiny/infer"
+    Runner._check({("requests", "ModelInfer", "OK", "http"): 50.0}, rest, 50)
+    with pytest.raises(BenchError, match="counted 0 ModelInfer OK over http"):
+        Runner._check({("requests", "ModelInfer", "OK", "grpc"): 50.0}, rest, 50)
+    with pytest.raises(BenchError, match="INVALID_ARGUMENT"):
+        Runner._check(
+            {
+                ("requests", "ModelInfer", "OK", "http"): 50.0,
+                ("requests", "ModelInfer", "INVALID_ARGUMENT", "http"): 1.0,
+            },
+            rest,
+            50,
+        )
     # perf_analyzer: it sends more than it measures; any code but OK fails the run
-    assert Runner._check_served({("requests", "ModelStreamInfer", "OK"): 120.0},
+    assert Runner._check_served({("requests", "ModelStreamInfer", "OK", "grpc"): 120.0},
                                 "ModelStreamInfer", 100, "v2 stream") == 120  # fmt: skip
     with pytest.raises(BenchError, match="measured 100 answers, the server counted 90"):
         Runner._check_served(
-            {("requests", "ModelStreamInfer", "OK"): 90.0}, "ModelStreamInfer", 100, "v2 stream"
+            {("requests", "ModelStreamInfer", "OK", "grpc"): 90.0},
+            "ModelStreamInfer",
+            100,
+            "v2 stream",
         )
     with pytest.raises(BenchError, match="UNAVAILABLE"):
         Runner._check_served(
             {
-                ("requests", "ModelStreamInfer", "OK"): 120.0,
-                ("requests", "ModelStreamInfer", "UNAVAILABLE"): 1.0,
+                ("requests", "ModelStreamInfer", "OK", "grpc"): 120.0,
+                ("requests", "ModelStreamInfer", "UNAVAILABLE", "grpc"): 1.0,
             },
             "ModelStreamInfer",
             100,
             "v2 stream",
         )
+
+
+def test_bench_fails_when_a_rest_answer_is_not_the_one_checked(h2load: str, tmp_path: Path) -> None:
+    """h2load --h1 against the echo server's HTTP route: answers of the checked size pass; a
+    body of another size, or a status other than 200, fails the run."""
+    answer = b'{"model_name":"tiny","outputs":[]}'
+    http_port = free_port()
+    echo, _ = start_echo(
+        tmp_path, "t", http={"/json/infer": RestAnswer(answer, None)}, http_port=http_port
+    )
+    payload = tmp_path / "body.json"
+    payload.write_bytes(b'{"inputs":[]}')
+    url = f"http://127.0.0.1:{http_port}/json/infer"
+    headers = ("content-type: application/json",)
+    try:
+        result, _ = serving_bench.h2load(url, payload, 20, 2, tmp_path / "ok.log", headers=headers,
+                               h1=True, answer_bytes=len(answer))  # fmt: skip
+        assert result.succeeded == 20
+        with pytest.raises(BenchError, match="bytes of bodies came"):
+            serving_bench.h2load(url, payload, 20, 2, tmp_path / "size.log", headers=headers, h1=True,
+                       answer_bytes=len(answer) + 1)  # fmt: skip
+        with pytest.raises(BenchError, match="0 of 20 requests got HTTP 200"):
+            serving_bench.h2load(url.replace("json", "nope"), payload, 20, 2, tmp_path / "404.log",
+                       headers=headers, h1=True, answer_bytes=len(answer))  # fmt: skip
+    finally:
+        echo.stop()
