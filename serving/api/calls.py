@@ -48,6 +48,22 @@ RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps"})
 # of the guard ending the whole call.
 SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})
 
+class _StatusToAGoneClient(logging.Filter):
+    """grpc.aio logs a traceback at error level when a handler's status or response cannot be
+    sent because the client has just gone (cancelled, or its deadline passed) and the server has
+    not yet marked the call closed: a race inside gRPC (it ignores the same failure once it
+    knows). Nothing is lost but an answer nobody waits for: one debug line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ExecuteBatchError":
+            log.debug("%s (the client had gone)", record.getMessage())
+            return False
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_StatusToAGoneClient())
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
