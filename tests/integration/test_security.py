@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import ast
 import datetime
+import http.client
 import ipaddress
 import os
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +162,32 @@ def predict_code(client: Client) -> grpc.StatusCode:
 def tls_server(trained_repo: Path, pki: Pki) -> Iterator[ServerProcess]:
     args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
-    with ServerProcess(trained_repo, args, credentials=creds) as proc:
+    with ServerProcess(trained_repo, args, credentials=creds, http=True) as proc:
         yield proc
+
+
+def https_get(url: str, ca: Path | None, cert: tuple[Path, Path] | None = None) -> int:
+    """The status of a GET over HTTPS, trusting only `ca` (None: the system's roots)."""
+    context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_rest_speaks_tls_with_the_same_certificate(tls_server: ServerProcess, pki: Pki) -> None:
+    url = f"{tls_server.http_url}/v2/models/fashion/ready"
+    assert url.startswith("https://")
+    assert https_get(url, pki.ca) == 200
+    for untrusted in (None, pki.rogue_ca):
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            https_get(url, untrusted)
+    # Plain HTTP against the TLS port gets no answer.
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(url.replace("https://", "http://"), timeout=10)
 
 
 def test_tls_client_with_the_ca_gets_answers(tls_server: ServerProcess, pki: Pki) -> None:
@@ -211,8 +239,19 @@ def mtls_server(trained_repo: Path, pki: Pki) -> Iterator[ServerProcess]:
         pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
     )
     env = {"CNNSERVE_AUTH_TOKEN": TOKEN}
-    with ServerProcess(trained_repo, args, env=env, credentials=creds) as proc:
+    with ServerProcess(trained_repo, args, env=env, credentials=creds, http=True) as proc:
         yield proc
+
+
+def test_rest_needs_the_client_certificate_too(mtls_server: ServerProcess, pki: Pki) -> None:
+    ready = f"{mtls_server.http_url}/v2/health/ready"  # open to probes: no token needed
+    assert https_get(ready, pki.ca, (pki.client_cert, pki.client_key)) == 200
+    for cert in (None, (pki.rogue_cert, pki.rogue_key)):
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            https_get(ready, pki.ca, cert)
+    # With the certificate, the token is still required for everything but health.
+    models = f"{mtls_server.http_url}/v2/models/fashion"
+    assert https_get(models, pki.ca, (pki.client_cert, pki.client_key)) == 401
 
 
 def test_mtls_needs_a_client_certificate_the_ca_signed(
