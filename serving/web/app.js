@@ -24,12 +24,43 @@ function status(text, error = false) {
   $("status").className = error ? "error" : "";
 }
 
+// A server with --auth-token-file wants `Authorization: Bearer <token>` on every API call. The
+// page takes the token from its address's fragment (#token=..., never sent to the server) or from
+// the field it shows after a 401, and keeps it for this tab only.
+const TOKEN_KEY = "cnnserve-token";
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.has("token")) {
+  sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+class Unauthenticated extends Error {}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = new Headers(options.headers || {});
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(path, { ...options, headers });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  const message = body.error || `${response.status} ${response.statusText}`;
+  if (response.status === 401) throw new Unauthenticated(message);
+  if (!response.ok) throw new Error(message);
   return body;
 }
+
+function askForToken(message) {
+  status(`${message}: enter the server's bearer token`, true);
+  $("token-form").hidden = false;
+  $("token").focus();
+}
+
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("token-form").hidden = true;
+  start();
+});
 
 // {dtype, shape, base64} -> {shape, data: Float32Array | Uint8Array} (little-endian, C order)
 function decode(tensor) {
@@ -331,11 +362,12 @@ async function start() {
     $("model").replaceChildren(...ready.map((m) => new Option(`${m.name} (v${m.default_version})`, m.name)));
     const wanted = new URLSearchParams(location.search).get("model");
     if (wanted && ready.some((m) => m.name === wanted)) $("model").value = wanted;
-    $("model").addEventListener("change", () => choose($("model").value));
+    $("model").onchange = () => choose($("model").value);  // start() may run again
     await choose($("model").value);
     document.body.dataset.ready = "1";
   } catch (error) {
-    status(error.message, true);
+    if (error instanceof Unauthenticated) askForToken(error.message);
+    else status(error.message, true);
   }
 }
 

@@ -16,7 +16,9 @@ import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from serving.client import Client
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 MODEL = os.environ.get("CNNSERVE_PAGE_MODEL", "fashion")
+PAGE_TOKEN = "page-test-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +93,18 @@ def test_rest_routes_answer_as_grpc_does(rest: ServerProcess) -> None:
     assert get(f"{rest.http_url}/page/nothing.js")[0] == 404
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
 )
-def test_page_in_chromium_draws_a_stroke_and_shows_every_layer(
-    rest: ServerProcess, tmp_path: Path
-) -> None:
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's headless Chromium through its chromedriver, allowed to reach 127.0.0.1 only."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = Options()
     options.binary_location = str(CHROMIUM)
@@ -122,8 +124,22 @@ def test_page_in_chromium_draws_a_stroke_and_shows_every_layer(
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    wait = WebDriverWait(driver, 60)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@needs_chromium
+def test_page_in_chromium_draws_a_stroke_and_shows_every_layer(
+    rest: ServerProcess, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 60)
         driver.get(f"{rest.http_url}/?model={MODEL}")
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#filters canvas")) == 32)
@@ -165,5 +181,37 @@ def test_page_in_chromium_draws_a_stroke_and_shows_every_layer(
         assert driver.save_screenshot(str(shot))
         if os.environ.get("CNNSERVE_PAGE_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["CNNSERVE_PAGE_SCREENSHOT"])
-    finally:
-        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def token_rest(
+    trained_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    env = {"CNNSERVE_AUTH_TOKEN": PAGE_TOKEN}
+    log = tmp_path_factory.mktemp("page-token") / "server.log"
+    with ServerProcess(trained_repo, http=True, env=env, log_path=log) as proc:
+        yield proc
+
+
+@needs_chromium
+def test_page_asks_for_the_token_and_sends_it(token_rest: ServerProcess) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"{token_rest.http_url}/")  # the page's files are open; its API calls are not
+        form = driver.find_element(By.ID, "token-form")
+        wait.until(lambda d: form.is_displayed())
+        assert "bearer token" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "token").send_keys(PAGE_TOKEN)
+        form.submit()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#filters canvas")) == 32)
+        assert not form.is_displayed()
+        # A new tab's address can carry it in its fragment, which never reaches the server.
+        driver.switch_to.new_window("tab")
+        driver.get(f"{token_rest.http_url}/#token={PAGE_TOKEN}")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        assert "#" not in driver.current_url
+    assert PAGE_TOKEN not in token_rest.logs()
