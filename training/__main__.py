@@ -10,11 +10,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chat
 import dataclasses
 import json
 import logging
+import re
 import sys
 
 from training import datasets
 from training.cluster import ClusterError, Role, role_from_tf_config, run_local_workers
 from training.config import parse, to_argv
+
+# The line of a TensorFlow error that says what happened to the peer.
+PEER_HINT = re.compile(r"unhealthy|heartbeat|aborted|deadline|timed out|unavailable|connect", re.I)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # a line per collective otherwise
     role: Role | None = None
     if config.distributed or "TF_CONFIG" in os.environ:
         try:
@@ -57,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster ready: {role.describe()}", flush=True)
             fitted = fit(ds, config, strategy)
         except PEER_ERRORS as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            telling = [line for line in lines if PEER_HINT.search(line)]
+            first = (telling or lines or [type(exc).__name__])[0]
             print(
                 f"error: {role.describe()}: training stopped, a peer died or stopped answering "
                 f"(--worker-timeout {config.worker_timeout:g} s): {first}",

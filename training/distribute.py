@@ -4,8 +4,8 @@ time limits that turn a missing or dead peer into a clear failure instead of a h
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,27 +14,37 @@ import tensorflow as tf
 
 from training.cluster import Role
 
+# Runs beside the worker: exits quietly when its stdin closes (the block ended, or the worker
+# died), else prints the message and kills the worker when the time is up.
+_WATCHDOG = """
+import os, select, signal, sys
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+ready, _, _ = select.select([sys.stdin], [], [], seconds)
+if not ready:
+    sys.stderr.write("error: " + message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
+
 
 @contextmanager
 def deadline(seconds: float, message: str) -> Iterator[None]:
-    """Exit the process with status 3 and `message` unless the block ends within `seconds`.
+    """Kill this process, saying `message`, unless the block ends within `seconds`.
 
-    TensorFlow waits for every worker without a limit while the strategy is made (and blocks
-    in C++ where no Python exception can reach it), so only leaving the process stops it.
+    While the strategy is made, TensorFlow waits for every worker without a limit, in C++ and
+    holding the GIL: no Python thread, timer or signal handler of this process runs then, and
+    SIGTERM is not enough, so the watchdog is a process of its own and uses SIGKILL.
     """
-
-    def expire() -> None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(3)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+        stdin=subprocess.PIPE,
+    )
     try:
         yield
     finally:
-        timer.cancel()
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 def make_strategy(role: Role, timeout: float) -> Any:
