@@ -209,13 +209,11 @@ def prog_name(argv0: str | None = None) -> str:
     return base
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog or prog_name(),
-        description="Train the design-notes CNN (or the MLP baseline), evaluate it on the "
-        "held-out test set and export it to models/<name>/<version>/model.onnx.",
-    )
+def add_options(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """A flag for each field of TrainConfig (or for those in `names`), made from its metadata."""
     for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
         meta = f.metadata
         assert f.default is not MISSING
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
@@ -230,6 +228,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                 if meta[key] is not None:
                     kwargs[key] = meta[key]
         parser.add_argument(flag_of(f.name), **kwargs)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or prog_name(),
+        description="Train the design-notes CNN (or the MLP baseline), evaluate it on the "
+        "held-out test set and export it to models/<name>/<version>/model.onnx.",
+    )
+    add_options(parser)
     return parser
 
 
