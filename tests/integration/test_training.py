@@ -132,5 +132,7 @@ def test_compare_cnn_and_mlp_on_the_same_shifted_images(tmp_path: Path) -> None:
         assert row["median_epoch_seconds"] > 0 and row["epochs_run"] == 1
     assert report["test_images"] == 300 and len(report["shifted_images_sha256"]) == 64
     table = (out / "compare.md").read_text()
-    assert table.startswith("| model | augmentation | parameters |") and table.count("\n| ") == 4  # 4 rows
+    assert (
+        table.startswith("| model | augmentation | parameters |") and table.count("\n| ") == 4
+    )  # 4 rows
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
