@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_images": str(len(ds.x_train)),
         "epochs": str(config.epochs),
         "best_epoch": str(result.best_epoch),
-        "augmentation": "on" if config.augment else "off",
+        "augmentation": "on" if config.augmenting else "off",
         "workers": str(result.workers),
     }
     try:

@@ -121,7 +121,7 @@ def run(base: TrainConfig, out: Path) -> dict[str, Any]:
         "data_source": ds.source,
         "train_images": len(ds.x_train),
         "test_images": len(ds.x_test),
-        "config": base.report(),
+        "config": {k: v for k, v in base.report().items() if k not in ("architecture", "augment")},
         "shifts": list(SHIFTS),
         "directions": list(DIRECTIONS),
         "shifted_images_sha256": digest,  # one set of shifted images for every model

@@ -151,7 +151,7 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
     steps = config.epochs * max(1, -(-train_images // config.batch_size))
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         net = ARCHITECTURES[config.architecture](ds.input_shape, len(ds.class_names))
-        augment = build_augmentation(config.seed) if config.augment else None
+        augment = build_augmentation(config.seed) if config.augmenting else None
         model = Trainer(net, augment, multi_worker=strategy is not None)
         rate: float | keras.optimizers.schedules.LearningRateSchedule = config.learning_rate
         if config.lr_schedule == "cosine":
@@ -187,7 +187,7 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
         config.optimizer,
         config.learning_rate,
         config.lr_schedule,
-        "on" if config.augment else "off",
+        "on" if config.augmenting else "off",
     )
     history = model.fit(
         scale_images(ds.x_train),
@@ -256,7 +256,7 @@ def write_report(result: TrainResult, config: TrainConfig, ds: Dataset, folder: 
     (folder / "summary.txt").write_text(result.summary + "\n")
     title = (
         f"{config.architecture} on {ds.name}, {len(ds.x_train):,} training images, "
-        f"augmentation {'on' if config.augment else 'off'}"
+        f"augmentation {'on' if config.augmenting else 'off'}"
         + (f", {result.workers} workers" if result.workers > 1 else "")
         + f": test accuracy {result.test_accuracy:.4f}"
     )

@@ -62,6 +62,15 @@ def test_flags_round_trip_and_keep_their_old_spellings() -> None:
     assert parse(["--no-augment"]).augment is False
 
 
+def test_augmentation_default_follows_the_dataset() -> None:
+    assert parse([]).augment is None  # "the dataset's default"
+    assert parse(["--dataset", "mnist"]).augmenting is True
+    assert parse(["--dataset", "fashion_mnist"]).augmenting is False
+    assert parse(["--dataset", "fashion_mnist", "--augment"]).augmenting is True
+    assert parse(["--dataset", "mnist", "--no-augment"]).augmenting is False
+    assert TrainConfig(dataset="mnist").report()["augment"] is True
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
