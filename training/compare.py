@@ -166,10 +166,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for row in report["rows"]:
         xs = [0, *SHIFTS]
         ys = [row["test_accuracy"], *(row["shifted_accuracy"][str(n)] for n in SHIFTS)]
-        style = "-" if row["architecture"] == "cnn" else "--"
-        marker = "o" if row["augment"] else "s"
+        style = "-" if row["augment"] else "--"
+        color = "tab:blue" if row["architecture"] == "cnn" else "tab:orange"
+        marker = "o" if row["architecture"] == "cnn" else "s"
         label = f"{row['architecture'].upper()}, augmentation {'on' if row['augment'] else 'off'}"
-        ax.plot(xs, ys, style, marker=marker, label=label)
+        ax.plot(xs, ys, style, color=color, marker=marker, label=label)
     ax.set_xlabel("shift of the test images (pixels; mean over up, down, left, right)")
     ax.set_ylabel("test accuracy")
     ax.set_xticks([0, *SHIFTS])
