@@ -34,7 +34,12 @@ def test_usage_names_the_command_that_ran() -> None:
     assert prog_name("/opt/venv/bin/cnnserve-train") == "cnnserve-train"
     assert prog_name("/work/training/__main__.py") == "python -m training"
     done = subprocess.run(
-        [PYTHON, "-m", "training", "--help"], cwd=ROOT, capture_output=True, text=True, check=False
+        [PYTHON, "-m", "training", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.stdout.startswith("usage: python -m training ")
 
