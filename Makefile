@@ -13,6 +13,8 @@ EPOCHS ?= 10
 BATCH_SIZE ?= 64
 MODELS ?= models
 TRAIN_ARGS ?=
+WORKERS ?= 1
+COMPARE_ARGS ?=
 PORT ?= 50051
 METRICS_PORT ?= 8002
 SERVE_ARGS ?=
@@ -20,7 +22,7 @@ PYTEST_ARGS ?=
 COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train serve demo test test-fast test-gpu lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-cuda bench-train bench-profile fuzz soak overload
+.PHONY: help setup train compare serve demo test test-fast test-gpu lint format protos constraints clean compose-up compose-down dashboard-snapshot bench bench-cuda bench-train bench-profile fuzz soak overload
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -34,9 +36,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[serve,train,dev]'
 	@touch $@
 
-train: setup ## train and export: make train DATASET=fashion_mnist EPOCHS=10
+train: setup ## train and export: make train DATASET=fashion_mnist EPOCHS=10 [WORKERS=2: local MultiWorkerMirroredStrategy]
 	$(PY) -m training --dataset $(DATASET) --epochs $(EPOCHS) --batch-size $(BATCH_SIZE) \
-		--models-dir $(MODELS) $(TRAIN_ARGS)
+		--models-dir $(MODELS) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) $(TRAIN_ARGS)
+
+compare: setup ## CNN vs MLP, with and without augmentation: parameters, accuracy, shifted images -> $(MODELS)/compare/
+	$(PY) -m training.compare --dataset $(DATASET) --epochs $(EPOCHS) --batch-size $(BATCH_SIZE) \
+		--out $(MODELS)/compare $(COMPARE_ARGS)
 
 # A model folder that does not exist yet is made by training (order-only: never retrains).
 $(MODELS)/%:

@@ -1,4 +1,5 @@
-"""`python -m training --dataset mnist --epochs 5 ...`: train, evaluate, export, report."""
+"""`python -m training --dataset mnist --epochs 5 ...` (or `cnnserve-train`): train, evaluate,
+export, report; `--workers N` or TF_CONFIG for MultiWorkerMirroredStrategy."""
 
 from __future__ import annotations
 
@@ -6,142 +7,99 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out of the log
 
-import argparse
+import dataclasses
 import json
 import logging
+import re
 import sys
-from pathlib import Path
 
 from training import datasets
-from training.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from training.cluster import ClusterError, Role, role_from_tf_config, run_local_workers
+from training.config import parse, to_argv
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive whole number, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m training",
-        description="Train the design-notes CNN (or the MLP baseline), evaluate it on the "
-        "held-out test set and export it to models/<name>/<version>/model.onnx.",
-    )
-    p.add_argument("--dataset", choices=datasets.DATASETS, default=defaults.dataset)
-    p.add_argument("--data-dir", type=Path, help="folder with IDX .gz, npz or CIFAR-10 batches")
-    p.add_argument("--arch", choices=("cnn", "mlp"), default=defaults.architecture)
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    p.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate)
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
-    p.add_argument("--validation-split", type=_fraction, default=defaults.validation_split)
-    p.add_argument("--no-shuffle", action="store_true", help="keep the training order")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument(
-        "--early-stopping",
-        type=int,
-        default=defaults.early_stopping,
-        metavar="PATIENCE",
-        help="stop after this many epochs without a better validation accuracy and keep the "
-        "best epoch's weights (0: off)",
-    )
-    p.add_argument(
-        "--train-limit", type=_positive_int, help="use a random subset of training images"
-    )
-    p.add_argument("--test-limit", type=_positive_int, help="use a random subset of test images")
-    p.add_argument("--models-dir", type=Path, default=Path("models"))
-    p.add_argument("--name", help="model name in the repository (default: the dataset, +_mlp)")
-    p.add_argument("--no-download", action="store_true", help="never try Keras's own download")
-    p.add_argument(
-        "--verbose",
-        type=int,
-        choices=(0, 1, 2),
-        help="Keras fit verbosity: 1 = progress bar (default on a terminal), 2 = a line per epoch",
-    )
-    return p
+# The line of a TensorFlow error that says what happened to the peer.
+PEER_HINT = re.compile(r"unhealthy|heartbeat|aborted|deadline|timed out|unavailable|connect", re.I)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    config = parse(argv)
+    if config.workers > 1:
+        if "TF_CONFIG" in os.environ:
+            print("error: --workers starts its own cluster; unset TF_CONFIG", file=sys.stderr)
+            return 2
+        return run_local_workers(to_argv(config, leave_out=("workers",)), config.workers)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # TensorFlow is imported only now, so that --help and flag errors are instant.
-    from training.export import ExportError, export
-    from training.train import scale_images, train, write_report
-
-    config = TrainConfig(
-        dataset=args.dataset,
-        architecture=args.arch,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule,
-        validation_split=args.validation_split,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
-        early_stopping=args.early_stopping,
-        verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
-    )
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # a line per collective otherwise
+    role: Role | None = None
+    if config.distributed or "TF_CONFIG" in os.environ:
+        try:
+            role = role_from_tf_config(os.environ.get("TF_CONFIG", ""))
+        except ClusterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, distributed=True)
+        print(f"role: {role.describe()}; cluster {', '.join(role.addresses)}", flush=True)
     try:
-        ds = datasets.load(args.dataset, args.data_dir, allow_download=not args.no_download)
+        ds = datasets.load(config.dataset, config.data_dir, allow_download=config.download)
     except datasets.DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ds = datasets.subset(ds, args.train_limit, args.test_limit, seed=args.seed)
-    print(f"dataset: {ds.describe()}")
-    result = train(ds, config)
+    ds = datasets.subset(ds, config.train_limit, config.test_limit, seed=config.seed)
+    print(f"dataset: {ds.describe()}", flush=True)
+    # TensorFlow is imported only now, so that --help and flag errors are instant.
+    from training.export import ExportError, export
+    from training.train import evaluate, fit, plain_copy, scale_images, write_report
+
+    if role is None:
+        result = evaluate(fit(ds, config), ds, config)
+    else:
+        from training.distribute import PEER_ERRORS, make_strategy
+
+        try:
+            strategy = make_strategy(role, config.worker_timeout)
+            print(f"cluster ready: {role.describe()}", flush=True)
+            fitted = fit(ds, config, strategy)
+        except PEER_ERRORS as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            telling = [line for line in lines if PEER_HINT.search(line)]
+            first = (telling or lines or [type(exc).__name__])[0]
+            print(
+                f"error: {role.describe()}: training stopped, a peer died or stopped answering "
+                f"(--worker-timeout {config.worker_timeout:g} s): {first}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        if not role.is_chief:
+            print(f"done: {role.describe()} writes nothing; the chief exports", flush=True)
+            return 0
+        fitted.net = plain_copy(fitted.net, ds, config.architecture)
+        result = evaluate(fitted, ds, config, workers=role.workers)
     print(
         f"test accuracy: {result.test_accuracy:.4f} ({len(ds.x_test):,} test images; weights of "
         f"epoch {result.best_epoch} of {len(result.epoch_seconds)})"
     )
-    name = args.name or (ds.name if args.arch == "cnn" else f"{ds.name}_{args.arch}")
+    name = config.name or (ds.name if config.architecture == "cnn" else f"{ds.name}_mlp")
     metadata = {
         "name": name,
         "dataset": ds.name,
         "data_source": ds.source,
-        "architecture": args.arch,
+        "architecture": config.architecture,
         "class_names": json.dumps(ds.class_names),
         "test_accuracy": f"{result.test_accuracy:.6f}",
         "test_images": str(len(ds.x_test)),
         "train_images": str(len(ds.x_train)),
         "epochs": str(config.epochs),
         "best_epoch": str(result.best_epoch),
+        "augmentation": "on" if config.augmenting else "off",
+        "workers": str(result.workers),
     }
     try:
         path, parity = export(
             result.model,
-            models_dir=args.models_dir,
+            models_dir=config.models_dir,
             name=name,
             metadata=metadata,
             x_check=scale_images(ds.x_test[:2000]),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +14,24 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
+from training.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from training.datasets import Dataset
-from training.model import ARCHITECTURES
+from training.model import ARCHITECTURES, build_augmentation
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-LR_SCHEDULES = ("cosine", "constant")
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "Fitted", "TrainConfig", "TrainResult", "evaluate", "fit"]
+__all__ += ["scale_images", "train", "write_report"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = "mnist"
-    architecture: str = "cnn"
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    # "cosine": the rate falls from learning_rate to 0 over the planned epochs, so the last
-    # epochs refine instead of bouncing around a minimum; "constant" keeps it fixed.
-    lr_schedule: str = "cosine"
-    validation_split: float = 0.2
-    shuffle: bool = True
-    seed: int = 42
-    # Stop when validation accuracy has not improved for this many epochs and keep the best
-    # epoch's weights (0: train every epoch, keep the last). This CNN has no dropout and
-    # starts to overfit Fashion-MNIST after about five epochs.
-    early_stopping: int = 3
-    verbose: int = 1
+@dataclass
+class Fitted:
+    """What every worker holds after fit: the network (without augmentation) and its history."""
+
+    net: keras.Model
+    history: dict[str, list[float]]
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based epoch whose weights the model holds
 
 
 @dataclass
@@ -52,10 +43,11 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)
     summary: str = ""
     best_epoch: int = 0  # 1-based epoch whose weights the model holds
+    workers: int = 1
 
     def report(self, config: TrainConfig, ds: Dataset) -> dict[str, Any]:
         return {
-            "config": asdict(config),
+            "config": config.report(),
             "dataset": ds.name,
             "data_source": ds.source,
             "train_images": len(ds.x_train),
@@ -66,6 +58,7 @@ class TrainResult:
             "epoch_seconds": self.epoch_seconds,
             "epochs_run": len(self.epoch_seconds),
             "best_epoch": self.best_epoch,
+            "workers": self.workers,
         }
 
 
@@ -89,6 +82,56 @@ class _EpochTimer(keras.callbacks.Callback):  # type: ignore[misc]
         self.seconds.append(time.perf_counter() - self._start)
 
 
+class Trainer(keras.Model):  # type: ignore[misc]
+    """What fit trains: the augmentation layers (if any), then the network. Only the network is
+    evaluated and exported, so the ONNX graph and the parameter count never see augmentation.
+
+    With `multi_worker`, two Keras 3 defects under MultiWorkerMirroredStrategy are worked around
+    (keras-team/keras#20585): fit's symbolic build reduces the (x, y) batch as one value, and
+    the per-step metrics (scalars) are reduced with `axis=0`. The first is built from this
+    worker's batch instead; the second gets metrics of shape [1], whose mean over axis 0 is the
+    mean over the workers, so every worker logs (and early-stops on) the same figures.
+    """
+
+    def __init__(
+        self, net: keras.Model, augment: keras.Model | None, *, multi_worker: bool = False
+    ) -> None:
+        super().__init__(name=f"train_{net.name}")
+        self.net = net
+        self.augment = augment
+        self.multi_worker = multi_worker
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        if self.augment is not None:
+            x = self.augment(x, training=training)
+        return self.net(x, training=training)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        if not self.multi_worker:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+            return
+        strategy = self.distribute_strategy
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(it)
+                )
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def _per_worker(self, logs: dict[str, Any]) -> dict[str, Any]:
+        if not self.multi_worker:
+            return logs
+        return {k: keras.ops.reshape(v, (1,)) for k, v in logs.items()}
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        return self._per_worker(super().train_step(data))
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        return self._per_worker(super().test_step(data))
+
+
 def make_optimizer(
     name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
 ) -> keras.optimizers.Optimizer:
@@ -101,36 +144,42 @@ def make_optimizer(
     raise ValueError(f"--optimizer {name!r}: allowed {', '.join(OPTIMIZERS)}")
 
 
-def train(ds: Dataset, config: TrainConfig) -> TrainResult:
+def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
+    """Build and fit, under `strategy` (a tf.distribute strategy) when one is given."""
     keras.utils.set_random_seed(config.seed)
-    model = ARCHITECTURES[config.architecture](ds.input_shape, len(ds.class_names))
     train_images = int(len(ds.x_train) * (1 - config.validation_split))
     steps = config.epochs * max(1, -(-train_images // config.batch_size))
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = config.learning_rate
-    if config.lr_schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps)
-    elif config.lr_schedule != "constant":
-        raise ValueError(f"--lr-schedule {config.lr_schedule!r}: allowed {', '.join(LR_SCHEDULES)}")
-    model.compile(
-        optimizer=make_optimizer(config.optimizer, rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    x_train, x_test = scale_images(ds.x_train), scale_images(ds.x_test)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        net = ARCHITECTURES[config.architecture](ds.input_shape, len(ds.class_names))
+        augment = build_augmentation(config.seed) if config.augmenting else None
+        model = Trainer(net, augment, multi_worker=strategy is not None)
+        rate: float | keras.optimizers.schedules.LearningRateSchedule = config.learning_rate
+        if config.lr_schedule == "cosine":
+            rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps)
+        elif config.lr_schedule != "constant":
+            raise ValueError(
+                f"--lr-schedule {config.lr_schedule!r}: allowed {', '.join(LR_SCHEDULES)}"
+            )
+        model.compile(
+            optimizer=make_optimizer(config.optimizer, rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     timer = _EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [timer]
     monitor = "val_accuracy" if config.validation_split > 0 else "accuracy"
+    verbose = config.fit_verbose
     if config.early_stopping > 0:
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor=monitor,
                 patience=config.early_stopping,
                 restore_best_weights=True,
-                verbose=min(config.verbose, 1),
+                verbose=min(verbose, 1),
             )
         )
     log.info(
-        "training %s on %s: %d epochs, batch %d, %s lr=%g (%s)",
+        "training %s on %s: %d epochs, batch %d, %s lr=%g (%s), augmentation %s",
         config.architecture,
         ds.describe(),
         config.epochs,
@@ -138,19 +187,17 @@ def train(ds: Dataset, config: TrainConfig) -> TrainResult:
         config.optimizer,
         config.learning_rate,
         config.lr_schedule,
+        "on" if config.augmenting else "off",
     )
     history = model.fit(
-        x_train,
+        scale_images(ds.x_train),
         ds.y_train,
         epochs=config.epochs,
         batch_size=config.batch_size,
-        verbose=config.verbose,
+        verbose=verbose,
         validation_split=config.validation_split,
         shuffle=config.shuffle,
         callbacks=callbacks,
-    )
-    test_loss, test_accuracy = model.evaluate(
-        x_test, ds.y_test, batch_size=512, verbose=1 if config.verbose == 1 else 0
     )
     scores = history.history.get(monitor, [])
     best_epoch = (
@@ -158,17 +205,48 @@ def train(ds: Dataset, config: TrainConfig) -> TrainResult:
         if config.early_stopping > 0 and scores
         else len(scores)
     )
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, *_, **__: lines.append(line))
-    return TrainResult(
-        model=model,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-        test_loss=float(test_loss),
-        test_accuracy=float(test_accuracy),
+    return Fitted(
+        net=net,
+        history={k: [float(np.ravel(v)[0]) for v in vs] for k, vs in history.history.items()},
         epoch_seconds=timer.seconds,
-        summary="\n".join(lines),
         best_epoch=best_epoch,
     )
+
+
+def plain_copy(net: keras.Model, ds: Dataset, architecture: str) -> keras.Model:
+    """The same weights in a network built outside any strategy: the chief evaluates and
+    exports alone, and a model of the strategy would wait for the other workers."""
+    plain = ARCHITECTURES[architecture](ds.input_shape, len(ds.class_names))
+    plain.set_weights(net.get_weights())
+    return plain
+
+
+def evaluate(fitted: Fitted, ds: Dataset, config: TrainConfig, workers: int = 1) -> TrainResult:
+    net = fitted.net
+    net.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    test_loss, test_accuracy = net.evaluate(
+        scale_images(ds.x_test),
+        ds.y_test,
+        batch_size=512,
+        verbose=1 if config.fit_verbose == 1 else 0,
+    )
+    lines: list[str] = []
+    net.summary(print_fn=lambda line, *_, **__: lines.append(line))
+    return TrainResult(
+        model=net,
+        history=fitted.history,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        epoch_seconds=fitted.epoch_seconds,
+        summary="\n".join(lines),
+        best_epoch=fitted.best_epoch,
+        workers=workers,
+    )
+
+
+def train(ds: Dataset, config: TrainConfig) -> TrainResult:
+    """Fit and evaluate on one machine."""
+    return evaluate(fit(ds, config), ds, config)
 
 
 def write_report(result: TrainResult, config: TrainConfig, ds: Dataset, folder: Path) -> None:
@@ -176,7 +254,13 @@ def write_report(result: TrainResult, config: TrainConfig, ds: Dataset, folder: 
     (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
     (folder / "report.json").write_text(json.dumps(result.report(config, ds), indent=2) + "\n")
     (folder / "summary.txt").write_text(result.summary + "\n")
-    plot_curves(result.history, folder / "curves.png", title=f"{config.architecture} on {ds.name}")
+    title = (
+        f"{config.architecture} on {ds.name}, {len(ds.x_train):,} training images, "
+        f"augmentation {'on' if config.augmenting else 'off'}"
+        + (f", {result.workers} workers" if result.workers > 1 else "")
+        + f": test accuracy {result.test_accuracy:.4f}"
+    )
+    plot_curves(result.history, folder / "curves.png", title=title)
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:

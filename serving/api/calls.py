@@ -48,6 +48,7 @@ RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps"})
 # of the guard ending the whole call.
 SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})
 
+
 class _StatusToAGoneClient(logging.Filter):
     """grpc.aio logs a traceback at error level when a handler's status or response cannot be
     sent because the client has just gone (cancelled, or its deadline passed) and the server has

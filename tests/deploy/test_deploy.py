@@ -50,6 +50,7 @@ from serving.client import Client
 from serving.config import ENV_PREFIX, Settings
 from serving.config import load as load_settings
 from serving.server import LIVENESS_SERVICE, SERVICE_NAMES
+from training.cluster import role_from_tf_config
 
 Obj = dict[str, Any]
 
@@ -61,7 +62,9 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 GRAFANA = DEPLOY / "grafana"
 DOCKERFILES = {name: DOCKER / f"Dockerfile.{name}" for name in ("serve", "serve-gpu", "train")}
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
-KUSTOMIZATIONS = ("base", *OVERLAYS, "kserve", "training")
+KUSTOMIZATIONS = (
+    "base", *OVERLAYS, "kserve", "training", "training/multiworker", "training/tfjob",
+)  # fmt: skip
 
 DEFAULTS = Settings()
 GRPC_PORT = DEFAULTS.port
@@ -79,6 +82,7 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("serving.kserve.io/v1alpha1", "ServingRuntime"),
     ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("kubeflow.org/v1", "TFJob"),
 }
 
 
@@ -880,6 +884,76 @@ def test_training_job_writes_to_the_servers_volume() -> None:
         name, _, value = arg.partition("=")
         flag = {"DATASET": "--dataset", "EPOCHS": "--epochs", "BATCH_SIZE": "--batch-size"}[name]
         assert f"{flag} {value}" in dry
+
+
+def check_training_pod(pod: Obj, container: Obj) -> None:
+    """What every training pod shares with the single Job: the image, the user, the volume."""
+    assert container["image"] == f"cnnserve-train:{project_version()}"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsUser"] == UID and pod["securityContext"]["fsGroup"] == UID
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    claim = volumes[mounts[train_models_dir()]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == one("overlays/cpu", "PersistentVolumeClaim")["metadata"]["name"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    # The arguments are make variables of the train target; TRAIN_ARGS reaches the CLI.
+    entrypoint, _ = entrypoint_and_cmd("train")
+    dry = " ".join(run([*entrypoint, "-n", *container["args"]], cwd=ROOT).stdout.split())
+    for arg in container["args"]:
+        name, _, value = arg.partition("=")
+        flag = {"DATASET": "--dataset ", "EPOCHS": "--epochs ", "TRAIN_ARGS": ""}[name]
+        assert f"{flag}{value}" in dry, (arg, dry)
+
+
+def test_multiworker_job_builds_tf_config_from_the_pod_index() -> None:
+    job = one("training/multiworker", "Job")
+    service = one("training/multiworker", "Service")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    check_training_pod(pod, container)
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert spec["backoffLimit"] == 0  # a failed worker fails the run; the others time out
+    # The headless Service gives each pod <job>-<index>.<subdomain> before it is ready.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert selects(service["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"])
+    (port,) = service["spec"]["ports"]
+    assert container_port(container, port["targetPort"]) == port["port"]
+    env = {e["name"]: e for e in container["env"]}
+    index_ref = env["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index_ref == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    names = [e["name"] for e in container["env"]]
+    assert names.index("WORKER_INDEX") < names.index("TF_CONFIG")  # $(...) sees only earlier
+    for index in range(spec["completions"]):
+        text = env["TF_CONFIG"]["value"].replace("$(WORKER_INDEX)", str(index))
+        role = role_from_tf_config(text)
+        assert (role.index, role.workers, role.is_chief) == (index, spec["completions"], index == 0)
+        assert list(role.addresses) == [
+            f"{job['metadata']['name']}-{i}.{pod['subdomain']}:{port['port']}"
+            for i in range(spec["completions"])
+        ]
+
+
+def test_tfjob_alternative_runs_the_same_workers() -> None:
+    tfjob = one("training/tfjob", "TFJob")
+    check_metadata(tfjob)
+    assert tfjob["metadata"]["namespace"] == NAMESPACE
+    assert set(tfjob["spec"]) <= {"runPolicy", "tfReplicaSpecs", "successPolicy"}
+    replicas = tfjob["spec"]["tfReplicaSpecs"]
+    assert set(replicas) == {"Worker"}  # worker 0 is the chief, as with the indexed Job
+    worker = replicas["Worker"]
+    assert worker["replicas"] == one("training/multiworker", "Job")["spec"]["completions"]
+    assert set(worker) <= {"replicas", "restartPolicy", "template"}
+    pod = worker["template"]["spec"]
+    validate_as_pod_spec(pod, "TFJob worker")
+    (container,) = pod["containers"]
+    # The operator finds the container and the port by these names, and writes TF_CONFIG.
+    assert container["name"] == "tensorflow"
+    assert [p["name"] for p in container["ports"]] == ["tfjob-port"]
+    assert "TF_CONFIG" not in {e["name"] for e in container.get("env", [])}
+    check_training_pod({**pod, "restartPolicy": worker["restartPolicy"]}, container)
 
 
 # ===================================================================== Makefile

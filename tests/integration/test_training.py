@@ -108,3 +108,31 @@ def test_demo_runs_end_to_end(trained_repo: Path) -> None:
     assert "accuracy over these images:" in done.stdout
     assert "Total params: 93,322" in done.stdout
     assert "server stopped (exit 0)" in done.stdout
+
+
+def test_compare_cnn_and_mlp_on_the_same_shifted_images(tmp_path: Path) -> None:
+    """`make compare` in small: four one-epoch runs on a real subset, one table, one plot."""
+    out = tmp_path / "compare"
+    done = subprocess.run(
+        [PYTHON, "-m", "training.compare", "--dataset", "mnist", "--epochs", "1",
+         "--train-limit", "1000", "--test-limit", "300", "--no-download", "--verbose", "0",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "compare.json").read_text())
+    rows = {(r["architecture"], r["augment"]): r for r in report["rows"]}
+    assert set(rows) == {("cnn", False), ("mlp", False), ("cnn", True), ("mlp", True)}
+    for (arch, _), row in rows.items():
+        assert row["parameters"] == {"cnn": 93_322, "mlp": 109_386}[arch]
+        assert row["weights_per_first_layer_neuron"] == {"cnn": 10, "mlp": 785}[arch]
+        assert set(row["shifted_accuracy"]) == {"1", "2", "3", "4"}
+        assert len(row["shifted_accuracy_by_direction"]) == 16
+        assert 0.0 <= min(row["shifted_accuracy"].values()) <= 1.0
+        assert row["median_epoch_seconds"] > 0 and row["epochs_run"] == 1
+    assert report["test_images"] == 300 and len(report["shifted_images_sha256"]) == 64
+    table = (out / "compare.md").read_text()
+    assert (
+        table.startswith("| model | augmentation | parameters |") and table.count("\n| ") == 4
+    )  # 4 rows
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
