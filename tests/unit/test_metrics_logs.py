@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def test_a_status_sent_to_a_gone_client_is_a_debug_line_not_a_traceback(
     assert any(
         r.levelname == "DEBUG" and "the client had gone" in r.getMessage() for r in caplog.records
     )
+
+
+def test_every_metric_of_ours_is_documented() -> None:
+    """docs/metrics.md names every cnnserve_* family the server registers (a new metric goes
+    into metrics.py and docs/metrics.md together), and nothing that no longer exists."""
+    from harness import ROOT
+
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    ours = {
+        family.name
+        for family in Metrics().registry.collect()
+        if family.name.startswith("cnnserve_")
+    }
+    assert ours, "no cnnserve_ metric registered"
+    missing = {name for name in ours if name not in docs}
+    assert not missing, f"not in docs/metrics.md: {sorted(missing)}"
+    documented = set(re.findall(r"cnnserve_[a-z_]+[a-z]", docs))
+    suffixes = ("_total", "_bucket", "_count", "_sum", "_created")
+    stale = {
+        name
+        for name in documented
+        if name not in ours and not any(name.removesuffix(s) in ours for s in suffixes)
+    }
+    assert not stale, f"documented but not registered: {sorted(stale)}"
