@@ -23,7 +23,8 @@ from serving.batching import Observer
 from serving.config import DEFAULTS, MiB
 from serving.errors import InvalidArgument, ResourceExhausted, ServingError
 from serving.inspection import MAP_KINDS
-from serving.repository import BatchingOptions, ModelRepository, VersionStatus
+from serving.repository import BatchingOptions as BatchingOptions  # noqa: PLC0414
+from serving.repository import ModelRepository, VersionStatus
 
 # Re-exported: the type `resolve` hands the protocols.
 from serving.repository import ServedVersion as ServedVersion  # noqa: PLC0414

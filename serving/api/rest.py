@@ -33,7 +33,7 @@ log = logging.getLogger("serving.api.rest")
 
 SERVER_NAME = "cnnserve"
 # Triton's names of the protocol extensions the REST API implements.
-EXTENSIONS = ["classification", "binary_tensor_data"]
+EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
 STATUS: dict[Kind, int] = {
     Kind.INVALID_ARGUMENT: 400,
     Kind.NOT_FOUND: 404,
@@ -166,10 +166,14 @@ class RestApi:
         add("GET", "/v2/health/live", self.live, name="ServerLive")
         add("GET", "/v2/health/ready", self.server_ready, name="ServerReady")
         add("GET", "/v2", self.server_metadata, name="ServerMetadata")
+        # Before /v2/models/{model}, which would take "stats" for a model's name (as Triton's does).
+        add("GET", "/v2/models/stats", self.statistics, name="ModelStatisticsAll")
         for base, suffix in (("/v2/models/{model}", ""), ("/v2/models/{model}/versions/{v}", "V")):
             add("GET", base, self.model_metadata, name="ModelMetadata" + suffix)
             add("GET", base + "/ready", self.model_ready, name="ModelReady" + suffix)
             add("POST", base + "/infer", self.infer, name="ModelInfer" + suffix)
+            add("GET", base + "/config", self.model_config, name="ModelConfig" + suffix)
+            add("GET", base + "/stats", self.statistics, name="ModelStatistics" + suffix)
         add("GET", "/v1/models", self.list_models, name="ListModels")
         add("GET", "/v1/models/{model}/summary", self.summary, name="GetParameterSummary")
         add("POST", "/v1/models/{model}/classify", self.classify, name="Classify")
@@ -187,7 +191,7 @@ class RestApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         route = request.match_info.route.name
-        method = (route or "_unknown").removesuffix("V").removesuffix("File")
+        method = (route or "_unknown").removesuffix("V").removesuffix("File").removesuffix("All")
         labels = Labels()
         request["labels"] = labels
         started = time.perf_counter()
@@ -355,6 +359,22 @@ class RestApi:
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._resolve(request)
         return self._json(rc.model_metadata(served, self.plane.ready_versions(served.name)))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        served = self._resolve(request)
+        plane = self.plane
+        config = rc.model_config(
+            served, plane.batching, plane.max_versions, plane.limits.max_request_batch
+        )
+        return self._json(config)
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        model = request.match_info.get("model", "")
+        text = request.match_info.get("v")
+        counted = self.plane.statistics(model, None if text is None else rc.parse_version(text))
+        if model:
+            request["labels"].model = model
+        return self._json(rc.model_statistics(counted))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         served = self._resolve(request)  # 404 for an unknown model, 503 while it loads

@@ -18,10 +18,22 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
-from serving import tensors
-from serving.dataplane import FeatureMaps, Filters, ModelCatalog, Prediction, ServedVersion, TopK
+from serving import codec, tensors
+from serving.dataplane import (
+    BatchingOptions,
+    FeatureMaps,
+    Filters,
+    ModelCatalog,
+    Prediction,
+    ServedVersion,
+    TopK,
+    VersionStats,
+)
 from serving.errors import InvalidArgument
+from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.summary import ParameterSummary
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -335,6 +347,61 @@ def model_metadata(served: ServedVersion, versions: list[int]) -> dict[str, Any]
             {"name": info.output_name, "datatype": "FP32", "shape": [-1, info.num_classes]}
         ],
     }
+
+
+_INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _proto_json(message: Any) -> dict[str, Any]:
+    """A Triton message as Triton's HTTP endpoints write it: protobuf's JSON mapping with the
+    .proto's field names and fields at their defaults included, and 64-bit integers as JSON
+    numbers (the mapping writes them as strings; Triton writes numbers, and perf_analyzer reads
+    its statistics' counts as numbers)."""
+    out: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _int64_as_numbers(message, out)
+    return out
+
+
+def _int64_as_numbers(message: Any, out: dict[str, Any]) -> None:
+    for f in message.DESCRIPTOR.fields:
+        if f.name not in out:
+            continue
+        value, held = out[f.name], getattr(message, f.name)
+        if f.cpp_type in _INT64:
+            out[f.name] = [int(v) for v in value] if f.is_repeated else int(value)
+        elif f.cpp_type != FieldDescriptor.CPPTYPE_MESSAGE:
+            continue
+        elif f.message_type.GetOptions().map_entry:
+            entry = f.message_type.fields_by_name["value"]
+            for key in value:
+                if entry.cpp_type in _INT64:
+                    value[key] = int(value[key])
+                elif entry.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+                    _int64_as_numbers(held[key], value[key])
+        elif f.is_repeated:
+            for item, item_out in zip(held, value, strict=True):
+                _int64_as_numbers(item, item_out)
+        else:
+            _int64_as_numbers(held, value)
+
+
+def model_config(
+    served: ServedVersion, batching: BatchingOptions, max_versions: int, max_batch_size: int
+) -> dict[str, Any]:
+    """Triton's model configuration extension (GET .../config): the same ModelConfig message
+    the gRPC ModelConfig RPC answers, as JSON."""
+    response = codec.v2_model_config(served, batching, max_versions, max_batch_size)
+    return _proto_json(response.config)
+
+
+def model_statistics(counted: list[tuple[str, int, VersionStats]]) -> dict[str, Any]:
+    """Triton's statistics extension (GET .../stats): the gRPC ModelStatistics answer, as JSON."""
+    response = v2.ModelStatisticsResponse(
+        model_stats=[codec.v2_model_statistics(n, version, s) for n, version, s in counted]
+    )
+    return _proto_json(response)
 
 
 # ------------------------------------------------------------------ our own API (/v1)

@@ -76,6 +76,88 @@ def infer_json(inputs: Any, **extra: Any) -> bytes:
 # ------------------------------------------------------------------ tritonclient.http
 
 
+def test_model_config_and_statistics_with_tritonclient(
+    rest: ServerProcess, triton: httpclient.InferenceServerClient
+) -> None:
+    """Triton's model configuration and statistics extensions over HTTP: the same messages the
+    gRPC RPCs answer, in protobuf's JSON mapping (what Triton's clients parse)."""
+    from google.protobuf import json_format
+
+    from serving.pb.inference import grpc_predict_v2_pb2 as v2
+    from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+    from serving.pb.inference import model_config_pb2 as v2config
+
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    request = httpclient.InferInput("image", list(x.shape), "FP32")
+    request.set_data_from_numpy(x, binary_data=True)
+    triton.infer("fashion", [request])
+    with rest.channel() as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        grpc_config = stub.ModelConfig(v2.ModelConfigRequest(name="fashion"), timeout=30).config
+        grpc_stats = stub.ModelStatistics(v2.ModelStatisticsRequest(name="fashion"), timeout=30)
+    config = triton.get_model_config("fashion")
+    assert json_format.ParseDict(config, v2config.ModelConfig()) == grpc_config
+    assert config["max_batch_size"] == grpc_config.max_batch_size and config["input"][0]["dims"]
+    version_config = triton.get_model_config("fashion", model_version="1")
+    assert json_format.ParseDict(version_config, v2config.ModelConfig()) == grpc_config
+
+    stats = triton.get_inference_statistics("fashion")
+    parsed = json_format.ParseDict(stats, v2.ModelStatisticsResponse())
+    (ours,) = parsed.model_stats
+    (theirs,) = grpc_stats.model_stats
+    assert (ours.name, ours.version) == ("fashion", "1")
+    # Counted by the one data plane for both protocols (the gRPC call came after this one's).
+    assert 2 <= ours.inference_count <= theirs.inference_count
+    every = json_format.ParseDict(triton.get_inference_statistics(), v2.ModelStatisticsResponse())
+    assert "fashion" in {m.name for m in every.model_stats}
+    for path in (
+        "/v2/models/nope/config",
+        "/v2/models/nope/stats",
+        "/v2/models/fashion/versions/9/config",
+    ):
+        status, _, body = call(f"{rest.http_url}{path}")
+        assert status == 404, (path, body)
+        assert "not found" in error_of(body) or "no version 9" in error_of(body), path
+
+
+def test_perf_analyzer_over_http(rest: ServerProcess) -> None:
+    """Triton's own load generator, over HTTP (it reads the model's config from .../config)."""
+    import os
+    import subprocess
+
+    from harness import ROOT
+
+    setup = subprocess.run(
+        ["bash", str(ROOT / "bench" / "perf_analyzer.sh"), "--setup"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    found = dict(
+        line.split(" ", 1)
+        for line in setup.stdout.splitlines()
+        if line.startswith(("bin ", "lib "))
+    )
+    assert setup.returncode == 0 and {"bin", "lib"} <= set(found), setup.stderr[-2000:]
+    env = {**os.environ, "LD_LIBRARY_PATH": found["lib"]}
+    before = scrape(rest.metrics_port).total(
+        "cnnserve_requests_total", method="ModelInfer", code="OK", protocol="http"
+    )
+    done = subprocess.run(
+        [
+            found["bin"], "-m", "fashion", "-i", "http", "-u", f"127.0.0.1:{rest.http_port}",
+            "-b", "4", "--input-data", "zero", "--concurrency-range", "2",
+            "--measurement-mode", "count_windows", "--measurement-request-count", "50",
+            "--stability-percentage", "100", "--max-trials", "5",
+        ],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "Throughput:" in done.stdout and "Server:" in done.stdout, done.stdout[-3000:]
+    after = scrape(rest.metrics_port).total(
+        "cnnserve_requests_total", method="ModelInfer", code="OK", protocol="http"
+    )
+    assert after - before >= 50
+
+
 def test_health_and_metadata_with_tritonclient(triton: httpclient.InferenceServerClient) -> None:
     assert triton.is_server_live() and triton.is_server_ready()
     assert triton.is_model_ready("fashion") and triton.is_model_ready("fashion", "1")
