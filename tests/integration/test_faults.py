@@ -175,8 +175,9 @@ def test_sigterm_under_concurrent_load_drains_then_refuses(
 ) -> None:
     """Long Predict calls in flight plus 8 clients hammering small calls (Classify and the Open
     Inference Protocol) when SIGTERM arrives: every call the server had accepted is answered,
-    every call ends OK or UNAVAILABLE (refused once the server drains; never CANCELLED or
-    INTERNAL), and the process exits 0 well within the grace period."""
+    the long calls it had accepted end OK, every other call OK or UNAVAILABLE (refused once the
+    server drains; never INTERNAL, and CANCELLED only in gRPC's own race, below), and the process
+    exits 0 well within the grace period."""
     grace = 30.0
     # Bounds wide enough that admission control lets every call in: this is about draining.
     bounds = ["--max-queue-images", "1000000", "--max-inflight-mb", "8192"]
@@ -234,7 +235,11 @@ def test_sigterm_under_concurrent_load_drains_then_refuses(
         proc.stop()
     assert set(heavy_codes) <= {"OK", "UNAVAILABLE"}, (heavy_codes, proc.logs())
     assert heavy_codes.count("OK") >= accepted, (accepted, heavy_codes)
-    assert set(small_codes) <= {"OK", "UNAVAILABLE"}, small_codes
+    # The one exception gRPC itself makes: a small call its core accepts in the instant before
+    # the drained server stops ends CANCELLED (grpc/grpc#41785; the server stops only once no
+    # call is left in Python). Seen about once in 7,500 calls, at most once per client here.
+    assert set(small_codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, small_codes
+    assert small_codes["CANCELLED"] <= len(hammers), small_codes
     assert small_codes["OK"] > 0 and small_codes["UNAVAILABLE"] == 8, small_codes
     stopped = [line for line in proc.logs().splitlines() if "stopped in" in line]
     assert stopped and float(stopped[-1].split("stopped in ")[1].rstrip("s")) < grace
