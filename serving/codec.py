@@ -298,13 +298,15 @@ TRITON_STATES = {
 }
 
 
-def parse_v2_version(text: str) -> int:
-    """A protocol version string -> our version number ("" -> 0: the newest ready one)."""
+def parse_v2_version(text: str, newest: str = "leave it empty") -> int:
+    """A protocol version string -> our version number ("" -> 0: the newest ready one);
+    `newest` says how the protocol asks for the newest (gRPC: an empty field, REST: no
+    /versions/ segment)."""
     if not text:
         return 0
     if not (text.isascii() and text.isdigit()):
         raise InvalidArgument(
-            f"model version {text!r} is not a version number (1, 2, ...); leave it empty for the newest"
+            f"model version {text!r} is not a version number (1, 2, ...); {newest} for the newest"
         )
     return int(text)
 
@@ -400,9 +402,11 @@ def v2_requested_top(request: v2.ModelInferRequest, served: ServedVersion) -> in
     return k
 
 
-def _bytes_tensor(items: list[bytes]) -> bytes:
-    """BYTES elements in the protocol's raw form: each one a 4-byte little-endian length, then it."""
-    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+def bytes_tensor(items: list[str]) -> bytes:
+    """BYTES elements in the protocol's raw form (gRPC's raw contents, REST's binary data):
+    each one a 4-byte little-endian length, then its UTF-8 bytes."""
+    encoded = [item.encode() for item in items]
+    return b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
 
 
 def v2_infer_response(
@@ -426,15 +430,16 @@ def v2_infer_response(
         response.raw_output_contents.append(tensors.to_bytes(probabilities))
     else:
         response.outputs.add(name=info.output_name, datatype="BYTES", shape=top.indices.shape)
-        response.raw_output_contents.append(_bytes_tensor(classification_strings(served, top)))
+        response.raw_output_contents.append(bytes_tensor(classification_strings(served, top)))
     return response
 
 
-def classification_strings(served: ServedVersion, top: TopK) -> list[bytes]:
-    """Triton's classification entries, "score:index:label", image by image, best first."""
+def classification_strings(served: ServedVersion, top: TopK) -> list[str]:
+    """Triton's classification entries, "score:index:label", image by image, best first (the
+    runtime names every class of the model's output)."""
     names = served.runtime.info.class_names
     return [
-        f"{score:f}:{i}:{names[i] if i < len(names) else i}".encode()
+        f"{score:f}:{i}:{names[i]}"
         for row_idx, row_scores in zip(top.indices.tolist(), top.scores.tolist(), strict=True)
         for i, score in zip(row_idx, row_scores, strict=True)
     ]

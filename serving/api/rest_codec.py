@@ -29,7 +29,6 @@ from serving.dataplane import (
     ModelCatalog,
     Prediction,
     ServedVersion,
-    TopK,
     VersionStats,
 )
 from serving.errors import InvalidArgument
@@ -39,8 +38,6 @@ from serving.summary import ParameterSummary
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
 BINARY = "application/octet-stream"
-CLASSIFICATION = "classification"  # Triton's parameter of a requested output: top-k classes
-PLATFORM = "onnxruntime_onnx"
 
 
 def dumps(obj: Any) -> bytes:
@@ -53,13 +50,7 @@ def error_body(message: str) -> bytes:
 
 def parse_version(text: str) -> int:
     """A path's version segment -> our version number ("" -> 0: the newest ready one)."""
-    if not text:
-        return 0
-    if not (text.isascii() and text.isdigit()):
-        raise InvalidArgument(
-            f"model version {text!r} is not a version number (1, 2, ...); leave it out for the newest"
-        )
-    return int(text)
+    return codec.parse_v2_version(text, newest="leave it out")
 
 
 def parse_top_k(text: str | None) -> int:
@@ -151,10 +142,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     if not isinstance(shape, list) or not all(_whole(d) for d in shape):
         raise InvalidArgument(f"{what}: 'shape' must be a list of whole numbers, got {shape!r}")
     dims = tuple(shape)
-    try:
-        tensors.check_shape(dims, what)
-    except tensors.TensorError as exc:
-        raise InvalidArgument(str(exc)) from None
+    tensors.check_shape(dims, what)  # a TensorError is answered 400 (errors.as_refusal)
     parsed = InferRequest(
         id=_string(request, "id", "the request", required=False),
         name=name,
@@ -195,11 +183,11 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
             oparams = _object(out.get("parameters"), f"output {oname!r}: parameters")
             if _bool(oparams, "binary_data", f"output {oname!r}"):
                 parsed.binary_output = True
-            k = oparams.get(CLASSIFICATION)
+            k = oparams.get(codec.CLASSIFICATION)
             if k is not None:
                 if not _whole(k) or k < 1:
                     raise InvalidArgument(
-                        f"output {oname!r}: parameter {CLASSIFICATION!r} must be a whole number "
+                        f"output {oname!r}: parameter {codec.CLASSIFICATION!r} must be a whole number "
                         f">= 1 (how many classes to return), got {k!r}"
                     )
                 parsed.top = k
@@ -246,10 +234,7 @@ def decode_input(request: InferRequest) -> npt.NDArray[np.generic]:
             f"{tensors.ACCEPTED_DATATYPES}"
         )
     if request.raw is not None:
-        try:
-            return tensors.from_bytes(request.raw, dtype, request.shape, what, request.datatype)
-        except tensors.TensorError as exc:
-            raise InvalidArgument(str(exc)) from None
+        return tensors.from_bytes(request.raw, dtype, request.shape, what, request.datatype)
     count = math.prod(request.shape)
     try:
         values = np.asarray(request.data, dtype=np.float64)
@@ -274,21 +259,6 @@ def decode_input(request: InferRequest) -> npt.NDArray[np.generic]:
         return values.astype(np.float32)
 
 
-def _bytes_tensor(items: list[bytes]) -> bytes:
-    """BYTES elements in the binary form: each one a 4-byte little-endian length, then it."""
-    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
-
-
-def classification_strings(served: ServedVersion, top: TopK) -> list[str]:
-    """Triton's classification entries, "score:index:label", image by image, best first."""
-    names = served.runtime.info.class_names
-    return [
-        f"{score:f}:{i}:{names[i] if i < len(names) else i}"
-        for row_idx, row_scores in zip(top.indices.tolist(), top.scores.tolist(), strict=True)
-        for i, score in zip(row_idx, row_scores, strict=True)
-    ]
-
-
 def infer_response(
     served: ServedVersion, request: InferRequest, prediction: Prediction
 ) -> tuple[bytes, dict[str, str]]:
@@ -305,10 +275,10 @@ def infer_response(
         else:
             output["data"] = probabilities.ravel().tolist()
     else:
-        strings = classification_strings(served, top)
+        strings = codec.classification_strings(served, top)
         output.update(datatype="BYTES", shape=list(top.indices.shape))
         if request.binary_output:
-            raw = _bytes_tensor([s.encode() for s in strings])
+            raw = codec.bytes_tensor(strings)
         else:
             output["data"] = strings
     if request.binary_output:
@@ -334,19 +304,9 @@ def server_metadata(name: str, version: str, extensions: list[str]) -> dict[str,
 
 
 def model_metadata(served: ServedVersion, versions: list[int]) -> dict[str, Any]:
-    """The model contract; -1 marks the batch dimension. The input is declared FP32 (what the
-    model takes); UINT8 pixels are accepted too and scaled by the server."""
-    info = served.runtime.info
-    h, w, c = info.input_shape
-    return {
-        "name": served.name,
-        "versions": [str(v) for v in versions],
-        "platform": PLATFORM,
-        "inputs": [{"name": info.input_name, "datatype": "FP32", "shape": [-1, h, w, c]}],
-        "outputs": [
-            {"name": info.output_name, "datatype": "FP32", "shape": [-1, info.num_classes]}
-        ],
-    }
+    """The model contract, as the gRPC ModelMetadata RPC answers it (-1 marks the batch
+    dimension; UINT8 pixels are accepted beside the declared FP32)."""
+    return _proto_json(codec.v2_model_metadata(served, versions))
 
 
 _INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
