@@ -113,14 +113,8 @@ class Admission:
                 self._refuse_queue(model, queue.queued_images, images)
             del self._blocked[key]
         nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES, at_least)
-        held = self.held_bytes
         if self._over_budget(nbytes):
-            self._reject(UNREAD, "memory")
-            raise Unavailable(
-                f"server overloaded: {held / MiB:.1f} MiB of the --max-inflight-mb budget of "
-                f"{self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
-                "retry later with backoff"
-            )
+            self._refuse_memory(UNREAD, "")
         self._hold(nbytes)
         return Ticket(self, nbytes, key)
 
@@ -134,6 +128,14 @@ class Admission:
         """Whether `nbytes` more would pass the budget; likewise, a request larger than the
         whole budget goes when nothing else is held."""
         return bool(self.held_bytes) and self.held_bytes + nbytes > self.budget_bytes
+
+    def _refuse_memory(self, model: str, need: str) -> NoReturn:
+        self._reject(model, "memory")
+        raise Unavailable(
+            f"server overloaded: {need}{self.held_bytes / MiB:.1f} MiB of the --max-inflight-mb "
+            f"budget of {self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
+            "retry later with backoff"
+        )
 
     def _refuse_queue(self, model: str, queued: int, images: int) -> NoReturn:
         self._reject(model, "queue")
@@ -158,15 +160,8 @@ class Admission:
             if reservation is not None:  # its method's next calls are refused unread for now
                 self._blocked[reservation.key] = (model, queue, images)
             self._refuse_queue(model, queue.queued_images, images)
-        held = self.held_bytes
         if self._over_budget(nbytes):
-            self._reject(model, "memory")
-            raise Unavailable(
-                f"server overloaded: this request needs {nbytes / MiB:.1f} MiB and "
-                f"{held / MiB:.1f} MiB of the --max-inflight-mb budget of "
-                f"{self.budget_bytes / MiB:.0f} MiB are held by {self.admitted} requests; "
-                "retry later with backoff"
-            )
+            self._refuse_memory(model, f"this request needs {nbytes / MiB:.1f} MiB and ")
         self._hold(nbytes)
         return Ticket(self, nbytes)
 

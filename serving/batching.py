@@ -295,11 +295,6 @@ class Batcher:
         if self._closed or not any(r is parts for r in self._running):
             return  # close() has answered every caller
         self._running = [r for r in self._running if r is not parts]
-        if not f.cancelled() and f.exception() is None:
-            runs = f.result()
-            if self._learn(runs) and submitted:
-                # The way there, twice: the way back waits on the loop's own work.
-                self.costs.observe_hop(2 * (runs[0][2] - submitted))
         if f.cancelled():
             self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:
@@ -307,7 +302,11 @@ class Batcher:
                 [(parts, exc if isinstance(exc, Exception) else RuntimeError(exc), 0.0, 0.0)]
             )
         else:
-            self._complete(f.result())
+            runs = f.result()
+            if self._learn(runs) and submitted:
+                # The way there, twice: the way back waits on the loop's own work.
+                self.costs.observe_hop(2 * (runs[0][2] - submitted))
+            self._complete(runs)
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
 

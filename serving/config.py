@@ -208,6 +208,10 @@ class Settings:
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MiB
 
+    @property
+    def max_feature_map_bytes(self) -> int:
+        return round(self.max_feature_map_mb * MiB)
+
 
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
@@ -333,6 +337,8 @@ def validate(s: Settings) -> None:
         "inter_op_threads",
         "max_image_pixels",
         "max_inflight_mb",
+        "max_concurrent_streams",
+        "max_connections",
     ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a whole number >= 0")
@@ -341,10 +347,6 @@ def validate(s: Settings) -> None:
         "poll_seconds",
         "grace_seconds",
         "max_connection_age_s",
-    ):
-        if getattr(s, name) < 0:
-            raise bad(name, "expected a number >= 0")
-    for name in (
         "max_connection_idle_s",
         "handshake_timeout_s",
         "keepalive_time_s",
@@ -352,15 +354,9 @@ def validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
-    for name in ("max_concurrent_streams", "max_connections"):
-        if getattr(s, name) < 0:
-            raise bad(name, "expected a whole number >= 0")
-    if s.max_feature_map_mb <= 0:
-        raise bad("max_feature_map_mb", "expected a number > 0")
-    if s.keepalive_timeout_s <= 0:
-        raise bad("keepalive_timeout_s", "expected a number > 0")
-    if s.http_read_timeout_s <= 0:
-        raise bad("http_read_timeout_s", "expected a number > 0")
+    for name in ("max_feature_map_mb", "keepalive_timeout_s", "http_read_timeout_s"):
+        if getattr(s, name) <= 0:
+            raise bad(name, "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(s, name)
         if path is not None and not path.is_file():

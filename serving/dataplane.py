@@ -39,7 +39,7 @@ class Limits:
     max_request_batch: int = DEFAULTS.max_request_batch
     max_image_pixels: int = DEFAULTS.max_image_pixels
     # The float32 values of one feature-map answer.
-    max_feature_map_bytes: int = round(DEFAULTS.max_feature_map_mb * MiB)
+    max_feature_map_bytes: int = DEFAULTS.max_feature_map_bytes
 
 
 @dataclass(frozen=True)

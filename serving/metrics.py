@@ -173,6 +173,7 @@ class Metrics:
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._refused_children: dict[tuple[str, str, str], Counter] = {}
         self._inflight_counts: dict[str, InFlight | Gauge] = {}
         self._stream_counts: dict[str, InFlight | Gauge] = {}
         self._held = InFlight()
@@ -203,8 +204,15 @@ class Metrics:
         return count
 
     def count_refused(self, method: str, code: str, protocol: str = "grpc") -> None:
-        """A request refused before it was read (no model known, no time worth observing)."""
-        self.requests.labels(UNKNOWN_MODEL, "", method, code, protocol).inc()
+        """A request refused before it was read (no model known, no time worth observing):
+        cheap, as refusing must be while a flood is refused."""
+        key = (method, code, protocol)
+        child = self._refused_children.get(key)
+        if child is None:
+            child = self._refused_children[key] = self.requests.labels(
+                UNKNOWN_MODEL, "", method, code, protocol
+            )
+        child.inc()
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()

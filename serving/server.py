@@ -109,7 +109,7 @@ class Server:
             Limits(
                 settings.max_request_batch,
                 settings.max_image_pixels,
-                round(settings.max_feature_map_mb * MiB),
+                settings.max_feature_map_bytes,
             ),
             self.stats,
             self.admission,

@@ -63,14 +63,6 @@ def to_bytes(array: npt.NDArray[np.generic]) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def datatype_of(array: npt.NDArray[np.generic]) -> str:
-    """The protocol's datatype name of an array a model takes (FP32 or UINT8)."""
-    for name, dtype in DATATYPES.items():
-        if array.dtype.newbyteorder("<") == dtype:
-            return name
-    raise TensorError(f"dtype {array.dtype} not accepted; expected float32 or uint8")
-
-
 def decode(data: bytes | memoryview, datatype: str, shape: Iterable[int]) -> npt.NDArray[Any]:
     """A tensor by the protocol's datatype name (FP32, UINT8), checked, as an array view."""
     dtype = DATATYPES.get(datatype)
