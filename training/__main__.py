@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset: {ds.describe()}", flush=True)
     # TensorFlow is imported only now, so that --help and flag errors are instant.
     from training.export import ExportError, export
-    from training.train import evaluate, fit, plain_copy, scale_images, write_report
+    from training.train import evaluate, fit, plain_copy, scale_images, train, write_report
 
     if role is None:
-        result = evaluate(fit(ds, config), ds, config)
+        result = train(ds, config)
     else:
         from training.distribute import PEER_ERRORS, make_strategy
 

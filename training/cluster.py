@@ -24,9 +24,12 @@ class ClusterError(Exception):
 class Role:
     task_type: str
     index: int
-    workers: int  # every task that trains: the chief (if any) and the workers
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # every task that trains: the chief (if any), then the workers
     has_chief_task: bool = False
+
+    @property
+    def workers(self) -> int:
+        return len(self.addresses)
 
     @property
     def is_chief(self) -> bool:
@@ -59,7 +62,7 @@ def role_from_tf_config(text: str) -> Role:
             f"{json.dumps(cluster)} (expected a chief or worker index that it lists)"
         )
     addresses = (*training.get("chief", []), *training.get("worker", []))
-    return Role(task_type, index, len(addresses), tuple(addresses), "chief" in training)
+    return Role(task_type, index, tuple(addresses), "chief" in training)
 
 
 def tf_config(addresses: Sequence[str], index: int) -> str:
@@ -114,10 +117,14 @@ def run_local_workers(argv: Sequence[str], workers: int, stop_grace: float = 10.
         relays.append(relay)
     failed: tuple[str, int] | None = None
     try:
-        while failed is None and any(p.poll() is None for _, p in procs):
+        while True:
+            # Whether all have ended, read before who failed: one that ends between the two
+            # reads is still seen failing.
+            ended = all(p.poll() is not None for _, p in procs)
             failed = next(((n, p.returncode) for n, p in procs if p.poll() not in (None, 0)), None)
+            if failed or ended:
+                break
             time.sleep(0.2)
-        failed = failed or next(((n, p.returncode) for n, p in procs if p.returncode != 0), None)
     finally:
         for _, proc in procs:
             if proc.poll() is None:
