@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import free_port
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LIBS = ("aiohttp", "uvicorn-asgi", "uvicorn-starlette")
 ANSWER = json.dumps(
@@ -144,12 +146,6 @@ def run_uvicorn(port: int, starlette: bool) -> None:
     )
     server = uvicorn.Server(config)
     asyncio.run(with_grpc(server.serve))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:

@@ -865,29 +865,15 @@ def test_training_job_writes_to_the_servers_volume() -> None:
     job = one("training", "Job")
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == f"cnnserve-train:{project_version()}"
-    assert pod["restartPolicy"] == "Never"
-    assert pod["securityContext"]["runAsUser"] == UID and pod["securityContext"]["fsGroup"] == UID
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    volumes = {v["name"]: v for v in pod["volumes"]}
+    check_training_pod(pod, container)
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    models = mounts[train_models_dir()]
-    assert not models.get("readOnly", False)
-    claim = volumes[models["name"]]["persistentVolumeClaim"]["claimName"]
-    assert claim == one("overlays/cpu", "PersistentVolumeClaim")["metadata"]["name"]
-    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert not mounts[train_models_dir()].get("readOnly", False)
     assert job["metadata"]["namespace"] == NAMESPACE
-    # The arguments are make variables the Makefile's train target understands.
-    entrypoint, _ = entrypoint_and_cmd("train")
-    dry = " ".join(run([*entrypoint, "-n", *container["args"]], cwd=ROOT).stdout.split())
-    for arg in container["args"]:
-        name, _, value = arg.partition("=")
-        flag = {"DATASET": "--dataset", "EPOCHS": "--epochs", "BATCH_SIZE": "--batch-size"}[name]
-        assert f"{flag} {value}" in dry
 
 
 def check_training_pod(pod: Obj, container: Obj) -> None:
-    """What every training pod shares with the single Job: the image, the user, the volume."""
+    """What every training pod (the single Job's, the multi-worker ones) has: the image, the
+    user, the models volume, and arguments the train target understands."""
     assert container["image"] == f"cnnserve-train:{project_version()}"
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsUser"] == UID and pod["securityContext"]["fsGroup"] == UID
@@ -902,7 +888,12 @@ def check_training_pod(pod: Obj, container: Obj) -> None:
     dry = " ".join(run([*entrypoint, "-n", *container["args"]], cwd=ROOT).stdout.split())
     for arg in container["args"]:
         name, _, value = arg.partition("=")
-        flag = {"DATASET": "--dataset ", "EPOCHS": "--epochs ", "TRAIN_ARGS": ""}[name]
+        flag = {
+            "DATASET": "--dataset ",
+            "EPOCHS": "--epochs ",
+            "BATCH_SIZE": "--batch-size ",
+            "TRAIN_ARGS": "",
+        }[name]
         assert f"{flag}{value}" in dry, (arg, dry)
 
 

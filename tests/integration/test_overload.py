@@ -28,10 +28,9 @@ COMMON = ["--max-message-mb", "64", "--max-connection-age-s", "0"]
 MEMORY_BOUND = ["--max-inflight-mb", "8", "--max-queue-images", str(64 * IMAGES), *COMMON]
 
 
-def rejected(proc: ServerProcess) -> dict[tuple[str, str], float]:
+def rejected(proc: ServerProcess) -> dict[tuple[str, ...], float]:
     """cnnserve_rejected_total by (model, reason), scraped from the server's /metrics."""
-    by = scrape(proc.metrics_port).by("cnnserve_rejected_total", "model", "reason")
-    return {(model, reason): value for (model, reason), value in by.items()}
+    return scrape(proc.metrics_port).by("cnnserve_rejected_total", "model", "reason")
 
 
 async def burst_then_one_call(proc: ServerProcess, work: Workload) -> tuple[BurstResult, bool]:

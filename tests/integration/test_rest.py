@@ -122,33 +122,23 @@ def test_model_config_and_statistics_with_tritonclient(
 
 def test_perf_analyzer_over_http(rest: ServerProcess) -> None:
     """Triton's own load generator, over HTTP (it reads the model's config from .../config)."""
-    import os
     import subprocess
 
-    from harness import ROOT
+    from bench.serving_bench import setup_perf_analyzer
 
-    setup = subprocess.run(
-        ["bash", str(ROOT / "bench" / "perf_analyzer.sh"), "--setup"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    found = dict(
-        line.split(" ", 1)
-        for line in setup.stdout.splitlines()
-        if line.startswith(("bin ", "lib "))
-    )
-    assert setup.returncode == 0 and {"bin", "lib"} <= set(found), setup.stderr[-2000:]
-    env = {**os.environ, "LD_LIBRARY_PATH": found["lib"]}
+    pa, why = setup_perf_analyzer()
+    assert pa is not None, why
     before = scrape(rest.metrics_port).total(
         "cnnserve_requests_total", method="ModelInfer", code="OK", protocol="http"
     )
     done = subprocess.run(
         [
-            found["bin"], "-m", "fashion", "-i", "http", "-u", f"127.0.0.1:{rest.http_port}",
+            str(pa.binary), "-m", "fashion", "-i", "http", "-u", f"127.0.0.1:{rest.http_port}",
             "-b", "4", "--input-data", "zero", "--concurrency-range", "2",
             "--measurement-mode", "count_windows", "--measurement-request-count", "50",
             "--stability-percentage", "100", "--max-trials", "5",
         ],
-        capture_output=True, text=True, timeout=300, check=False, env=env,
+        capture_output=True, text=True, timeout=300, check=False, env=pa.env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "Throughput:" in done.stdout and "Server:" in done.stdout, done.stdout[-3000:]
