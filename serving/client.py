@@ -230,6 +230,17 @@ def _array(t: pb.Tensor) -> npt.NDArray[Any]:
     return tensors.decode(t.data, datatype, t.shape)
 
 
+def _tensor(array: npt.NDArray[Any]) -> pb.Tensor:
+    """A uint8 or float32 array as our API's Tensor (the twin of `_array`)."""
+    if array.dtype == np.uint8:
+        dtype = pb.DATA_TYPE_UINT8
+    elif array.dtype == np.float32:
+        dtype = pb.DATA_TYPE_FLOAT32
+    else:
+        raise TypeError(f"images must be uint8 or float32, not {array.dtype}")
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=tensors.to_bytes(array))
+
+
 @dataclass(frozen=True)
 class Failure:
     """A streamed batch the server answered with an error (the other batches go on)."""
@@ -246,21 +257,10 @@ def predict_request(
     top_k: int = 1,
     omit_probabilities: bool = False,
 ) -> pb.PredictRequest:
-    array = np.ascontiguousarray(images)
-    if array.dtype == np.uint8:
-        dtype = pb.DATA_TYPE_UINT8
-    elif array.dtype == np.float32:
-        dtype = pb.DATA_TYPE_FLOAT32
-    else:
-        raise TypeError(f"images must be uint8 or float32, not {array.dtype}")
     return pb.PredictRequest(
         model=model,
         version=version,
-        images=pb.Tensor(
-            dtype=dtype,
-            shape=array.shape,
-            data=tensors.to_bytes(array),
-        ),
+        images=_tensor(np.ascontiguousarray(images)),
         top_k=top_k,
         omit_probabilities=omit_probabilities,
     )
@@ -269,8 +269,7 @@ def predict_request(
 def _prediction(response: pb.PredictResponse) -> Prediction:
     probabilities = None
     if response.HasField("probabilities"):
-        t = response.probabilities
-        probabilities = tensors.decode(t.data, "FP32", t.shape)
+        probabilities = _array(response.probabilities)
     labels, indices = _classifications(response.classifications)
     return Prediction(response.model, response.version, probabilities, labels, indices)
 
@@ -437,12 +436,7 @@ class Client:
         """The activations of each convolution and pooling layer (or of `layers`) for one
         image: a file, encoded bytes, or uint8 pixels [H, W] / [H, W, C]."""
         if isinstance(image, np.ndarray):
-            pixels = np.ascontiguousarray(image, dtype=np.uint8)
-            item = pb.Image(
-                pixels=pb.Tensor(
-                    dtype=pb.DATA_TYPE_UINT8, shape=pixels.shape, data=tensors.to_bytes(pixels)
-                )
-            )
+            item = pb.Image(pixels=_tensor(np.ascontiguousarray(image, dtype=np.uint8)))
         else:
             item = pb.Image(encoded=image if isinstance(image, bytes) else Path(image).read_bytes())
         response = self.stub.GetFeatureMaps(
