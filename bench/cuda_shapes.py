@@ -6,7 +6,7 @@ Dynamic batching hands ONNX Runtime a different batch size on almost every run. 
 costs nothing; on CUDA each Conv re-plans with cuDNN whenever its input shape changes. This
 prints, per cuDNN algorithm search mode: runs in random sizes on the loading thread, on a new
 thread, on four threads at once, and the same sizes padded to one fixed batch (what
-`serving.runtime.run_in_fixed_batches` does for the server). bench/CUDA.md has the figures.
+`serving.core.runtime.run_in_fixed_batches` does for the server). bench/CUDA.md has the figures.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 
-from serving.runtime import run_in_fixed_batches
+from serving.core.runtime import run_in_fixed_batches
 
 FIXED = 64
 

@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from harness import ServerProcess
-from serving.codec import encode_tensor
+from serving.grpc.codec import encode_tensor
 from serving.memory import GiB, MiB, default_inflight_budget_bytes
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 

@@ -35,7 +35,7 @@ from bench.serving_bench import (
     start_server,
     wait_serving,
 )
-from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.core.runtime import ModelRuntime, RuntimeOptions
 
 
 def summarize(collapsed: Path, top: int) -> str:

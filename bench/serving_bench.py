@@ -75,9 +75,9 @@ import harness
 from harness import free_port
 from harness.server import terminate
 from serving import config
+from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
-from serving.runtime import ModelRuntime, RuntimeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -27,7 +27,7 @@ from prometheus_client import (
     process_collector as _process,
 )
 
-from serving.batching import Observer
+from serving.core.batching import Observer
 
 log = logging.getLogger(__name__)
 

@@ -15,24 +15,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from serving import images
-from serving.admission import Admission, MiB
-from serving.api.calls import CallGuard
-from serving.api.cnnserve import CnnServeServicer
-from serving.api.inference import GRPCInferenceServiceServicer, server_version
-from serving.api.rest import RestApi, RestLimits, RestServer, ssl_context
-from serving.api.streams import Streams
-from serving.auth import TokenAuthInterceptor
-from serving.batching import Observer
 from serving.config import Settings, read_auth_token
+from serving.core import images
+from serving.core.admission import Admission, MiB
+from serving.core.batching import Observer
+from serving.core.dataplane import DataPlane, Limits, Statistics
+from serving.core.repository import BatchingOptions, ModelRepository, State
+from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 from serving.cores import available_cores
-from serving.dataplane import DataPlane, Limits, Statistics
+from serving.grpc.auth import TokenAuthInterceptor
+from serving.grpc.calls import CallGuard
+from serving.grpc.cnnserve import CnnServeServicer
+from serving.grpc.inference import GRPCInferenceServiceServicer, server_version
+from serving.grpc.streams import Streams
 from serving.memory import IdleTrimmer, default_inflight_budget_bytes
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2
 from serving.pb.inference import grpc_predict_v2_pb2
-from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
+from serving.rest.app import RestApi, RestLimits, RestServer, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Server:
             self.admission,
         )
         self.streams = Streams(settings.max_stream_inflight)
-        self.guard = CallGuard(self.metrics, self.streams, self.admission)
+        self.guard = CallGuard(self.metrics, self.streams.stop_reading, self.admission)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0

@@ -22,12 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import ServerProcess
 from serving import tensors
 from serving.client import Client
+from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.pb.inference import model_config_pb2 as v2config
-from serving.runtime import ModelRuntime, RuntimeOptions
 from tests.conftest import FASHION_DIR
 from training import datasets
 

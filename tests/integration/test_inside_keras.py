@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from serving.inspection import MAP_KINDS, FeatureMapSession, read_filters
-from serving.summary import summarize
+from serving.core.inspection import MAP_KINDS, FeatureMapSession, read_filters
+from serving.core.summary import summarize
 from training.export import to_onnx
 
 L = keras.layers

@@ -21,9 +21,9 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness import ServerProcess, scrape, write_tiny_model
-from serving.api.rest import RestApi, RestLimits, routes_of
-from serving.dataplane import DataPlane, Limits
+from serving.core.dataplane import DataPlane, Limits
 from serving.metrics import Metrics
+from serving.rest.app import RestApi, RestLimits, routes_of
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)

@@ -27,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from harness import PYTHON, ROOT, ServerProcess, scrape
-from serving import config, images
+from serving import config
 from serving.client import Client
+from serving.core import images
 from serving.errors import InvalidArgument
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc

@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from serving.admission import (
+from serving.core.admission import (
     PER_CALL_BYTES,
     RESERVATION,
     UNREAD,

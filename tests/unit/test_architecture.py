@@ -42,11 +42,52 @@ def offending(paths: list[Path], forbidden: tuple[str, ...]) -> dict[str, list[s
     return bad
 
 
-def test_servicers_and_handlers_talk_only_to_the_data_plane() -> None:
-    api = sources("serving/api")
-    assert api, "serving/api has no modules"
-    forbidden = ("serving.repository", "serving.runtime", "serving.batching")
-    assert offending(api, forbidden) == {}
+PROTOCOLS = ("serving.grpc", "serving.rest")
+
+
+def test_protocols_take_only_the_data_plane_from_the_core() -> None:
+    """Servicers, handlers and their message builders see the core through `core.dataplane`."""
+    protocol_code = sources("serving/grpc") + sources("serving/rest")
+    assert protocol_code, "serving/grpc and serving/rest have no modules"
+    bad = {
+        path: [m for m in hits if not m.startswith("serving.core.dataplane")]
+        for path, hits in offending(protocol_code, ("serving.core",)).items()
+    }
+    assert {path: hits for path, hits in bad.items() if hits} == {}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_serving_has_no_import_cycles() -> None:
+    """Every module of `serving` (generated code aside), TYPE_CHECKING imports included."""
+    modules = {module_name(p): p for p in sources("serving")}
+    graph = {
+        name: {
+            m
+            for m in imported_modules(path)
+            if m in modules and m != name and not name.startswith(m + ".")
+        }
+        for name, path in modules.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
 
 
 def test_tensors_module_imports_nothing_of_the_server() -> None:
@@ -60,17 +101,8 @@ def test_training_and_serving_never_import_each_other(package: str, other: str) 
     assert offending(sources(package), (other,)) == {}
 
 
-def test_the_runtime_and_batcher_know_nothing_of_grpc_or_http() -> None:
-    core = [
-        ROOT / "serving" / f for f in ("runtime.py", "batching.py", "dataplane.py", "admission.py")
-    ]
-    forbidden = (
-        "grpc",
-        "aiohttp",
-        "uvicorn",
-        "starlette",
-        "serving.pb",
-        "serving.api",
-        "serving.codec",
-    )
+def test_the_core_knows_nothing_of_grpc_or_http() -> None:
+    core = sources("serving/core")
+    assert core, "serving/core has no modules"
+    forbidden = ("grpc", "aiohttp", "uvicorn", "starlette", "serving.pb", *PROTOCOLS)
     assert offending(core, forbidden) == {}

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from harness import write_tiny_model
-from serving import codec
-from serving.batching import Batcher, Decision, RunCosts, decide, run_unbatched
-from serving.dataplane import Prediction, top_k
+from serving.core.batching import Batcher, Decision, RunCosts, decide, run_unbatched
+from serving.core.dataplane import Prediction, top_k
+from serving.core.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
+from serving.grpc import codec
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-from serving.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
 
 
 def _recording_run(threads: list[str], sizes: list[int]):  # type: ignore[no-untyped-def]

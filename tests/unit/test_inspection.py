@@ -14,11 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from harness import write_tiny_cnn
-from serving.dataplane import DataPlane, Limits
+from serving.core.dataplane import DataPlane, Limits
+from serving.core.repository import BatchingOptions, ModelRepository
+from serving.core.runtime import RuntimeOptions
+from serving.core.summary import size_formula, summarize
 from serving.errors import InvalidArgument, ResourceExhausted
-from serving.repository import BatchingOptions, ModelRepository
-from serving.runtime import RuntimeOptions
-from serving.summary import size_formula, summarize
 
 VALID = (0, 0, 0, 0)
 

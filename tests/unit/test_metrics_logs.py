@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import write_tiny_model
 from serving import logs
+from serving.core.repository import BatchingOptions, ModelRepository, State
+from serving.core.runtime import RuntimeOptions
 from serving.metrics import Metrics
-from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import RuntimeOptions
 
 
 def states(metrics: Metrics, model: str, version: str) -> dict[str, float]:
@@ -52,7 +52,7 @@ async def test_model_state_follows_load_refusal_and_removal(
             observer_for=metrics.observer_for,
             on_state=on_state,
         )
-        with caplog.at_level(logging.INFO, logger="serving.repository"):
+        with caplog.at_level(logging.INFO, logger="serving.core.repository"):
             await repo.scan()
             assert states(metrics, "tiny", "1")["READY"] == 1
             assert states(metrics, "tiny", "2") == {
@@ -109,7 +109,7 @@ def test_a_status_sent_to_a_gone_client_is_a_debug_line_not_a_traceback(
     other errors of that logger stay."""
     from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-    import serving.api.calls  # noqa: F401  (installs the filter)
+    import serving.grpc.calls  # noqa: F401  (installs the filter)
 
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     with caplog.at_level(logging.DEBUG):

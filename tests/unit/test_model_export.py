@@ -12,7 +12,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from serving.summary import summarize  # noqa: E402
+from serving.core.summary import summarize  # noqa: E402
 from training.export import INPUT_NAME, OUTPUT_NAME, Parity, export, to_onnx  # noqa: E402
 from training.model import build_cnn, build_mlp, layer_parameter_counts  # noqa: E402
 

@@ -13,21 +13,23 @@ import pytest
 from PIL import Image
 
 from harness import write_tiny_model
-from serving import codec, config, images
-from serving.batching import Batcher
-from serving.cores import available_cores, cpu_quota
-from serving.dataplane import DataPlane, Limits, top_k
-from serving.errors import InvalidArgument, NotFound, Unavailable
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-from serving.repository import BatchingOptions, ModelRepository, State
-from serving.runtime import (
+from serving import config
+from serving.core import images
+from serving.core.batching import Batcher
+from serving.core.dataplane import DataPlane, Limits, top_k
+from serving.core.repository import BatchingOptions, ModelRepository, State
+from serving.core.runtime import (
     ModelLoadError,
     ModelRuntime,
     RuntimeOptions,
     resolve_providers,
     run_in_fixed_batches,
 )
-from serving.summary import summarize
+from serving.core.summary import summarize
+from serving.cores import available_cores, cpu_quota
+from serving.errors import InvalidArgument, NotFound, Unavailable
+from serving.grpc import codec
+from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.tensors import TensorError
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from serving.api.calls import PROBE_SERVICES, refusal
+from serving.grpc.calls import PROBE_SERVICES, refusal
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -17,18 +17,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from serving import images
-from serving.admission import PER_CALL_BYTES, Admission, Ticket, request_cost
-from serving.batching import Observer
 from serving.config import DEFAULTS, MiB
-from serving.errors import InvalidArgument, ResourceExhausted, ServingError
-from serving.inspection import MAP_KINDS
-from serving.repository import BatchingOptions as BatchingOptions  # noqa: PLC0414
-from serving.repository import ModelRepository, VersionStatus
+from serving.core import images
+from serving.core.admission import PER_CALL_BYTES, Ticket, request_cost
 
-# Re-exported: the type `resolve` hands the protocols.
-from serving.repository import ServedVersion as ServedVersion  # noqa: PLC0414
-from serving.summary import Layer, ParameterSummary
+# Re-exported: what the protocols see of the core, so that they import the data plane only
+# (the reservation taken before a message is read, the version `resolve` hands them, and the
+# types their message builders read).
+from serving.core.admission import RESERVATION as RESERVATION  # noqa: PLC0414
+from serving.core.admission import Admission as Admission  # noqa: PLC0414
+from serving.core.batching import Observer
+from serving.core.inspection import MAP_KINDS
+from serving.core.repository import MODEL_FILE as MODEL_FILE  # noqa: PLC0414
+from serving.core.repository import BatchingOptions as BatchingOptions  # noqa: PLC0414
+from serving.core.repository import ModelRepository, VersionStatus
+from serving.core.repository import ServedVersion as ServedVersion  # noqa: PLC0414
+from serving.core.repository import State as State  # noqa: PLC0414
+from serving.core.summary import Layer
+from serving.core.summary import ParameterSummary as ParameterSummary  # noqa: PLC0414
+from serving.errors import InvalidArgument, ResourceExhausted, ServingError
 
 F32 = npt.NDArray[np.float32]
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))

@@ -13,15 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from serving.admission import RESERVATION, Admission
+from serving.core.dataplane import RESERVATION, Admission
 from serving.errors import Kind, ServingError, as_refusal
 from serving.metrics import UNKNOWN_MODEL, Metrics
 
 if TYPE_CHECKING:
-    from serving.api.streams import Streams
-    from serving.dataplane import DataPlane, ServedVersion
+    from serving.core.dataplane import DataPlane, ServedVersion
 
-log = logging.getLogger("serving.api")
+log = logging.getLogger("serving.grpc")
 # Services that answer while the server drains (health says NOT_SERVING; discovery stays).
 PROBE_SERVICES = frozenset(
     {
@@ -194,11 +193,11 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
         self,
         metrics: Metrics | None = None,
-        streams: Streams | None = None,
+        stop_streams: Callable[[], None] | None = None,
         admission: Admission | None = None,
     ) -> None:
         self._metrics = metrics
-        self._streams = streams
+        self._stop_streams = stop_streams  # drain makes every stream stop reading
         self._admission = admission
         self._wrapped: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
@@ -211,8 +210,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Refuse new calls from now on; wait (at most `timeout` s) for the running ones to
         finish. Returns how many are still running."""
         self.draining = True
-        if self._streams is not None:
-            self._streams.stop_reading()
+        if self._stop_streams is not None:
+            self._stop_streams()
         if self.active:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):

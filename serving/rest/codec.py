@@ -21,19 +21,20 @@ import numpy.typing as npt
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from serving import codec, tensors
-from serving.dataplane import (
+from serving import tensors
+from serving.core.dataplane import (
     BatchingOptions,
     FeatureMaps,
     Filters,
     ModelCatalog,
+    ParameterSummary,
     Prediction,
     ServedVersion,
     VersionStats,
 )
 from serving.errors import InvalidArgument
+from serving.grpc import codec
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
-from serving.summary import ParameterSummary
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"

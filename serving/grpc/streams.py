@@ -25,10 +25,10 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from serving.api.calls import Call, Undecodable, failure
+from serving.grpc.calls import Call, Undecodable, failure
 from serving.metrics import Metrics
 
-log = logging.getLogger("serving.api")
+log = logging.getLogger("serving.grpc")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from serving import codec
-from serving.api.calls import Call, rpc
-from serving.api.streams import StreamMethod, Streams, serve_stream
-from serving.dataplane import DataPlane
+from serving.core.dataplane import DataPlane
+from serving.grpc import codec
+from serving.grpc.calls import Call, rpc
+from serving.grpc.streams import StreamMethod, Streams, serve_stream
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc

@@ -12,10 +12,10 @@ from importlib import metadata
 
 import grpc
 
-from serving import codec
-from serving.api.calls import Call, rpc
-from serving.api.streams import StreamMethod, Streams, serve_stream
-from serving.dataplane import DataPlane
+from serving.core.dataplane import DataPlane
+from serving.grpc import codec
+from serving.grpc.calls import Call, rpc
+from serving.grpc.streams import StreamMethod, Streams, serve_stream
 from serving.metrics import Metrics
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc

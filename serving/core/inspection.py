@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.summary import Layer, ParameterSummary
+from serving.core.summary import Layer, ParameterSummary
 
 F32 = npt.NDArray[np.float32]
 MAP_KINDS = frozenset({"Conv2D", "MaxPooling2D", "AveragePooling2D"})

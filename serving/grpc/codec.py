@@ -13,12 +13,17 @@ import numpy as np
 import numpy.typing as npt
 
 from serving import tensors
-from serving.dataplane import (
+from serving.core.dataplane import (
+    MODEL_FILE,
+    BatchingOptions,
     Duration,
     FeatureMaps,
     Filters,
     ModelCatalog,
+    ParameterSummary,
     Prediction,
+    ServedVersion,
+    State,
     TopK,
     VersionStats,
 )
@@ -26,8 +31,6 @@ from serving.errors import InvalidArgument
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import model_config_pb2 as v2config
-from serving.repository import MODEL_FILE, BatchingOptions, ServedVersion, State
-from serving.summary import ParameterSummary
 
 DTYPES: dict[int, np.dtype[np.generic]] = {
     pb.DATA_TYPE_UINT8: np.dtype("<u1"),

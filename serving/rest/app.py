@@ -1,7 +1,7 @@
 """The REST API on aiohttp: the KServe v2 REST protocol, our /v1 routes and /openapi.json.
 
 Same process and event loop as the gRPC server, and the same data plane: handlers validate ->
-decode (serving.api.rest_codec) -> call the data plane -> encode, as the gRPC servicers do. What
+decode (serving.rest.codec) -> call the data plane -> encode, as the gRPC servicers do. What
 every request goes through, in one middleware: the drain, the bearer token (health and the
 OpenAPI document stay open), the admission reservation before the body is read (from its
 Content-Length), the body's size and time limits, errors as JSON `{"error": "..."}` with the
@@ -23,13 +23,12 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from serving.admission import RESERVATION, Admission
-from serving.api import rest_codec as rc
-from serving.dataplane import DataPlane
+from serving.core.dataplane import RESERVATION, Admission, DataPlane
 from serving.errors import Kind, ServingError, Unavailable, as_refusal
 from serving.metrics import UNKNOWN_MODEL, Metrics
+from serving.rest import codec as rc
 
-log = logging.getLogger("serving.api.rest")
+log = logging.getLogger("serving.rest.app")
 
 SERVER_NAME = "cnnserve"
 # Triton's names of the protocol extensions the REST API implements.
@@ -95,7 +94,7 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 
 def openapi_document() -> bytes:
-    return resources.files("serving.api").joinpath("openapi.json").read_bytes()
+    return resources.files("serving.rest").joinpath("openapi.json").read_bytes()
 
 
 def page_files() -> dict[str, bytes]:

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from serving.batching import Batcher, Observer, run_unbatched
 from serving.config import DEFAULTS
+from serving.core.batching import Batcher, Observer, run_unbatched
+from serving.core.inspection import FeatureMapSession, read_filters
+from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+from serving.core.summary import Layer, ParameterSummary, summarize
 from serving.errors import NotFound, Unavailable
-from serving.inspection import FeatureMapSession, read_filters
-from serving.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
-from serving.summary import Layer, ParameterSummary, summarize
 
 log = logging.getLogger(__name__)
 

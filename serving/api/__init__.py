@@ -1,1 +1,0 @@
-"""Thin servicers, one per proto service: validate -> decode -> run -> encode."""

@@ -1,0 +1,5 @@
+"""`python -m serving.client`: the same command as `cnnserve-client`."""
+
+from serving.client.cli import main
+
+main()
