@@ -58,8 +58,9 @@ import numpy as np
 import numpy.typing as npt
 
 from harness import ServerProcess
-from serving.grpc.codec import encode_tensor
-from serving.memory import GiB, MiB, default_inflight_budget_bytes
+from serving.config import MiB
+from serving.grpc.cnnserve_messages import encode_tensor
+from serving.memory import GiB, default_inflight_budget_bytes
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent

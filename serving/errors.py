@@ -13,7 +13,6 @@ class Kind(Enum):
     UNAVAILABLE = "UNAVAILABLE"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
 
 
@@ -41,8 +40,10 @@ class ResourceExhausted(ServingError):
     kind = Kind.RESOURCE_EXHAUSTED
 
 
-class Internal(ServingError):
-    kind = Kind.INTERNAL
+class FailedPrecondition(ServingError):
+    """The request is valid but the model cannot answer it (an operation its graph lacks)."""
+
+    kind = Kind.FAILED_PRECONDITION
 
 
 def as_refusal(exc: BaseException) -> ServingError | None:

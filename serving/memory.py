@@ -19,9 +19,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.config import MiB
+
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 GiB = 1024 * MiB
 CGROUP = Path("/sys/fs/cgroup")
 # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number

@@ -7,6 +7,7 @@ counted as "_unknown"), methods from the proto services, codes from grpc.StatusC
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +29,9 @@ from prometheus_client import (
 )
 
 from serving.core.batching import Observer
+
+if TYPE_CHECKING:
+    from serving.core.dataplane import DataPlane, ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -295,3 +299,20 @@ class Metrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+class Call:
+    """A call's metric labels, filled in by its handler as it learns them (the model it resolved),
+    whichever protocol it came by."""
+
+    __slots__ = ("model", "version")
+
+    def __init__(self) -> None:
+        self.model = UNKNOWN_MODEL
+        self.version = ""
+
+    def resolve(self, plane: DataPlane, model: str, version: int) -> ServedVersion:
+        """The version to run, remembered as this call's metric labels."""
+        served = plane.resolve(model, version)
+        self.model, self.version = served.name, str(served.version)
+        return served

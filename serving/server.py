@@ -15,18 +15,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from serving.config import Settings, read_auth_token
+from serving.config import MiB, Settings, read_auth_token
 from serving.core import images
-from serving.core.admission import Admission, MiB
+from serving.core.admission import Admission
 from serving.core.batching import Observer
 from serving.core.dataplane import DataPlane, Limits, Statistics
 from serving.core.repository import BatchingOptions, ModelRepository, State
 from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 from serving.cores import available_cores
 from serving.grpc.auth import TokenAuthInterceptor
-from serving.grpc.calls import CallGuard
 from serving.grpc.cnnserve import CnnServeServicer
-from serving.grpc.inference import GRPCInferenceServiceServicer, server_version
+from serving.grpc.guard import CallGuard
+from serving.grpc.inference import GRPCInferenceServiceServicer
+from serving.grpc.inference_messages import server_version
 from serving.grpc.streams import Streams
 from serving.memory import IdleTrimmer, default_inflight_budget_bytes
 from serving.metrics import Metrics

@@ -31,12 +31,12 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import tensors
+from serving import tensors, tokens
+from serving.config import MiB
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-MiB = 1024 * 1024
 # The services our calls go to: the retry policy applies to these (all of their methods).
 SERVICES = ("cnnserve.v1.CnnServe", "inference.GRPCInferenceService", "grpc.health.v1.Health")
 TOKEN_ENV = "CNNSERVE_AUTH_TOKEN"  # the CLI's token when --token-file is not given
@@ -152,7 +152,7 @@ class _BearerToken(  # type: ignore[misc]
     where gRPC refuses call credentials; send tokens over TLS)."""
 
     def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+        self._header = (tokens.HEADER, tokens.header_value(token))
 
     def _details(self, details: Any) -> _CallDetails:
         metadata = [*(details.metadata or ()), self._header]

@@ -24,12 +24,16 @@ import contextvars
 from collections.abc import Callable
 from typing import NoReturn, Protocol
 
+from serving.config import MiB
 from serving.errors import Unavailable
 
-MiB = 1024 * 1024
 # What a call holds besides its tensors: the message objects, the handler's coroutine and
 # futures, the response. Small, but a flood of tiny requests must cost something too.
 PER_CALL_BYTES = 16 * 1024
+# Inference methods (as metrics name them, whichever protocol): each holds a reservation of the
+# request data budget from before its message is read, and is refused unread when the budget is
+# taken.
+RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps"})
 EXPECTED_ALPHA = 0.1  # weight of a new cost in the moving average: about the last 10-20 calls
 UNREAD = "_unknown"  # the model label of a call refused before its message was read
 # The reservation of the call being handled: set where the call was accepted (before its

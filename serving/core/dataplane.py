@@ -25,6 +25,7 @@ from serving.core.admission import PER_CALL_BYTES, Ticket, request_cost
 # (the reservation taken before a message is read, the version `resolve` hands them, and the
 # types their message builders read).
 from serving.core.admission import RESERVATION as RESERVATION  # noqa: PLC0414
+from serving.core.admission import RESERVING as RESERVING  # noqa: PLC0414
 from serving.core.admission import Admission as Admission  # noqa: PLC0414
 from serving.core.batching import Observer
 from serving.core.inspection import MAP_KINDS

@@ -9,19 +9,18 @@ cnnserve_requests_total with code="UNAUTHENTICATED" (model "_unknown": the reque
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from serving.grpc.calls import PROBE_SERVICES, refusal
+from serving import tokens
+from serving.grpc.guard import PROBE_SERVICES, refusal
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-SCHEME = "bearer"
 # Services a caller may use without the token: probes and service discovery.
 OPEN_SERVICES = PROBE_SERVICES
 UNKNOWN_METHOD = "_unknown"
@@ -36,15 +35,11 @@ def service_and_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def bearer_token(metadata: Any) -> bytes | None:
-    """The token of the call's `authorization` metadata, when it uses the Bearer scheme."""
+def authorization(metadata: Any) -> str | bytes | None:
+    """The call's `authorization` metadata value, if it sent one."""
     for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == SCHEME and token.strip():
-                return token.strip().encode("latin-1", "replace")
-            return None
+        if key == tokens.HEADER:
+            return value  # type: ignore[no-any-return]
     return None
 
 
@@ -59,9 +54,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         service, _ = service_and_method(details.method)
         if service in OPEN_SERVICES:
             return True
-        given = bearer_token(details.invocation_metadata)
-        # compare_digest takes the same time wherever the first difference is.
-        return given is not None and hmac.compare_digest(given, self._token)
+        return tokens.matches(authorization(details.invocation_metadata), self._token)
 
     async def intercept_service(  # type: ignore[override]  # None: no such method
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -72,7 +65,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         # A method that exists keeps its name as the metrics label; any other is "_unknown"
         # (label values stay bounded whatever a caller sends).
         method = service_and_method(handler_call_details.method)[1] if handler else UNKNOWN_METHOD
-        sent = any(k == "authorization" for k, _ in handler_call_details.invocation_metadata or ())
+        sent = authorization(handler_call_details.invocation_metadata) is not None
         message = "invalid bearer token" if sent else "missing `authorization: Bearer <token>`"
         log.debug("%s refused: %s", handler_call_details.method, message)
         return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, message, self._count(method))

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from serving.core.dataplane import DataPlane
-from serving.grpc import codec
-from serving.grpc.calls import Call, rpc
+from serving.grpc import cnnserve_messages as messages
+from serving.grpc.calls import rpc
 from serving.grpc.streams import StreamMethod, Streams, serve_stream
-from serving.metrics import Metrics
+from serving.metrics import Call, Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
@@ -28,7 +28,7 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     async def _predict_one(
         self, request: pb.PredictRequest, index: int, call: Call
     ) -> pb.PredictStreamResponse:
-        answer = codec.predict_stream_answer(request, index)
+        answer = messages.predict_stream_answer(request, index)
         await self._predict(request, call, answer.response)
         return answer
 
@@ -36,17 +36,17 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     def _predict_stream_error(
         request: pb.PredictRequest | None, index: int, code: grpc.StatusCode, message: str
     ) -> pb.PredictStreamResponse:
-        return codec.predict_stream_error(request, index, code.value[0], message)
+        return messages.predict_stream_error(request, index, code.value[0], message)
 
     async def _predict(
         self, request: pb.PredictRequest, call: Call, out: pb.PredictResponse | None = None
     ) -> pb.PredictResponse:
         served = call.resolve(self.plane, request.model, request.version)
         # Held against the budget from its shape, before its bytes are touched.
-        with self.plane.admit(served, *codec.tensor_extent(request.images)):
-            pixels = codec.decode_tensor(request.images)
+        with self.plane.admit(served, *messages.tensor_extent(request.images)):
+            pixels = messages.decode_tensor(request.images)
             prediction = await self.plane.predict(served, pixels, request.top_k or 1)
-            return codec.predict_response(served, prediction, request.omit_probabilities, out)
+            return messages.predict_response(served, prediction, request.omit_probabilities, out)
 
     @rpc("Predict")
     async def Predict(
@@ -64,43 +64,43 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         self, request: pb.ClassifyRequest, context: Ctx, call: Call
     ) -> pb.ClassifyResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        with self.plane.admit_images(served, *codec.classify_extent(request)):
-            items = codec.decode_classify_images(request)
+        with self.plane.admit_images(served, *messages.classify_extent(request)):
+            items = messages.decode_classify_images(request)
             # Decoding images is CPU work: keep it off the event loop.
             batch = await asyncio.to_thread(self.plane.decode_images, served, items)
             prediction = await self.plane.predict(served, batch, request.top_k or 1)
-            return codec.classify_response(served, prediction)
+            return messages.classify_response(served, prediction)
 
     @rpc("GetParameterSummary")
     async def GetParameterSummary(
         self, request: pb.GetParameterSummaryRequest, context: Ctx, call: Call
     ) -> pb.GetParameterSummaryResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        return codec.summary_response(served, await self.plane.summary(served))
+        return messages.summary_response(served, await self.plane.summary(served))
 
     @rpc("GetFeatureMaps")
     async def GetFeatureMaps(
         self, request: pb.GetFeatureMapsRequest, context: Ctx, call: Call
     ) -> pb.GetFeatureMapsResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        image = codec.decode_image(request.image)
+        image = messages.decode_image(request.image)
         maps = await self.plane.feature_maps(
             served, image, list(request.layers), request.top_k or 1, request.ByteSize()
         )
-        return codec.feature_maps_response(served, maps)
+        return messages.feature_maps_response(served, maps)
 
     @rpc("GetFilters")
     async def GetFilters(
         self, request: pb.GetFiltersRequest, context: Ctx, call: Call
     ) -> pb.GetFiltersResponse:
         served = call.resolve(self.plane, request.model, request.version)
-        return codec.filters_response(served, await self.plane.filters(served, request.layer))
+        return messages.filters_response(served, await self.plane.filters(served, request.layer))
 
     @rpc("ListModels")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call
     ) -> pb.ListModelsResponse:
-        return codec.list_models_response(self.plane.catalog())
+        return messages.list_models_response(self.plane.catalog())
 
     @rpc("GetModelMetadata")
     async def GetModelMetadata(
@@ -108,4 +108,4 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     ) -> pb.GetModelMetadataResponse:
         served = call.resolve(self.plane, request.model, request.version)
         ready = self.plane.ready_versions(served.name)
-        return codec.metadata_response(served, ready, self.plane.limits.max_request_batch)
+        return messages.metadata_response(served, ready, self.plane.limits.max_request_batch)

@@ -8,30 +8,18 @@ through `DataPlane.predict` whichever protocol asked.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from importlib import metadata
 
 import grpc
 
 from serving.core.dataplane import DataPlane
-from serving.grpc import codec
-from serving.grpc.calls import Call, rpc
+from serving.grpc import inference_messages as messages
+from serving.grpc.calls import rpc
 from serving.grpc.streams import StreamMethod, Streams, serve_stream
-from serving.metrics import Metrics
+from serving.metrics import Call, Metrics
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 Ctx = grpc.aio.ServicerContext
-
-SERVER_NAME = "cnnserve"
-# Triton's names for the protocol extensions this servicer implements.
-EXTENSIONS = ["classification", "model_configuration", "statistics"]
-
-
-def server_version() -> str:
-    try:
-        return metadata.version("cnnserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
@@ -42,7 +30,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.streams = streams
         self._ready = ready  # the server's own readiness rule (the overall health status)
-        self._version = server_version()
+        self._version = messages.server_version()
         self._stream = StreamMethod("ModelStreamInfer", self._infer_one, self._stream_error)
 
     @rpc("ServerLive")
@@ -62,7 +50,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelReadyRequest, context: Ctx, call: Call
     ) -> v2.ModelReadyResponse:
         # The per-model health status: SERVING exactly when a version is ready.
-        version = codec.parse_v2_version(request.version)
+        version = messages.parse_v2_version(request.version)
         return v2.ModelReadyResponse(ready=self.plane.is_ready(request.name, version))
 
     @rpc("ServerMetadata")
@@ -70,28 +58,28 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ServerMetadataRequest, context: Ctx, call: Call
     ) -> v2.ServerMetadataResponse:
         return v2.ServerMetadataResponse(
-            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+            name=messages.SERVER_NAME, version=self._version, extensions=messages.EXTENSIONS
         )
 
     @rpc("ModelMetadata")
     async def ModelMetadata(
         self, request: v2.ModelMetadataRequest, context: Ctx, call: Call
     ) -> v2.ModelMetadataResponse:
-        served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
-        return codec.v2_model_metadata(served, self.plane.ready_versions(served.name))
+        served = call.resolve(self.plane, request.name, messages.parse_v2_version(request.version))
+        return messages.v2_model_metadata(served, self.plane.ready_versions(served.name))
 
     async def _infer(
         self, request: v2.ModelInferRequest, call: Call, out: v2.ModelInferResponse | None = None
     ) -> v2.ModelInferResponse:
         served = call.resolve(
-            self.plane, request.model_name, codec.parse_v2_version(request.model_version)
+            self.plane, request.model_name, messages.parse_v2_version(request.model_version)
         )
         # Held against the budget from its shape, before its bytes are touched.
-        with self.plane.admit(served, *codec.v2_input_extent(request)):
-            pixels = codec.decode_v2_input(request, served)
-            top = codec.v2_requested_top(request, served)
+        with self.plane.admit(served, *messages.v2_input_extent(request)):
+            pixels = messages.decode_v2_input(request, served)
+            top = messages.v2_requested_top(request, served)
             prediction = await self.plane.predict(served, pixels, top)
-            return codec.v2_infer_response(served, request.id, prediction, out)
+            return messages.v2_infer_response(served, request.id, prediction, out)
 
     async def _infer_one(
         self, request: v2.ModelInferRequest, index: int, call: Call
@@ -104,7 +92,7 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     def _stream_error(
         request: v2.ModelInferRequest | None, index: int, code: grpc.StatusCode, message: str
     ) -> v2.ModelStreamInferResponse:
-        return codec.v2_stream_error(request, code.name, message)
+        return messages.v2_stream_error(request, code.name, message)
 
     @rpc("ModelInfer")
     async def ModelInfer(
@@ -121,9 +109,9 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: v2.ModelConfigRequest, context: Ctx, call: Call
     ) -> v2.ModelConfigResponse:
-        served = call.resolve(self.plane, request.name, codec.parse_v2_version(request.version))
+        served = call.resolve(self.plane, request.name, messages.parse_v2_version(request.version))
         plane = self.plane
-        return codec.v2_model_config(
+        return messages.v2_model_config(
             served, plane.batching, plane.max_versions, plane.limits.max_request_batch
         )
 
@@ -131,12 +119,12 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: v2.ModelStatisticsRequest, context: Ctx, call: Call
     ) -> v2.ModelStatisticsResponse:
-        version = codec.parse_v2_version(request.version) if request.version else None
+        version = messages.parse_v2_version(request.version) if request.version else None
         counted = self.plane.statistics(request.name, version)
         if request.name:
             call.model = request.name
         return v2.ModelStatisticsResponse(
-            model_stats=[codec.v2_model_statistics(n, v, stats) for n, v, stats in counted]
+            model_stats=[messages.v2_model_statistics(n, v, stats) for n, v, stats in counted]
         )
 
     @rpc("RepositoryIndex")
@@ -144,4 +132,4 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.RepositoryIndexRequest, context: Ctx, call: Call
     ) -> v2.RepositoryIndexResponse:
         # cnnserve serves one repository: `repository_name` selects nothing.
-        return codec.v2_repository_index(self.plane.catalog(), request.ready)
+        return messages.v2_repository_index(self.plane.catalog(), request.ready)

@@ -25,8 +25,9 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from serving.grpc.calls import Call, Undecodable, failure
-from serving.metrics import Metrics
+from serving.grpc.calls import failure
+from serving.grpc.guard import Undecodable
+from serving.metrics import Call, Metrics
 
 log = logging.getLogger("serving.grpc")
 

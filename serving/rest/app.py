@@ -11,7 +11,6 @@ status the KServe spec and HTTP give, and the metrics (protocol="http", gRPC's c
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import ssl
 import time
@@ -23,23 +22,23 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from serving.core.dataplane import RESERVATION, Admission, DataPlane
+from serving import tokens
+from serving.core.dataplane import RESERVATION, RESERVING, Admission, DataPlane
 from serving.errors import Kind, ServingError, Unavailable, as_refusal
-from serving.metrics import UNKNOWN_MODEL, Metrics
+from serving.grpc import inference_messages as v2_messages
+from serving.metrics import Call, Metrics
 from serving.rest import codec as rc
 
 log = logging.getLogger("serving.rest.app")
 
-SERVER_NAME = "cnnserve"
-# Triton's names of the protocol extensions the REST API implements.
-EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
+# Triton's binary tensor extension is REST's own (gRPC's tensors are always raw bytes).
+EXTENSIONS = [*v2_messages.EXTENSIONS, "binary_tensor_data"]
 STATUS: dict[Kind, int] = {
     Kind.INVALID_ARGUMENT: 400,
     Kind.NOT_FOUND: 404,
     Kind.UNAVAILABLE: 503,
     Kind.RESOURCE_EXHAUSTED: 413,
-    Kind.FAILED_PRECONDITION: 400,
-    Kind.DEADLINE_EXCEEDED: 504,
+    Kind.FAILED_PRECONDITION: 409,
     Kind.INTERNAL: 500,
 }
 # HTTP answers that are not a data-plane refusal, in gRPC's code names for the metrics.
@@ -50,6 +49,7 @@ CODE_NAMES = {
     404: "NOT_FOUND",
     405: "UNIMPLEMENTED",
     408: "DEADLINE_EXCEEDED",
+    409: "FAILED_PRECONDITION",
     413: "RESOURCE_EXHAUSTED",
     415: "INVALID_ARGUMENT",
     500: "INTERNAL",
@@ -60,8 +60,6 @@ RETRY_AFTER_S = "1"
 # Routes anyone may call without the token: probes, the API's description, the page's files
 # (the page's own calls to the API send the token it is given).
 OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "OpenAPI", "Page"})
-# Routes whose bodies are held against the request data budget before they are read.
-RESERVING = frozenset({"ModelInfer", "Classify", "GetFeatureMaps"})
 NOT_COUNTED = frozenset({"OpenAPI", "Page"})  # like reflection over gRPC
 # The browser page (serving/web): static files, no build step, nothing from the network.
 PAGE_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -121,12 +119,6 @@ class HttpError(Exception):
 class RestLimits:
     max_body_bytes: int
     read_timeout_s: float
-
-
-@dataclass
-class Labels:
-    model: str = UNKNOWN_MODEL
-    version: str = ""
 
 
 class RestApi:
@@ -191,7 +183,7 @@ class RestApi:
     ) -> web.StreamResponse:
         route = request.match_info.route.name
         method = (route or "_unknown").removesuffix("V").removesuffix("File").removesuffix("All")
-        labels = Labels()
+        labels = Call()
         request["labels"] = labels
         started = time.perf_counter()
         status = 500
@@ -262,12 +254,12 @@ class RestApi:
     def _refusal(self, exc: ServingError) -> HttpError:
         return HttpError(STATUS[exc.kind], exc.message)
 
-    def _error(self, err: HttpError, method: str, labels: Labels) -> web.Response:
+    def _error(self, err: HttpError, method: str, labels: Call) -> web.Response:
         if err.status < 500 or err.status == 503:
             log.debug("%s %s: %d %s", method, labels.model, err.status, err.message)
         headers = {"Retry-After": RETRY_AFTER_S} if err.status == 503 else {}
         if err.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
+            headers["WWW-Authenticate"] = tokens.SCHEME
         response = web.Response(
             status=err.status, body=rc.error_body(err.message), headers=headers,
             content_type=rc.JSON,
@@ -278,14 +270,10 @@ class RestApi:
 
     def _authenticate(self, request: web.Request) -> None:
         assert self._token is not None
-        header = request.headers.get("Authorization")
+        header = request.headers.get(tokens.HEADER)
         if header is None:
             raise HttpError(401, "missing `Authorization: Bearer <token>`")
-        scheme, _, given = header.strip().partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("latin-1", "replace"), self._token
-        )
-        if not ok:
+        if not tokens.matches(header, self._token):
             raise HttpError(401, "invalid bearer token")
 
     def _reserve(self, request: web.Request, method: str) -> Any:
@@ -333,10 +321,8 @@ class RestApi:
         /v1 routes take it as a query parameter); remembered as the request's metric labels."""
         text = request.match_info.get("v", "") if version_text is None else version_text
         version = rc.parse_version(text)
-        served = self.plane.resolve(request.match_info["model"], version)
-        labels: Labels = request["labels"]
-        labels.model, labels.version = served.name, str(served.version)
-        return served
+        labels: Call = request["labels"]
+        return labels.resolve(self.plane, request.match_info["model"], version)
 
     @staticmethod
     def _json(obj: Any) -> web.Response:
@@ -353,7 +339,7 @@ class RestApi:
         return web.Response()
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return self._json(rc.server_metadata(SERVER_NAME, self._version, EXTENSIONS))
+        return self._json(rc.server_metadata(v2_messages.SERVER_NAME, self._version, EXTENSIONS))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._resolve(request)
@@ -476,17 +462,6 @@ class RestApi:
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=rc.JSON)
-
-
-def routes_of(app: web.Application) -> set[tuple[str, str]]:
-    """(method, path template) of every route the app serves, for the OpenAPI check."""
-    out = set()
-    for route in app.router.routes():
-        info = route.resource.get_info() if route.resource is not None else {}
-        path = info.get("formatter") or info.get("path")
-        if route.method != "HEAD" and path:
-            out.add((route.method, path))
-    return out
 
 
 class RestServer:

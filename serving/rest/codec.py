@@ -33,7 +33,7 @@ from serving.core.dataplane import (
     VersionStats,
 )
 from serving.errors import InvalidArgument
-from serving.grpc import codec
+from serving.grpc import inference_messages as v2_messages
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -51,7 +51,7 @@ def error_body(message: str) -> bytes:
 
 def parse_version(text: str) -> int:
     """A path's version segment -> our version number ("" -> 0: the newest ready one)."""
-    return codec.parse_v2_version(text, newest="leave it out")
+    return v2_messages.parse_v2_version(text, newest="leave it out")
 
 
 def parse_top_k(text: str | None) -> int:
@@ -184,11 +184,11 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
             oparams = _object(out.get("parameters"), f"output {oname!r}: parameters")
             if _bool(oparams, "binary_data", f"output {oname!r}"):
                 parsed.binary_output = True
-            k = oparams.get(codec.CLASSIFICATION)
+            k = oparams.get(v2_messages.CLASSIFICATION)
             if k is not None:
                 if not _whole(k) or k < 1:
                     raise InvalidArgument(
-                        f"output {oname!r}: parameter {codec.CLASSIFICATION!r} must be a whole number "
+                        f"output {oname!r}: parameter {v2_messages.CLASSIFICATION!r} must be a whole number "
                         f">= 1 (how many classes to return), got {k!r}"
                     )
                 parsed.top = k
@@ -276,10 +276,10 @@ def infer_response(
         else:
             output["data"] = probabilities.ravel().tolist()
     else:
-        strings = codec.classification_strings(served, top)
+        strings = v2_messages.classification_strings(served, top)
         output.update(datatype="BYTES", shape=list(top.indices.shape))
         if request.binary_output:
-            raw = codec.bytes_tensor(strings)
+            raw = v2_messages.bytes_tensor(strings)
         else:
             output["data"] = strings
     if request.binary_output:
@@ -307,7 +307,7 @@ def server_metadata(name: str, version: str, extensions: list[str]) -> dict[str,
 def model_metadata(served: ServedVersion, versions: list[int]) -> dict[str, Any]:
     """The model contract, as the gRPC ModelMetadata RPC answers it (-1 marks the batch
     dimension; UINT8 pixels are accepted beside the declared FP32)."""
-    return _proto_json(codec.v2_model_metadata(served, versions))
+    return _proto_json(v2_messages.v2_model_metadata(served, versions))
 
 
 _INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
@@ -353,14 +353,14 @@ def model_config(
 ) -> dict[str, Any]:
     """Triton's model configuration extension (GET .../config): the same ModelConfig message
     the gRPC ModelConfig RPC answers, as JSON."""
-    response = codec.v2_model_config(served, batching, max_versions, max_batch_size)
+    response = v2_messages.v2_model_config(served, batching, max_versions, max_batch_size)
     return _proto_json(response.config)
 
 
 def model_statistics(counted: list[tuple[str, int, VersionStats]]) -> dict[str, Any]:
     """Triton's statistics extension (GET .../stats): the gRPC ModelStatistics answer, as JSON."""
     response = v2.ModelStatisticsResponse(
-        model_stats=[codec.v2_model_statistics(n, version, s) for n, version, s in counted]
+        model_stats=[v2_messages.v2_model_statistics(n, version, s) for n, version, s in counted]
     )
     return _proto_json(response)
 

@@ -17,13 +17,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
+from aiohttp import web
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness import ServerProcess, scrape, write_tiny_model
 from serving.core.dataplane import DataPlane, Limits
 from serving.metrics import Metrics
-from serving.rest.app import RestApi, RestLimits, routes_of
+from serving.rest.app import RestApi, RestLimits
 from training import datasets
 
 SCALE = np.float32(1.0 / 255.0)
@@ -50,6 +51,17 @@ def test_images() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def reference(fashion_model: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path template) of every route the app serves, for the OpenAPI check."""
+    out = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("formatter") or info.get("path")
+        if route.method != "HEAD" and path:
+            out.add((route.method, path))
+    return out
 
 
 def call(

@@ -16,7 +16,7 @@ from harness import write_tiny_model
 from serving.core.batching import Batcher, Decision, RunCosts, decide, run_unbatched
 from serving.core.dataplane import Prediction, top_k
 from serving.core.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
-from serving.grpc import codec
+from serving.grpc import cnnserve_messages as codec
 from serving.metrics import Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 

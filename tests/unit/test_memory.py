@@ -17,13 +17,13 @@ import pytest
 
 from harness import ROOT
 from serving import memory
+from serving.config import MiB
 from serving.memory import (
     DEFAULT_RESERVE,
     MIN_BUDGET,
     NO_LIMIT_BUDGET,
     GiB,
     IdleTrimmer,
-    MiB,
     default_inflight_budget_bytes,
     memory_limit,
     trim,

@@ -109,7 +109,7 @@ def test_a_status_sent_to_a_gone_client_is_a_debug_line_not_a_traceback(
     other errors of that logger stay."""
     from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-    import serving.grpc.calls  # noqa: F401  (installs the filter)
+    import serving.grpc.guard  # noqa: F401  (installs the filter)
 
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     with caplog.at_level(logging.DEBUG):

@@ -28,7 +28,7 @@ from serving.core.runtime import (
 from serving.core.summary import summarize
 from serving.cores import available_cores, cpu_quota
 from serving.errors import InvalidArgument, NotFound, Unavailable
-from serving.grpc import codec
+from serving.grpc import cnnserve_messages as codec
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.tensors import TensorError
 
