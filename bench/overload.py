@@ -57,7 +57,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from harness import ServerProcess
+from harness import ServerProcess, newest_version, pick_model
+from harness.process import cpu_seconds, proc_status_kib
 from serving.config import MiB
 from serving.grpc.cnnserve_messages import encode_tensor
 from serving.memory import GiB, default_inflight_budget_bytes
@@ -73,31 +74,9 @@ PEAK_TARGET = 1 * GiB
 IDLE_RATIO_TARGET = 1.5
 GOODPUT_TARGET = 0.90
 Code = grpc.StatusCode
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ================================================================================== memory
-
-
-def proc_status_kib(pid: int, key: str) -> int | None:
-    """A figure of /proc/<pid>/status (VmRSS, VmHWM) in KiB; None once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @contextlib.contextmanager
@@ -477,28 +456,6 @@ def machine() -> dict[str, object]:
     }
 
 
-def newest_model_file(models: Path, model: str) -> Path:
-    versions = sorted(
-        (int(p.name) for p in (models / model).glob("[0-9]*") if p.name.isdigit()), reverse=True
-    )
-    if not versions:
-        raise SystemExit(
-            f"{models / model}: no model versions (train one: .venv/bin/python -m training "
-            f"--dataset fashion_mnist --epochs 1 --train-limit 5000 --name {model} "
-            f"--models-dir {models} --no-download)"
-        )
-    return models / model / str(versions[0]) / "model.onnx"
-
-
-def pick_model(models: Path, wanted: str | None) -> str:
-    names = sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
-    if wanted:
-        return wanted
-    if not names:
-        raise SystemExit(f"no models in {models}: train one first (make train)")
-    return "fashion" if "fashion" in names else names[0]
-
-
 def fmt_mib(n: float) -> str:
     return f"{n / MiB:,.0f} MiB"
 
@@ -762,8 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--publish", action="store_true", help="also write bench/OVERLOAD.md")
     args = p.parse_args(argv)
 
-    model = pick_model(args.models, args.model)
-    model_file = newest_model_file(args.models, model)
+    model = pick_model(args.models, args.model, prefer="fashion")
+    model_file = newest_version(args.models, model)
     budget = (
         args.max_inflight_mb * MiB
         if args.max_inflight_mb is not None

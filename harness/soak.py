@@ -50,6 +50,7 @@ from harness.fuzz import (
     Code,
     _png,
 )
+from harness.process import proc_status_kib
 from serving import tensors
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -269,10 +270,10 @@ def _predict_request(model: str, images: npt.NDArray[np.generic]) -> pb.PredictR
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    kib = proc_status_kib(pid, "VmRSS")
+    if kib is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kib
 
 
 @dataclass
