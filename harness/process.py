@@ -208,9 +208,14 @@ class ServerProcess:
         raise ProcessFailed(f"server not SERVING within {timeout:.0f}s:\n{self.logs()}")
 
     @property
-    def started(self) -> float:
+    def running(self) -> Child:
+        """The child process, once started."""
         assert self.child is not None, "not started"
-        return self.child.started
+        return self.child
+
+    @property
+    def started(self) -> float:
+        return self.running.started
 
     def logs(self) -> str:
         return self.child.logs() if self.child is not None else ""
