@@ -21,20 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving_bench import (
-    APIS,
-    BENCH,
-    PYTHON,
-    ROOT,
-    BenchError,
-    grpc_frame,
-    h2load,
-    newest_version,
-    pick_model,
-    request_bytes,
-    start_server,
-    wait_serving,
-)
+from bench.loadgen import APIS, BENCH, BenchError, grpc_frame, h2load, request_bytes
+from bench.measure import start_server
+from harness import PYTHON, ROOT, newest_version, pick_model
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 
 
@@ -106,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     x = np.random.default_rng(0).random((args.batch, *info.input_shape), dtype=np.float32)
     payload = out / "payload.bin"
     payload.write_bytes(grpc_frame(request_bytes(args.api, model, info.input_name, x)))
-    proc, port, _ = start_server(
+    server = start_server(
         models, args.server_args.split(), out / "server.log", args.server_root.resolve()
     )
+    proc, port = server.running, server.port
     tag = f"{args.api}-b{args.batch}-c{args.concurrency}"
     collapsed = out / f"profile-{tag}.txt"
     try:
-        wait_serving(f"127.0.0.1:{port}", proc, timeout=120)
+        server.wait_health(timeout=120, interval=0.005)
         url = f"http://127.0.0.1:{port}{APIS[args.api]}"
         warm, _ = h2load(url, payload, 2000, args.concurrency, out / "warm.log")
         rate = warm.requests / warm.seconds

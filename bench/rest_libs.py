@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import free_port
+from harness.process import cpu_seconds
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LIBS = ("aiohttp", "uvicorn-asgi", "uvicorn-starlette")
 ANSWER = json.dumps(
     {
@@ -146,11 +146,6 @@ def run_uvicorn(port: int, starlette: bool) -> None:
     )
     server = uvicorn.Server(config)
     asyncio.run(with_grpc(server.serve))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def h2load(url: str, requests: int, body: Path | None) -> tuple[float, int]:

@@ -20,7 +20,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from harness.server import ServerProcess
+from harness.models import one_model_repository
+from harness.process import ServerProcess
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -82,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.url:
         code = fuzz(a.url, a.max_examples, seed=a.seed)
         return code or (0 if still_answers(a.url) else 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "models"
-        repo.mkdir()
-        (repo / a.model).symlink_to((a.models_dir / a.model).resolve())
+    with tempfile.TemporaryDirectory() as tmp, one_model_repository(a.models_dir, a.model) as repo:
         with ServerProcess(repo, http=True, log_path=Path(tmp) / "server.log") as proc:
             code = fuzz(proc.http_url, a.max_examples, seed=a.seed)
             ok = still_answers(proc.http_url)

@@ -1,10 +1,17 @@
-"""Real models for tests and benchmarks: trained by our own training code, or tiny ONNX graphs."""
+"""Real models for tests and benchmarks: trained, tiny ONNX graphs, or found in a repository.
+
+The finding (`pick_model`, `newest_version`, `one_model_repository`) is what every benchmark
+and hostile-traffic script does before it starts a server, so it is written once, here.
+"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,47 @@ def train_model(models_dir: Path, *args: str, timeout: float = 600) -> Path:
         if line.startswith("exported: "):
             return Path(line.removeprefix("exported: ").strip())
     raise AssertionError(f"no exported path in output:\n{done.stdout}")
+
+
+class NoModel(SystemExit):
+    """The repository lacks the model (or a version of it) a script was asked to use."""
+
+
+def pick_model(models: Path, wanted: str | None, prefer: str = "mnist") -> str:
+    """`wanted`, which must be in the repository; else `prefer` when it is there, else the
+    first model by name."""
+    names = (
+        sorted(p.name for p in models.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if models.is_dir()
+        else []
+    )
+    if wanted:
+        if wanted not in names:
+            raise NoModel(f"no model {wanted!r} in {models} (found {', '.join(names) or 'none'})")
+        return wanted
+    if not names:
+        raise NoModel(f"no models in {models}: train one first (make train)")
+    return prefer if prefer in names else names[0]
+
+
+def newest_version(models: Path, model: str) -> Path:
+    """The model.onnx of `model`'s highest version: the one a server over `models` serves
+    when no rollout policy says otherwise."""
+    folder = models / model
+    versions = [int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()]
+    if not versions:
+        raise NoModel(f"{folder}: no model versions (train one first: make train)")
+    return folder / str(max(versions)) / "model.onnx"
+
+
+@contextmanager
+def one_model_repository(models: Path, model: str) -> Iterator[Path]:
+    """A temporary repository holding only `model` (a link to its folder in `models`)."""
+    with tempfile.TemporaryDirectory(prefix="cnnserve-") as tmp:
+        repo = Path(tmp) / "models"
+        repo.mkdir()
+        (repo / model).symlink_to((models / model).resolve())
+        yield repo
 
 
 def copy_repository(src: Path, dst: Path) -> Path:

@@ -39,18 +39,11 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from harness.fuzz import (
-    CNN,
-    HEALTH,
-    STATUS_BY_NUMBER,
-    STREAM_INFER,
-    STREAM_METHODS,
-    STREAM_PREDICT,
-    V2,
-    Code,
-    _png,
-)
+from harness.fuzz.payloads import CNN, HEALTH, V2, Code, grey_png
+from harness.fuzz.streams import STREAM_INFER, STREAM_METHODS, STREAM_PREDICT
+from harness.process import proc_status_kib
 from serving import tensors
+from serving.client.sdk import STATUS_BY_NUMBER
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
@@ -149,7 +142,7 @@ class Traffic:
                 "bomb",
                 CNN + "Classify",
                 pb.ClassifyRequest(
-                    model=model, images=[pb.Image(encoded=_png(30000, 30000))]
+                    model=model, images=[pb.Image(encoded=grey_png(30000, 30000))]
                 ).SerializeToString(),
                 bad,
             ),
@@ -269,10 +262,10 @@ def _predict_request(model: str, images: npt.NDArray[np.generic]) -> pb.PredictR
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    kib = proc_status_kib(pid, "VmRSS")
+    if kib is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kib
 
 
 @dataclass

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from harness import free_port
+from harness import free_port, newest_version
 from serving.client import Client, format_summary
 from training import datasets
 
@@ -53,13 +53,12 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    versions = sorted(int(v.name) for v in folder.iterdir() if v.name.isdigit())
     import onnx
 
     props = {
         p.key: p.value
         for p in onnx.load(
-            str(folder / str(versions[-1]) / "model.onnx"), load_external_data=False
+            str(newest_version(args.models_dir, args.model)), load_external_data=False
         ).metadata_props
     }
     dataset = props.get("dataset", args.model)

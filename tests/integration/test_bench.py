@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import echo_server, serving_bench
-from bench.serving_bench import BenchError, RestAnswer, Runner, setup_perf_analyzer, start_echo
+from bench import echo_server, loadgen
+from bench.loadgen import BenchError, RestAnswer, setup_perf_analyzer, start_echo
+from bench.measure import Runner
 from harness import PYTHON, ROOT, free_port, write_tiny_model
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
@@ -169,14 +170,14 @@ def test_bench_fails_when_a_rest_answer_is_not_the_one_checked(h2load: str, tmp_
     url = f"http://127.0.0.1:{http_port}/json/infer"
     headers = ("content-type: application/json",)
     try:
-        result, _ = serving_bench.h2load(url, payload, 20, 2, tmp_path / "ok.log", headers=headers,
+        result, _ = loadgen.h2load(url, payload, 20, 2, tmp_path / "ok.log", headers=headers,
                                h1=True, answer_bytes=len(answer))  # fmt: skip
         assert result.succeeded == 20
         with pytest.raises(BenchError, match="bytes of bodies came"):
-            serving_bench.h2load(url, payload, 20, 2, tmp_path / "size.log", headers=headers, h1=True,
+            loadgen.h2load(url, payload, 20, 2, tmp_path / "size.log", headers=headers, h1=True,
                        answer_bytes=len(answer) + 1)  # fmt: skip
         with pytest.raises(BenchError, match="0 of 20 requests got HTTP 200"):
-            serving_bench.h2load(url.replace("json", "nope"), payload, 20, 2, tmp_path / "404.log",
+            loadgen.h2load(url.replace("json", "nope"), payload, 20, 2, tmp_path / "404.log",
                        headers=headers, h1=True, answer_bytes=len(answer))  # fmt: skip
     finally:
         echo.stop()

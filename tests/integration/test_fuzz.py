@@ -5,7 +5,7 @@ a proper status code (never UNKNOWN or INTERNAL); every message on a stream gets
 order, the same as its unary call's; the server process lives on, holds nothing once a burst is
 over, and a valid request after every burst gets the right answer.
 
-The strategies live in harness/fuzz.py, whose `make fuzz` runs 10,000 and more of them."""
+The strategies live in harness/fuzz/, whose `make fuzz` runs 10,000 and more of them."""
 
 from __future__ import annotations
 

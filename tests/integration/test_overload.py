@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.overload import BurstResult, Workload, burst, one_call, predict_stubs, proc_status_kib
+from bench.overload_traffic import BurstResult, Workload, burst, one_call, predict_stubs
 from harness import ServerProcess, scrape
+from harness.process import proc_status_kib
 from serving.metrics import UNKNOWN_MODEL
 
 pytestmark = pytest.mark.slow

@@ -136,7 +136,7 @@ def test_perf_analyzer_over_http(rest: ServerProcess) -> None:
     """Triton's own load generator, over HTTP (it reads the model's config from .../config)."""
     import subprocess
 
-    from bench.serving_bench import setup_perf_analyzer
+    from bench.loadgen import setup_perf_analyzer
 
     pa, why = setup_perf_analyzer()
     assert pa is not None, why
