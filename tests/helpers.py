@@ -6,13 +6,16 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from harness import ServerProcess, scrape
+from serving.core.repository import BatchingOptions, ModelRepository
+from serving.core.runtime import RuntimeOptions
 
 T = TypeVar("T")
 SCALE = np.float32(1.0 / 255.0)  # how the server scales uint8 pixels into the model's float32
@@ -58,6 +61,18 @@ def expected_probabilities(session: ort.InferenceSession, x: np.ndarray) -> np.n
     x = x.astype(np.float32) * SCALE if x.dtype == np.uint8 else x
     out: np.ndarray = session.run(None, {"image": x})[0]
     return out
+
+
+def repository(root: Path, **options: Any) -> ModelRepository:
+    """A model repository over `root` as the unit tests make one: warmed up for batches of one,
+    batching on (up to 8 images), two threads to load with; `options` add or replace the rest."""
+    return ModelRepository(
+        root,
+        runtime_options=RuntimeOptions(warmup_batch_sizes=(1,)),
+        batching=BatchingOptions(enabled=True, max_batch_size=8),
+        executor=ThreadPoolExecutor(2),
+        **options,
+    )
 
 
 def tcp_sockets(port: int, state: str) -> list[str]:
