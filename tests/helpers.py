@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from harness import ServerProcess, scrape
 from serving.core.repository import BatchingOptions, ModelRepository
@@ -53,6 +55,14 @@ def metric_or_none(proc: ServerProcess, name: str, **labels: str) -> float | Non
 def cpu_session(model: Path) -> ort.InferenceSession:
     """A plain in-process ONNX Runtime session of `model` on the CPU."""
     return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def session_with_outputs(model: onnx.ModelProto, values: list[str]) -> ort.InferenceSession:
+    """A CPU session of `model` with the intermediate `values` added to its outputs (float32, any
+    shape), to compare feature maps with."""
+    for value in values:
+        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def expected_probabilities(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:

@@ -8,24 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from harness import write_tiny_cnn
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.summary import summarize
 from serving.errors import InvalidArgument, ResourceExhausted
-from tests.helpers import repository
+from tests.helpers import repository, session_with_outputs
 
 
 def reference_maps(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """The Relu and MaxPool outputs of the tiny CNN, from a plain session with them added."""
     model = onnx.load(str(path))
     names = {"conv1": "relu", "pool1": "pool"}
-    for value in names.values():
-        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, list(names.values()))
     outs = session.run(list(names.values()), {"image": x})
     return {name: out[0].transpose(1, 2, 0) for name, out in zip(names, outs, strict=True)}
 
