@@ -6,9 +6,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
-from harness import ServerProcess, copy_repository, train_model
+from harness import ServerProcess, copy_repository, train_model, write_tiny_model
+from tests.helpers import cpu_session
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # A repository holding fashion/1/model.onnx trained elsewhere by `python -m training`: used
@@ -51,3 +53,17 @@ def server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """One shared, read-only server over the trained repository (tests must not change it)."""
     with ServerProcess(trained_repo) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def reference(fashion_model: Path) -> ort.InferenceSession:
+    """In-process ONNX Runtime on the trained model's file: what the server's answers are
+    compared with (see helpers.expected_probabilities)."""
+    return cpu_session(fashion_model)
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path) -> Path:
+    """A fresh repository of this test's own with one tiny 4x4 model, `tiny/1/model.onnx`."""
+    write_tiny_model(tmp_path / "models" / "tiny" / "1" / "model.onnx")
+    return tmp_path / "models"

@@ -564,6 +564,21 @@ def container_port(container: Obj, target: int | str) -> int:
     return int(port)
 
 
+def validate_in_every_version(obj: Obj, what: str) -> None:
+    """`obj` against the schema of its kind in every Kubernetes version we support (strict: no
+    field the schema lacks); an AssertionError names `what`, the path at fault and the version."""
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.utils.ValidationError as exc:
+            where = "/".join(map(str, exc.path))
+            raise AssertionError(
+                f"{what} at {where} (Kubernetes {version}): {exc.message}"
+            ) from None
+        except kubernetes_validate.utils.SchemaNotFoundError as exc:
+            raise AssertionError(f"{what}: {exc.message}") from None
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_kustomization_renders_objects_valid_for_kubernetes(kustomization: str) -> None:
     docs = render(kustomization)
@@ -572,17 +587,7 @@ def test_kustomization_renders_objects_valid_for_kubernetes(kustomization: str) 
         key = (obj["apiVersion"], obj["kind"])
         if key in CUSTOM_KINDS:
             continue  # no schema offline: checked by the tests below
-        for version in K8S_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.utils.ValidationError as exc:
-                where = "/".join(map(str, exc.path))
-                raise AssertionError(
-                    f"{kustomization}: {obj['kind']}/{obj['metadata']['name']} at {where} "
-                    f"(Kubernetes {version}): {exc.message}"
-                ) from None
-            except kubernetes_validate.utils.SchemaNotFoundError as exc:
-                raise AssertionError(f"{kustomization}: {exc.message}") from None
+        validate_in_every_version(obj, f"{kustomization}: {obj['kind']}/{obj['metadata']['name']}")
     if kustomization != "base":
         namespaced = [o for o in docs if o["kind"] != "Namespace"]
         assert {o["metadata"].get("namespace") for o in namespaced} == {NAMESPACE}
@@ -800,14 +805,7 @@ def validate_as_pod_spec(pod_spec: Obj, what: str) -> None:
     """Containers, volumes, tolerations... embedded in a custom resource, against the core
     PodSpec schema of every version we support."""
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec}
-    for version in K8S_VERSIONS:
-        try:
-            kubernetes_validate.validate(pod, version, strict=True)
-        except kubernetes_validate.utils.ValidationError as exc:
-            where = "/".join(map(str, exc.path))
-            raise AssertionError(
-                f"{what} at {where} (Kubernetes {version}): {exc.message}"
-            ) from None
+    validate_in_every_version(pod, what)
 
 
 def test_kserve_serving_runtime_and_inference_service() -> None:

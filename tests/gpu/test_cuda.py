@@ -29,6 +29,7 @@ from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.pb.inference import model_config_pb2 as v2config
 from tests.conftest import FASHION_DIR
+from tests.helpers import SCALE, expected_probabilities
 from training import datasets
 
 CUDA = "CUDAExecutionProvider"
@@ -36,7 +37,6 @@ pytestmark = pytest.mark.skipif(
     CUDA not in ort.get_available_providers(),
     reason=f"needs onnxruntime-gpu and a GPU (available: {ort.get_available_providers()})",
 )
-SCALE = np.float32(1.0 / 255.0)
 ATOL = 1e-5  # full float32 (no TF32); cuDNN sums convolutions in another order than the CPU
 
 
@@ -50,10 +50,8 @@ def images() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def expected(fashion_model: Path, images: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    cpu = ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
-    out: np.ndarray = cpu.run(None, {"image": images[0].astype(np.float32) * SCALE})[0]
-    return out
+def expected(reference: ort.InferenceSession, images: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return expected_probabilities(reference, images[0])
 
 
 @pytest.fixture(scope="module")

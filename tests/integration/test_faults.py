@@ -10,15 +10,12 @@ import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from harness import ServerProcess, copy_repository, scrape
@@ -27,31 +24,15 @@ from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.helpers import cpu_session, expected_probabilities, metric, metric_or_none, wait_for
 
 pytestmark = pytest.mark.slow
-
-T = TypeVar("T")
-SCALE = np.float32(1 / 255)
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def metric(proc: ServerProcess, name: str, **labels: str) -> float | None:
-    return scrape(proc.metrics_port).get(name, **labels)
 
 
 def inflight(proc: ServerProcess, method: str | None = None) -> float:
     """Calls being handled now (of one method, or all)."""
     labels = {} if method is None else {"method": method}
-    return scrape(proc.metrics_port).total("cnnserve_inflight_requests", **labels)
+    return metric(proc, "cnnserve_inflight_requests", **labels)
 
 
 def logged(proc: ServerProcess, text: str) -> bool:
@@ -64,19 +45,15 @@ def predict_inflight(proc: ServerProcess, at_least: int) -> float | None:
 
 
 def state_is(proc: ServerProcess, version: int, state: str) -> bool:
-    value = metric(proc, "cnnserve_model_state", model="fashion", version=str(version), state=state)
+    value = metric_or_none(
+        proc, "cnnserve_model_state", model="fashion", version=str(version), state=state
+    )
     return value == 1.0
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(5).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
-
-
-def reference(model: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    out: np.ndarray = session.run(None, {"image": x.astype(np.float32) * SCALE})[0]
-    return out
 
 
 # ------------------------------------------------------------------ bad model files
@@ -87,7 +64,7 @@ def test_corrupt_and_truncated_versions_are_refused_while_the_old_one_serves(
 ) -> None:
     repo = copy_repository(trained_repo, tmp_path / "models")
     good = repo / "fashion" / "1" / "model.onnx"
-    expected = reference(good, images)
+    expected = expected_probabilities(cpu_session(good), images)
     data = good.read_bytes()
     with ServerProcess(repo, ["--poll-seconds", "0.5"]) as proc, Client(proc.target) as client:
         assert state_is(proc, 1, "READY")
@@ -102,7 +79,7 @@ def test_corrupt_and_truncated_versions_are_refused_while_the_old_one_serves(
             staging.rename(repo / "fashion" / str(version))  # appears whole to the poller
             refused = f"model fashion v{version} refused"
             wait_for(f"v{version} FAILED", partial(state_is, proc, version, "FAILED"), 30)
-            wait_for(f"v{version} in the log", partial(logged, proc, refused))
+            wait_for(f"v{version} in the log", partial(logged, proc, refused), 60)
             result = client.predict("fashion", images)
             assert result.version == 1
             assert result.probabilities is not None
@@ -140,7 +117,9 @@ def test_repository_that_vanishes_keeps_what_is_loaded(
         if os.geteuid() != 0:
             (repo / "fashion").chmod(0)
             try:
-                wait_for("the unreadable folder in the log", lambda: "model folder" in proc.logs())
+                wait_for(
+                    "the unreadable folder in the log", lambda: "model folder" in proc.logs(), 60
+                )
                 assert client.predict("fashion", images).version == 1
             finally:
                 (repo / "fashion").chmod(0o755)
@@ -225,7 +204,9 @@ def test_sigterm_under_concurrent_load_drains_then_refuses(
             with ThreadPoolExecutor(18) as pool:
                 hammers = [pool.submit(hammer, i) for i in range(8)]
                 longs = [pool.submit(long_call) for _ in range(10)]
-                accepted = wait_for("5 long calls in flight", partial(predict_inflight, proc, 5))
+                accepted = wait_for(
+                    "5 long calls in flight", partial(predict_inflight, proc, 5), 60
+                )
                 proc.signal(signal.SIGTERM)
                 for f in [*longs, *hammers]:
                     f.result(timeout=120)
@@ -249,7 +230,7 @@ def test_sigterm_under_concurrent_load_drains_then_refuses(
 def test_cancellations_and_deadlines_under_load_leak_nothing(
     trained_repo: Path, images: np.ndarray, fashion_model: Path
 ) -> None:
-    expected = reference(fashion_model, images)
+    expected = expected_probabilities(cpu_session(fashion_model), images)
     heavy = _heavy(1024)
     codes: Counter[str] = Counter()
     with ServerProcess(trained_repo) as proc, grpc.insecure_channel(proc.target) as channel:
@@ -291,7 +272,7 @@ def test_cancellations_and_deadlines_under_load_leak_nothing(
         assert codes["DEADLINE_EXCEEDED"] and codes["CANCELLED"], codes
         wait_for("no call in flight", lambda: inflight(proc) == 0, 30)
         # Nor any request data still counted against the budget.
-        wait_for("no bytes held", lambda: metric(proc, "cnnserve_inflight_bytes") == 0, 30)
+        wait_for("no bytes held", lambda: metric_or_none(proc, "cnnserve_inflight_bytes") == 0, 30)
         with Client(proc.target) as good:
             result = good.predict("fashion", images)
         assert result.probabilities is not None
@@ -393,15 +374,15 @@ def test_runtime_exception_is_internal_for_that_call_only(tmp_path: Path) -> Non
         with ThreadPoolExecutor(25) as pool:
             # Good calls alone do batch at this concurrency (only successful runs are counted).
             assert list(pool.map(call, [dark] * 25)) == ["OK"] * 25
-            sizes = metric(proc, "cnnserve_batch_size_sum", model="poison", version="1")
-            runs = metric(proc, "cnnserve_batch_size_count", model="poison", version="1")
+            sizes = metric_or_none(proc, "cnnserve_batch_size_sum", model="poison", version="1")
+            runs = metric_or_none(proc, "cnnserve_batch_size_count", model="poison", version="1")
             assert sizes is not None and runs is not None and sizes > runs
             batch = [bright if i % 5 == 0 else dark for i in range(25)]
             results = list(pool.map(call, batch))
         assert results == ["INTERNAL" if i % 5 == 0 else "OK" for i in range(25)], results
         assert client.health("poison") == "SERVING"
         assert client.predict("poison", dark).version == 1
-        internal = metric(
+        internal = metric_or_none(
             proc,
             "cnnserve_requests_total",
             model="poison",

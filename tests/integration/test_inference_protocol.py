@@ -31,10 +31,10 @@ from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.pb.inference import model_config_pb2 as v2config
+from tests.helpers import SCALE, expected_probabilities
 from tests.integration import triton_client
 from training import datasets
 
-SCALE = np.float32(1.0 / 255.0)
 MODEL = "fashion"
 SERVICE = "inference.GRPCInferenceService"
 T = TypeVar("T")
@@ -61,11 +61,6 @@ def images() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(fashion_model: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.target) as ch:
         yield ch
@@ -74,13 +69,6 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def stub(channel: grpc.Channel) -> v2_grpc.GRPCInferenceServiceStub:
     return v2_grpc.GRPCInferenceServiceStub(channel)
-
-
-def expected_probabilities(reference: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """In-process ONNX Runtime on what the server runs (uint8 scaled as the server scales it)."""
-    x = x.astype(np.float32) * SCALE if x.dtype == np.uint8 else x
-    out: np.ndarray = reference.run(None, {"image": x})[0]
-    return out
 
 
 def rpc_error(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str]:

@@ -11,16 +11,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from PIL import Image
 
 from harness import PYTHON, ROOT, ServerProcess
 from serving.client import Client
+from tests.helpers import SCALE, session_with_outputs
 from training import datasets
-
-SCALE = np.float32(1.0 / 255.0)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def digit() -> tuple[np.ndarray, bytes]:
     return pixels, out.getvalue()
 
 
-def reference(path: Path, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def reference_outputs(path: Path, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Probabilities and each Keras layer's output (the Relu after a Conv, a MaxPool's own),
     named as tf2onnx names the nodes (`cnn_1/conv1_1/...`), NCHW turned into H, W, C."""
     model = onnx.load(str(path))
@@ -44,9 +42,7 @@ def reference(path: Path, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarr
             wanted[layer] = consumers[node.output[0]].output[0]  # its Relu
         elif node.op_type == "MaxPool":
             wanted[layer] = node.output[0]
-    for value in wanted.values():
-        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, list(wanted.values()))
     outs = session.run(["probabilities", *wanted.values()], {"image": x})
     maps = {name: out[0].transpose(1, 2, 0) for name, out in zip(wanted, outs[1:], strict=True)}
     return outs[0][0], maps
@@ -56,7 +52,9 @@ def test_feature_maps_equal_the_onnx_intermediate_outputs(
     server: ServerProcess, fashion_model: Path, digit: tuple[np.ndarray, bytes]
 ) -> None:
     pixels, png = digit
-    probabilities, expected = reference(fashion_model, pixels[None].astype(np.float32) * SCALE)
+    probabilities, expected = reference_outputs(
+        fashion_model, pixels[None].astype(np.float32) * SCALE
+    )
     assert list(expected) == ["conv1", "pool1", "conv2", "pool2", "conv3"]
     with Client(server.target) as client:
         for image in (png, pixels):

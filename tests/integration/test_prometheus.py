@@ -15,10 +15,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,27 +28,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import ROOT, Scrape, ServerProcess, free_port
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "cnnserve.json"
 JOB = "cnnserve"
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
-    """Poll `probe` until it returns something other than None (bounded, never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last is not None:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -140,7 +128,7 @@ class Prometheus:
             except OSError:
                 return None
 
-        wait_for("prometheus to be ready", ready, timeout)
+        wait_for("prometheus to be ready", ready, timeout, interval=0.2)
         return self
 
     def query(self, expr: str) -> list[dict[str, Any]]:
@@ -285,6 +273,7 @@ def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             lambda: prom.scalar(
                 f'cnnserve_model_state{{job="{JOB}",model="fashion",version="1",state="READY"}}'
             ),
+            interval=0.2,
         )
         sent = Sent()
         with grpc.insecure_channel(server.target) as channel:
@@ -292,7 +281,9 @@ def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             # One of each first: a series Prometheus meets with its final value has rate() 0.
             send(stub, sent, ok=1, not_found=1, invalid=1)
             first = dict(sent.calls)
-            wait_for("the first calls in prometheus", lambda: scraped_calls(prom) == first or None)
+            wait_for(
+                "the first calls in prometheus", lambda: scraped_calls(prom) == first, interval=0.2
+            )
             send(stub, sent, ok=40, not_found=7, invalid=5)
         yield Stack(server, prom, promtool, sent)
     finally:
@@ -305,7 +296,9 @@ def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def test_request_counters_match_what_was_sent(stack: Stack) -> None:
     prom, sent = stack.prometheus, stack.sent
-    wait_for("prometheus to scrape every call", lambda: scraped_calls(prom) == sent.calls or None)
+    wait_for(
+        "prometheus to scrape every call", lambda: scraped_calls(prom) == sent.calls, interval=0.2
+    )
     assert (
         scraped_calls(prom)
         == sent.calls
@@ -334,7 +327,7 @@ def test_request_counters_match_what_was_sent(stack: Stack) -> None:
 
 def test_latency_quantiles_are_finite(stack: Stack) -> None:
     prom, sent = stack.prometheus, stack.sent
-    wait_for("every call scraped", lambda: scraped_calls(prom) == sent.calls or None)
+    wait_for("every call scraped", lambda: scraped_calls(prom) == sent.calls, interval=0.2)
     quantiles = {}
     for q in (0.5, 0.99):
         for metric in ("request", "queue", "compute"):
@@ -433,7 +426,7 @@ def test_dashboard_shape() -> None:
 
 def test_dashboard_queries_run_on_live_prometheus(stack: Stack) -> None:
     prom, sent = stack.prometheus, stack.sent
-    wait_for("every call scraped", lambda: scraped_calls(prom) == sent.calls or None)
+    wait_for("every call scraped", lambda: scraped_calls(prom) == sent.calls, interval=0.2)
     dashboard = json.loads(DASHBOARD.read_text())
     exposed = sample_names(exposition(stack.server))
     variables = {}

@@ -13,51 +13,29 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
 
-from harness import ServerProcess, free_port, scrape, write_tiny_model
+from harness import ServerProcess, free_port
 from serving.client import DEFAULT_RETRY, SERVICE_CONFIG, Client, RetryPolicy, service_config
 from serving.config import Settings
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+from tests.helpers import ESTABLISHED, LISTEN, ipv4_of, metric, tcp_sockets, wait_for
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 TINY = np.zeros((1, 4, 4, 1), np.uint8)  # one image for the tiny 4x4 model
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def metric(proc: ServerProcess, name: str, host: str = "127.0.0.1", **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`, from /metrics."""
-    return scrape(proc.metrics_port, host).total(name, **labels)
 
 
 def predicts(proc: ServerProcess, code: str, host: str = "127.0.0.1") -> float:
     return metric(proc, "cnnserve_requests_total", host, method="Predict", code=code)
-
-
-@pytest.fixture
-def tiny_repo(tmp_path: Path) -> Path:
-    write_tiny_model(tmp_path / "models" / "tiny" / "1" / "model.onnx")
-    return tmp_path / "models"
 
 
 def broken_model(repo: Path, name: str) -> None:
@@ -147,6 +125,7 @@ def test_a_call_refused_for_overload_is_retried_until_admitted(trained_repo: Pat
             wait_for(
                 "the large call to hold the budget",
                 lambda: metric(proc, "cnnserve_inflight_bytes") > 1 << 20,
+                interval=0.02,
             )
             started = time.perf_counter()
             result = client.predict("fashion", small)  # refused at first, then admitted
@@ -286,13 +265,7 @@ def raise_open_files(needed: int) -> None:
 
 def server_connections(port: int) -> int:
     """ESTABLISHED TCP connections whose local port is `port` (the server's side)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+    return len(tcp_sockets(port, ESTABLISHED))
 
 
 def latencies_ms(client: Client, calls: int) -> list[float]:
@@ -345,6 +318,7 @@ def test_idle_and_slow_connections_do_not_starve_a_normal_client(tiny_repo: Path
             wait_for(
                 "the server to accept every connection",
                 lambda: server_connections(proc.port) >= before + IDLE + SLOW,
+                interval=0.02,
             )
             loaded = latencies_ms(client, 300)
             with Client(proc.target) as fresh:  # a new connection is still taken in
@@ -459,14 +433,7 @@ def replica(
 def listening_addresses(port: int) -> set[str]:
     """The IPv4 addresses with a socket listening on `port` (gRPC listens on IPv4-mapped IPv6
     addresses: the last 32 bits of the IPv6 ones)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                found.add(socket.inet_ntoa(int(address[-8:], 16).to_bytes(4, "little")))
-    return found
+    return {ipv4_of(address) for address in tcp_sockets(port, LISTEN)}
 
 
 @contextmanager
@@ -497,7 +464,7 @@ def test_health_checked_round_robin_skips_a_replica_that_is_not_serving(
     with replicas(tiny_repo, ["127.0.0.2"], tmp_path) as (started, port, metrics_port):
         bad = replica(bad_repo, "127.0.0.3", port, metrics_port, tmp_path)
         with bad.start(wait_ready=False):
-            wait_for("the bad replica's refusal", lambda: "refused" in bad.logs())
+            wait_for("the bad replica's refusal", lambda: "refused" in bad.logs(), interval=0.02)
             good = started["127.0.0.2"]
             target = ipv4_target(["127.0.0.2", "127.0.0.3"], port)
             with Client(target, health_check=True) as checked:
@@ -527,6 +494,7 @@ def test_round_robin_over_replicas_spreads_calls_and_rides_out_restarts(
                 lambda: (
                     client.predict("tiny", TINY) and all(r.predicts() > 0 for r in started.values())
                 ),
+                interval=0.02,
             )
             before = {h: r.predicts() for h, r in started.items()}
             for _ in range(300):
@@ -568,6 +536,7 @@ def test_round_robin_over_replicas_spreads_calls_and_rides_out_restarts(
                         "the new replica to take calls",
                         lambda: newcomer.predicts() > 0,
                         timeout=4 * AGE_S,
+                        interval=0.02,
                     )
                     took = time.monotonic() - ready
                     time.sleep(1.0)

@@ -25,9 +25,9 @@ from harness import ServerProcess, scrape, write_tiny_model
 from serving.core.dataplane import DataPlane, Limits
 from serving.metrics import Metrics
 from serving.rest.app import RestApi, RestLimits
+from tests.helpers import SCALE, expected_probabilities
 from training import datasets
 
-SCALE = np.float32(1.0 / 255.0)
 TOKEN = "s3cret-token"
 
 
@@ -46,11 +46,6 @@ def triton(rest: ServerProcess) -> httpclient.InferenceServerClient:
 def test_images() -> tuple[np.ndarray, np.ndarray]:
     ds = datasets.load("fashion_mnist", allow_download=False)
     return ds.x_test[:64], ds.y_test[:64]
-
-
-@pytest.fixture(scope="module")
-def reference(fashion_model: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
 
 
 def routes_of(app: web.Application) -> set[tuple[str, str]]:
@@ -187,7 +182,7 @@ def test_infer_equals_in_process_onnx_runtime(  # noqa: PLR0917  (fixtures and p
     dtype: str,
 ) -> None:
     x = test_images[0][:8]
-    expected = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
+    expected = expected_probabilities(reference, x)
     data = x if dtype == "UINT8" else x.astype(np.float32) * SCALE
     inp = httpclient.InferInput("image", list(x.shape), dtype)
     inp.set_data_from_numpy(data, binary_data=binary_in)
@@ -209,7 +204,7 @@ def test_infer_without_outputs_answers_binary(
     inp.set_data_from_numpy(x)
     result = triton.infer("fashion", [inp], model_version="1")
     assert "binary_data_size" in result.get_response()["outputs"][0]["parameters"]
-    expected = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
+    expected = expected_probabilities(reference, x)
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=0, atol=1e-6)
 
 
@@ -221,7 +216,7 @@ def test_classification_parameter(
     binary_out: bool,
 ) -> None:
     x = test_images[0][:4]
-    probabilities = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
+    probabilities = expected_probabilities(reference, x)
     inp = httpclient.InferInput("image", list(x.shape), "UINT8")
     inp.set_data_from_numpy(x)
     out = httpclient.InferRequestedOutput("probabilities", binary_data=binary_out, class_count=3)

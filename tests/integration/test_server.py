@@ -19,14 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from harness import PYTHON, ROOT, ServerProcess, copy_repository, scrape, write_tiny_model
+from harness import PYTHON, ROOT, ServerProcess, copy_repository, write_tiny_model
 from serving import tensors
 from serving.client import Client, format_summary
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+from tests.helpers import SCALE, expected_probabilities, metric, wait_for
 from training import datasets
-
-SCALE = np.float32(1.0 / 255.0)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,6 @@ def test_images() -> tuple[np.ndarray, np.ndarray]:
 def stub(server: ServerProcess) -> Iterator[pb_grpc.CnnServeStub]:
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.CnnServeStub(channel)
-
-
-@pytest.fixture(scope="module")
-def reference(fashion_model: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
 
 
 def tensor(x: np.ndarray) -> pb.Tensor:
@@ -71,7 +65,7 @@ def test_predict_uint8_equals_in_process_onnxruntime(
         pb.PredictRequest(model="fashion", images=tensor(x), top_k=3), timeout=30
     )
     got = tensors.decode(response.probabilities.data, "FP32", response.probabilities.shape)
-    expected = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
+    expected = expected_probabilities(reference, x)
     assert np.array_equal(got, expected)  # bit for bit
     assert response.model == "fashion" and response.version == 1
     assert len(response.classifications) == batch
@@ -90,9 +84,7 @@ def test_predict_float32_and_accuracy(
     with Client(server.target) as client:
         result = client.predict("fashion", x.astype(np.float32) * SCALE)
     assert result.probabilities is not None
-    assert np.array_equal(
-        result.probabilities, reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
-    )
+    assert np.array_equal(result.probabilities, expected_probabilities(reference, x))
     accuracy = float((np.array([i[0] for i in result.indices]) == y).mean())
     assert accuracy >= 0.7, accuracy
 
@@ -104,7 +96,7 @@ def test_concurrent_predictions_are_routed_back_correctly(
 ) -> None:
     """Dynamic batching mixes callers' images into one run: each must get its own rows back."""
     x = test_images[0]
-    expected = reference.run(None, {"image": x.astype(np.float32) * SCALE})[0]
+    expected = expected_probabilities(reference, x)
     with Client(server.target) as client, ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: client.predict("fashion", x[i : i + 1]), range(len(x))))
     got = np.concatenate([r.probabilities for r in results if r.probabilities is not None])
@@ -318,7 +310,7 @@ def test_reload_picks_new_version_and_refuses_corrupt(trained_repo: Path, tmp_pa
         assert client.predict("fashion", x).version == 1
         shutil.copytree(repo / "fashion" / "1", repo / "fashion" / "2")
         proc.signal(signal.SIGHUP)
-        _wait_for(lambda: client.list_models().models[0].default_version == 2)
+        wait_for("v2 to serve", lambda: client.list_models().models[0].default_version == 2)
         assert client.predict("fashion", x).version == 2
         assert client.predict("fashion", x, version=1).version == 1  # still loaded on request
 
@@ -326,7 +318,10 @@ def test_reload_picks_new_version_and_refuses_corrupt(trained_repo: Path, tmp_pa
         data = (repo / "fashion" / "1" / "model.onnx").read_bytes()
         (repo / "fashion" / "3" / "model.onnx").write_bytes(data[: len(data) // 2])  # truncated
         proc.signal(signal.SIGHUP)
-        _wait_for(lambda: any(v.state == "FAILED" for v in client.list_models().models[0].versions))
+        wait_for(
+            "v3 FAILED",
+            lambda: any(v.state == "FAILED" for v in client.list_models().models[0].versions),
+        )
         status = {v.version: v for v in client.list_models().models[0].versions}
         assert "model.onnx" in status[3].reason
         assert client.predict("fashion", x).version == 2  # the old version keeps serving
@@ -345,7 +340,10 @@ def test_parameter_summary_follows_the_version_that_serves(tmp_path: Path) -> No
             shutil.rmtree(repo / "tiny")
             write_tiny_model(repo / "tiny" / str(version) / "model.onnx", classes=classes)
             proc.signal(signal.SIGHUP)
-            _wait_for(lambda v=version: client.list_models().models[0].default_version == v)  # type: ignore[misc]
+            wait_for(
+                f"v{version} to serve",
+                lambda v=version: client.list_models().models[0].default_version == v,  # type: ignore[misc]
+            )
             s = client.summary("tiny")
             assert (s.version, s.total_parameters) == (version, 16 * classes + classes)
 
@@ -370,9 +368,12 @@ def test_sigterm_lets_inflight_calls_finish(trained_repo: Path) -> None:
         threads = [threading.Thread(target=call, args=(client,)) for _ in range(6)]
         for t in threads:
             t.start()
-        _wait_for(lambda: _inflight(proc) == 6)
+        wait_for(
+            "6 calls in flight",
+            lambda: metric(proc, "cnnserve_inflight_requests", method="Predict") == 6,
+        )
         proc.signal(signal.SIGTERM)
-        _wait_for(lambda: "shutting down" in proc.logs())
+        wait_for("the drain in the log", lambda: "shutting down" in proc.logs())
         with pytest.raises(grpc.RpcError) as refused:
             client.predict("fashion", x[:1])
         for t in threads:
@@ -381,18 +382,3 @@ def test_sigterm_lets_inflight_calls_finish(trained_repo: Path) -> None:
         assert proc.proc.wait(60) == 0
     assert results == ["OK"] * 6, proc.logs()
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def _inflight(proc: ServerProcess) -> float:
-    return scrape(proc.metrics_port).total("cnnserve_inflight_requests", method="Predict")
-
-
-def _wait_for(condition: object, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")

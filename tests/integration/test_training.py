@@ -6,19 +6,17 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
 from harness import PYTHON, ROOT
+from tests.helpers import cpu_session, expected_probabilities
 from training import datasets
 
 
 def test_trained_model_is_far_above_chance_in_onnxruntime(fashion_model: Path) -> None:
     ds = datasets.load("fashion_mnist", allow_download=False)
     x, y = ds.x_test[:2000], ds.y_test[:2000]
-    session = ort.InferenceSession(str(fashion_model), providers=["CPUExecutionProvider"])
-    probabilities = session.run(None, {"image": x.astype(np.float32) * np.float32(1 / 255)})[0]
+    probabilities = expected_probabilities(cpu_session(fashion_model), x)
     accuracy = float((probabilities.argmax(axis=1) == y).mean())
     assert accuracy >= 0.70, accuracy
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from harness import ServerProcess, scrape, write_tiny_model
+from harness import ServerProcess
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
+from tests.helpers import LISTEN, metric, tcp_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +29,7 @@ def children(pid: int) -> list[int]:
 
 def listening_sockets(port: int) -> int:
     """Sockets in LISTEN state on `port` (gRPC listens on IPv4-mapped IPv6 addresses)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    return scrape(server.metrics_port).total(name, **labels)
+    return len(tcp_sockets(port, LISTEN))
 
 
 def serving_over_fresh_connections(server: ServerProcess, times: int) -> bool:
@@ -55,14 +46,8 @@ def serving_over_fresh_connections(server: ServerProcess, times: int) -> bool:
     return True
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    write_tiny_model(tmp_path / "models" / "tiny" / "1" / "model.onnx")
-    return tmp_path / "models"
-
-
-def test_workers_share_the_port_and_one_metrics_endpoint_sums_them(repo: Path) -> None:
-    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+def test_workers_share_the_port_and_one_metrics_endpoint_sums_them(tiny_repo: Path) -> None:
+    server = ServerProcess(tiny_repo, extra_args=["--workers", "2"]).start()
     try:
         assert server.proc is not None
         deadline = time.monotonic() + 60
@@ -115,8 +100,8 @@ def wait_workers(server: ServerProcess, n: int, timeout: float = 60) -> list[int
     raise AssertionError(f"not {n} workers within {timeout}s:\n{server.logs()}")
 
 
-def test_a_worker_that_dies_is_replaced_and_its_gauges_dropped(repo: Path) -> None:
-    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+def test_a_worker_that_dies_is_replaced_and_its_gauges_dropped(tiny_repo: Path) -> None:
+    server = ServerProcess(tiny_repo, extra_args=["--workers", "2"]).start()
     try:
         first, second = wait_workers(server, 2)
         os.kill(first, signal.SIGKILL)
@@ -137,10 +122,10 @@ def test_a_worker_that_dies_is_replaced_and_its_gauges_dropped(repo: Path) -> No
         server.stop()
 
 
-def test_a_crash_loop_takes_the_server_down(repo: Path) -> None:
+def test_a_crash_loop_takes_the_server_down(tiny_repo: Path) -> None:
     """More than MAX_RESTARTS exits in a minute: the supervisor stops the others and exits 1,
     for the orchestrator to restart it whole."""
-    server = ServerProcess(repo, extra_args=["--workers", "2"]).start()
+    server = ServerProcess(tiny_repo, extra_args=["--workers", "2"]).start()
     try:
         assert server.proc is not None
         killed: set[int] = set()

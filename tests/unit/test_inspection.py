@@ -1,119 +1,35 @@
-"""Inside a served model, in process: the output-size arithmetic of the summary, feature maps
-against a reference session of the same graph, filters against the initializers, the size
-cap, unknown layers, and the feature-map session's life (made on first use, dropped at unload)."""
+"""serving.core.inspection, in process: feature maps against a reference session of the same
+graph, filters against the initializers, the size cap, unknown layers, and the feature-map
+session's life (made on first use, dropped at unload)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from harness import write_tiny_cnn
 from serving.core.dataplane import DataPlane, Limits
-from serving.core.repository import BatchingOptions, ModelRepository
-from serving.core.runtime import RuntimeOptions
-from serving.core.summary import size_formula, summarize
+from serving.core.summary import summarize
 from serving.errors import InvalidArgument, ResourceExhausted
-
-VALID = (0, 0, 0, 0)
-
-
-@pytest.mark.parametrize(
-    ("size", "conv", "pool", "expected"),
-    [
-        # valid, stride 1: the design notes' conv1 and pool1
-        (
-            28,
-            (3, 1, VALID),
-            (2, 2, VALID),
-            ["(28 - 3 + 2*0)/1 + 1 = 26", "floor((26 - 2)/2) + 1 = 13"],
-        ),
-        # valid, stride 2, a division that is not exact
-        (
-            10,
-            (3, 2, VALID),
-            (2, 2, VALID),
-            ["floor((10 - 3 + 2*0)/2) + 1 = 4", "floor((4 - 2)/2) + 1 = 2"],
-        ),
-        # same (explicit symmetric pads), stride 1: the size stays
-        (
-            9,
-            (3, 1, (1, 1, 1, 1)),
-            (3, 1, (1, 1, 1, 1)),
-            ["(9 - 3 + 2*1)/1 + 1 = 9", "floor((9 - 3 + 2*1)/1) + 1 = 9"],
-        ),
-        # same (auto_pad), stride 2: ceil(W/S); an odd total pads the odd pixel after
-        (
-            9,
-            (3, 2, "SAME_UPPER"),
-            (2, 2, "SAME_UPPER"),
-            ["(9 - 3 + 2*1)/2 + 1 = 5", "floor((5 - 2 + 0 + 1)/2) + 1 = 3"],
-        ),
-        (
-            8,
-            (3, 2, "SAME_UPPER"),
-            (2, 1, "SAME_UPPER"),
-            ["(8 - 3 + 0 + 1)/2 + 1 = 4", "floor((4 - 2 + 0 + 1)/1) + 1 = 4"],
-        ),
-    ],
-)
-def test_output_size_formulas(
-    tmp_path: Path,
-    size: int,
-    conv: tuple[int, int, object],
-    pool: tuple[int, int, object],
-    expected: list[str],
-) -> None:
-    path = write_tiny_cnn(tmp_path / "m.onnx", h=size, w=size, conv=conv, pool=pool)  # type: ignore[arg-type]
-    layers = summarize(path).layers
-    assert [x.output_size_formula for x in layers[:2]] == expected
-    # The formula's result is the shape ONNX Runtime computes.
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.run(None, {"image": np.zeros((1, size, size, 2), np.float32)})[0].shape == (1, 3)
-    flatten = layers[2]
-    oh, ow, channels = layers[1].output_shape
-    assert flatten.output_size_formula == f"{oh}*{ow}*{channels} = {oh * ow * channels}"
-    assert int(expected[1].rsplit("= ", 1)[1]) == oh
-    assert layers[0].padding == ("valid" if conv[2] == VALID else "same")
-
-
-def test_size_formula_of_a_rectangle_names_both_dimensions(tmp_path: Path) -> None:
-    path = write_tiny_cnn(tmp_path / "m.onnx", h=12, w=7)
-    assert summarize(path).layers[0].output_size_formula == (
-        "height (12 - 3 + 2*0)/1 + 1 = 10; width (7 - 3 + 2*0)/1 + 1 = 5"
-    )
-    assert size_formula(7, 2, 2, 0, 0, pool=True) == "floor((7 - 2)/2) + 1 = 3"
+from tests.helpers import repository, session_with_outputs
 
 
 def reference_maps(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """The Relu and MaxPool outputs of the tiny CNN, from a plain session with them added."""
     model = onnx.load(str(path))
     names = {"conv1": "relu", "pool1": "pool"}
-    for value in names.values():
-        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, list(names.values()))
     outs = session.run(list(names.values()), {"image": x})
     return {name: out[0].transpose(1, 2, 0) for name, out in zip(names, outs, strict=True)}
 
 
-def repository(root: Path) -> ModelRepository:
-    return ModelRepository(
-        root,
-        runtime_options=RuntimeOptions(warmup_batch_sizes=(1,)),
-        batching=BatchingOptions(enabled=True, max_batch_size=8),
-        executor=ThreadPoolExecutor(2),
-        max_versions=1,
-    )
-
-
 async def test_feature_maps_filters_cap_and_session_life(tmp_path: Path) -> None:
     path = write_tiny_cnn(tmp_path / "tiny" / "1" / "model.onnx", h=9, w=9, c=3)
-    repo = repository(tmp_path)
+    repo = repository(tmp_path, max_versions=1)
     await repo.scan()
     # conv1 is 7*7*3 floats (588 bytes), pool1 3*3*3 (108 bytes); RGB in
     capped = DataPlane(repo, Limits(max_feature_map_bytes=600))

@@ -1,24 +1,16 @@
-"""The lean request path: the batcher's rule (how many images, which thread), its runs, and the
-cached metric children."""
+"""serving.core.batching: the batcher's rule (how many images, which thread) and its runs: coalescing,
+cutting, cancellation, retries one by one, and closing."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import types
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness import write_tiny_model
 from serving.core.batching import Batcher, Decision, RunCosts, decide, run_unbatched
-from serving.core.dataplane import Prediction, top_k
-from serving.core.runtime import ModelRuntime, RuntimeOptions, default_intra_op_threads
-from serving.grpc import cnnserve_messages as codec
-from serving.metrics import Metrics
-from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 
 
 def _recording_run(threads: list[str], sizes: list[int]):  # type: ignore[no-untyped-def]
@@ -84,6 +76,44 @@ def test_run_costs_recheck_the_hand_off_now_and_then() -> None:
     costs.observe_hop(1.0)
     choices = [costs.inline(1) for _ in range(RunCosts.RECHECK * 3)]
     assert choices.count(False) == 3
+
+
+async def test_batcher_coalesces_concurrent_requests() -> None:
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        out: np.ndarray = x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)
+        return out
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(run, pool, max_batch_size=8, max_delay_s=0.05)
+        inputs = [np.full((1, 2), i, np.float32) for i in range(8)]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.close()
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(8)]
+    assert sizes == [8]
+
+
+async def test_batcher_cuts_a_request_where_a_batch_is_full_and_skips_cancelled() -> None:
+    sizes: list[int] = []
+    gate = asyncio.Event()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return x[:, :1].copy()
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(run, pool, max_batch_size=4, max_delay_s=0.0)
+        a = asyncio.ensure_future(batcher.submit(np.ones((3, 1), np.float32)))
+        b = asyncio.ensure_future(batcher.submit(np.ones((3, 1), np.float32) * 2))
+        c = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32) * 3))
+        c.cancel()
+        gate.set()
+        ra, rb = await asyncio.gather(a, b)
+        await batcher.close()
+    assert ra.tolist() == [[1.0]] * 3 and rb.tolist() == [[2.0]] * 3
+    assert sizes == [4, 2]  # 3 + 3 > 4: b's first row fills the first run; c never ran
 
 
 async def test_runs_go_to_the_executor_and_coalesce_while_the_next_fills() -> None:
@@ -299,81 +329,3 @@ async def test_run_unbatched_inline_stays_on_the_loop_thread() -> None:
         await run_unbatched(run, pool, np.ones((2, 1), np.float32), inline=True)
         await run_unbatched(run, pool, np.ones((2, 1), np.float32))
     assert threads[0] == threading.current_thread().name and threads[1].startswith("worker")
-
-
-def test_top_k_of_one_matches_argmax() -> None:
-    p = np.random.default_rng(0).random((6, 10)).astype(np.float32)
-    top = top_k(p, 1)
-    assert top.indices.dtype == np.int64 and top.indices.shape == (6, 1)
-    assert top.indices[:, 0].tolist() == p.argmax(axis=1).tolist()
-    assert np.array_equal(top.scores[:, 0], p.max(axis=1))
-    assert top_k(p, 3).indices[:, 0].tolist() == p.argmax(axis=1).tolist()
-
-
-def test_count_call_reuses_labelled_children() -> None:
-    m = Metrics()
-    for _ in range(3):
-        m.count_call("mnist", "1", "Predict", "OK", 0.001)
-    m.count_call("mnist", "1", "Predict", "INVALID_ARGUMENT", 0.002)
-    assert (
-        m.registry.get_sample_value(
-            "cnnserve_requests_total",
-            {
-                "model": "mnist",
-                "version": "1",
-                "method": "Predict",
-                "code": "OK",
-                "protocol": "grpc",
-            },
-        )
-        == 3
-    )
-    assert (
-        m.registry.get_sample_value(
-            "cnnserve_request_duration_seconds_count",
-            {"model": "mnist", "method": "Predict", "protocol": "grpc"},
-        )
-        == 4
-    )
-    inflight = m.inflight_for("Predict")
-    assert inflight is m.inflight_for("Predict")
-    inflight.inc()
-    inflight.inc()
-    inflight.dec()
-    assert m.registry.get_sample_value("cnnserve_inflight_requests", {"method": "Predict"}) == 1
-    assert len(m._call_children) == 2
-
-
-def test_the_default_session_has_one_thread_per_run(tmp_path: Path) -> None:
-    path = write_tiny_model(tmp_path / "m.onnx")
-    rt = ModelRuntime(path, RuntimeOptions(intra_op_threads=default_intra_op_threads(2)))
-    assert rt.session.get_session_options().intra_op_num_threads == 1
-    assert default_intra_op_threads(1) >= 1
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_hand_encoded_classifications_equal_the_messages(tmp_path: Path, k: int) -> None:
-    """codec writes the classifications as wire bytes: they must parse to exactly the
-    messages protobuf itself would build (index 0 and a score of 0.0 included)."""
-    rt = ModelRuntime(write_tiny_model(tmp_path / "m.onnx"), RuntimeOptions())
-    served = types.SimpleNamespace(name="tiny", version=3, runtime=rt)
-    probs = np.array([[0.0, 0.3, 0.7], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3]], np.float32)
-    top = top_k(probs, k)
-    names = rt.info.class_names
-    expected = [
-        pb.Classification(
-            top=[
-                pb.ClassScore(index=int(i), label=names[int(i)], score=float(s))
-                for i, s in zip(row_i, row_s, strict=True)
-            ]
-        )
-        for row_i, row_s in zip(top.indices, top.scores, strict=True)
-    ]
-    prediction = Prediction(probs, top)
-    got = codec.predict_response(served, prediction, omit=False)  # type: ignore[arg-type]
-    assert list(got.classifications) == expected
-    assert (got.model, got.version) == ("tiny", 3)
-    assert np.array_equal(codec.decode_tensor(got.probabilities, "probabilities"), probs)
-    assert not codec.predict_response(served, prediction, omit=True).HasField("probabilities")  # type: ignore[arg-type]
-    classify = codec.classify_response(served, prediction)  # type: ignore[arg-type]
-    assert list(classify.classifications) == expected

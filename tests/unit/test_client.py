@@ -1,4 +1,4 @@
-"""README's service config for other clients is the one our client uses."""
+"""serving.client: README's service config for other clients is the one our client uses."""
 
 from __future__ import annotations
 

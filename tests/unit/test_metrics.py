@@ -1,9 +1,8 @@
-"""Metrics and log records of the model lifecycle, on a real repository with tiny real models."""
+"""serving.metrics: model states through a real repository's lifecycle, cached call children, and
+docs/metrics.md naming every metric registered."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,6 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import write_tiny_model
-from serving import logs
 from serving.core.repository import BatchingOptions, ModelRepository, State
 from serving.core.runtime import RuntimeOptions
 from serving.metrics import Metrics
@@ -79,51 +77,38 @@ async def test_model_state_follows_load_refusal_and_removal(
     assert "_created" not in generate_latest(metrics.registry).decode()
 
 
-def test_json_formatter_writes_extra_fields_and_exceptions() -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter())
-    log = logging.getLogger("tests.json")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
-        log.warning("model %s ready", "m", extra={"event": "model_ready", "path": Path("/x")})
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            log.exception("failed")
-    finally:
-        log.removeHandler(handler)
-    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first["message"] == "model m ready" and first["level"] == "warning"
-    assert (first["event"], first["path"]) == ("model_ready", "/x")
-    assert "args" not in first and "msg" not in first
-    assert second["level"] == "error" and "ValueError: boom" in second["exception"]
-
-
-def test_a_status_sent_to_a_gone_client_is_a_debug_line_not_a_traceback(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """gRPC's own log line for a status it could not send to a client that had just gone
-    (grpc.aio's race between the client's cancel and the server's abort) is demoted to debug;
-    other errors of that logger stay."""
-    from grpc._cython import cygrpc  # type: ignore[attr-defined]
-
-    import serving.grpc.guard  # noqa: F401  (installs the filter)
-
-    grpc_log = logging.getLogger("grpc._cython.cygrpc")
-    with caplog.at_level(logging.DEBUG):
-        try:
-            raise cygrpc.ExecuteBatchError("Failed execute_batch")
-        except cygrpc.ExecuteBatchError:
-            grpc_log.exception("ExecuteBatchError raised in core by servicer method [/x/Predict]")
-        grpc_log.error("something else")
-    by_level = {(r.name, r.levelname, r.getMessage()) for r in caplog.records}
-    assert ("grpc._cython.cygrpc", "ERROR", "something else") in by_level
-    assert not any(r.exc_info for r in caplog.records)
-    assert any(
-        r.levelname == "DEBUG" and "the client had gone" in r.getMessage() for r in caplog.records
+def test_count_call_reuses_labelled_children() -> None:
+    m = Metrics()
+    for _ in range(3):
+        m.count_call("mnist", "1", "Predict", "OK", 0.001)
+    m.count_call("mnist", "1", "Predict", "INVALID_ARGUMENT", 0.002)
+    assert (
+        m.registry.get_sample_value(
+            "cnnserve_requests_total",
+            {
+                "model": "mnist",
+                "version": "1",
+                "method": "Predict",
+                "code": "OK",
+                "protocol": "grpc",
+            },
+        )
+        == 3
     )
+    assert (
+        m.registry.get_sample_value(
+            "cnnserve_request_duration_seconds_count",
+            {"model": "mnist", "method": "Predict", "protocol": "grpc"},
+        )
+        == 4
+    )
+    inflight = m.inflight_for("Predict")
+    assert inflight is m.inflight_for("Predict")
+    inflight.inc()
+    inflight.inc()
+    inflight.dec()
+    assert m.registry.get_sample_value("cnnserve_inflight_requests", {"method": "Predict"}) == 1
+    assert len(m._call_children) == 2
 
 
 def test_every_metric_of_ours_is_documented() -> None:
