@@ -8,11 +8,11 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import _async as reflection_async  # its aio servicer
 from grpc_reflection.v1alpha import reflection
 
 from serving.config import MiB, Settings, read_auth_token
@@ -23,9 +23,8 @@ from serving.core.dataplane import DataPlane, Limits, Statistics
 from serving.core.repository import BatchingOptions, ModelRepository, State
 from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 from serving.cores import available_cores
-from serving.grpc.auth import TokenAuthInterceptor
 from serving.grpc.cnnserve import CnnServeServicer
-from serving.grpc.guard import CallGuard
+from serving.grpc.guard import Guard
 from serving.grpc.inference import GRPCInferenceServiceServicer
 from serving.grpc.inference_messages import server_version
 from serving.grpc.streams import Streams
@@ -116,7 +115,7 @@ class Server:
             self.admission,
         )
         self.streams = Streams(settings.max_stream_inflight)
-        self.guard = CallGuard(self.metrics, self.streams.stop_reading, self.admission)
+        self.guard = Guard(self.metrics, self.admission, stop_streams=self.streams.stop_reading)
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -223,15 +222,6 @@ class Server:
         )
         return options
 
-    def _interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        """Token auth first (an unauthenticated request is never parsed), then the guard that
-        turns unparsable requests into INVALID_ARGUMENT and drains calls at shutdown."""
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        if token is not None:
-            interceptors.append(TokenAuthInterceptor(token, self.metrics))
-        interceptors.append(self.guard)
-        return interceptors
-
     @property
     def transport(self) -> str:
         s = self.settings
@@ -254,32 +244,44 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        token = read_auth_token(s)  # read once: what the log says is what the interceptor checks
+        token = read_auth_token(s)  # read once: what the log says is what the guard checks
         server = grpc.aio.server(
             options=self._options(),
-            interceptors=self._interceptors(token),
             maximum_concurrent_rpcs=None,  # no: see _options
         )
+        # No interceptor: the guard is the server's only method lookup, and wraps each method
+        # once (serving/grpc/guard.py).
+        guard = self.guard
+        guard.require_token(token)
         from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc
 
-        cnnserve_pb2_grpc.add_CnnServeServicer_to_server(
-            CnnServeServicer(self.plane, self.metrics, self.streams), server
+        guard.add(
+            cnnserve_pb2_grpc.add_CnnServeServicer_to_server,
+            CnnServeServicer(self.plane, self.metrics, self.streams),
+            counted=True,
         )
         from serving.pb.inference import grpc_predict_v2_pb2_grpc
 
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        guard.add(
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             GRPCInferenceServiceServicer(self.plane, self.metrics, self.is_ready, self.streams),
-            server,
+            counted=True,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        guard.add(health_pb2_grpc.add_HealthServicer_to_server, self.health, counted=False)
+        from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+        guard.add(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection_async.ReflectionServicer(
+                [
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ]
+            ),
+            counted=False,
         )
+        server.add_generic_rpc_handlers((guard,))
         address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
         credentials = self._credentials()
         if credentials is None:

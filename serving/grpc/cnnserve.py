@@ -9,16 +9,16 @@ import grpc
 
 from serving.core.dataplane import DataPlane
 from serving.grpc import cnnserve_messages as messages
-from serving.grpc.calls import rpc
 from serving.grpc.streams import StreamMethod, Streams, serve_stream
 from serving.metrics import Call, Metrics
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 
 Ctx = grpc.aio.ServicerContext
 
 
-class CnnServeServicer(pb_grpc.CnnServeServicer):
+class CnnServeServicer:
+    """cnnserve.v1.CnnServe; each unary method gets its call's labels from the guard."""
+
     def __init__(self, plane: DataPlane, metrics: Metrics, streams: Streams) -> None:
         self.plane = plane
         self.metrics = metrics
@@ -48,7 +48,6 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
             prediction = await self.plane.predict(served, pixels, request.top_k or 1)
             return messages.predict_response(served, prediction, request.omit_probabilities, out)
 
-    @rpc("Predict")
     async def Predict(
         self, request: pb.PredictRequest, context: Ctx, call: Call
     ) -> pb.PredictResponse:
@@ -59,7 +58,6 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
     ) -> None:
         await serve_stream(request_iterator, context, self._stream, self.streams, self.metrics)
 
-    @rpc("Classify")
     async def Classify(
         self, request: pb.ClassifyRequest, context: Ctx, call: Call
     ) -> pb.ClassifyResponse:
@@ -71,14 +69,12 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
             prediction = await self.plane.predict(served, batch, request.top_k or 1)
             return messages.classify_response(served, prediction)
 
-    @rpc("GetParameterSummary")
     async def GetParameterSummary(
         self, request: pb.GetParameterSummaryRequest, context: Ctx, call: Call
     ) -> pb.GetParameterSummaryResponse:
         served = call.resolve(self.plane, request.model, request.version)
         return messages.summary_response(served, await self.plane.summary(served))
 
-    @rpc("GetFeatureMaps")
     async def GetFeatureMaps(
         self, request: pb.GetFeatureMapsRequest, context: Ctx, call: Call
     ) -> pb.GetFeatureMapsResponse:
@@ -89,20 +85,17 @@ class CnnServeServicer(pb_grpc.CnnServeServicer):
         )
         return messages.feature_maps_response(served, maps)
 
-    @rpc("GetFilters")
     async def GetFilters(
         self, request: pb.GetFiltersRequest, context: Ctx, call: Call
     ) -> pb.GetFiltersResponse:
         served = call.resolve(self.plane, request.model, request.version)
         return messages.filters_response(served, await self.plane.filters(served, request.layer))
 
-    @rpc("ListModels")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call
     ) -> pb.ListModelsResponse:
         return messages.list_models_response(self.plane.catalog())
 
-    @rpc("GetModelMetadata")
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Ctx, call: Call
     ) -> pb.GetModelMetadataResponse:

@@ -1,4 +1,23 @@
-"""The interceptor every gRPC call passes before its handler: parse errors, drain, reservations."""
+"""The one wrapper every gRPC call passes: token, reservation, parse errors, drain, status, metrics.
+
+The server registers no interceptor: `Guard` is its only method lookup (a generic handler that
+grpc.aio asks synchronously, in the call's own task), and each registered method is wrapped
+once, at start-up, in one coroutine that does what an interceptor and a decorator did before
+(bench/PROFILE.md has the figures). Per call it
+
+- refuses a call without the bearer token (when one is configured) UNAUTHENTICATED, unread;
+- reserves the request's share of the data budget before its message is read (inference
+  methods), refusing it unread when the budget is taken;
+- answers a message that is not a valid protobuf message of its method's type (random bytes, a
+  truncated message, invalid UTF-8 in a string) INVALID_ARGUMENT instead of grpc.aio's UNKNOWN;
+- refuses new calls UNAVAILABLE while the server drains, and counts the calls in their handlers
+  so that shutdown waits for them: gRPC core would otherwise CANCEL the calls it has received
+  but not yet handed to Python when the server stops (grpc/grpc#41785). Health checks keep
+  answering (NOT_SERVING) while draining;
+- for our two APIs' unary methods: maps a handler's exception to its status (a ServingError by
+  `CODES`, anything else INTERNAL with a traceback in the log), and counts and times the call
+  under the model the handler resolved (`metrics.Call`).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +26,21 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from serving import tokens
 from serving.core.dataplane import RESERVATION, RESERVING, Admission
-from serving.errors import ServingError
-from serving.grpc.calls import CODES, log
-from serving.metrics import Metrics
+from serving.errors import Kind, ServingError, as_refusal
+from serving.metrics import Call, Metrics
 
-# Services that answer while the server drains (health says NOT_SERVING; discovery stays).
+log = logging.getLogger("serving.grpc")
+
+# Services that answer while the server drains and without the token: probes and discovery.
 PROBE_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -25,10 +48,22 @@ PROBE_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
-
 # Stream methods that answer an undecodable message themselves (the stream goes on) instead
 # of the guard ending the whole call.
 SELF_CHECKED = frozenset({"PredictStream", "ModelStreamInfer"})
+UNKNOWN_METHOD = "_unknown"  # the metrics label of a refused call to a method that does not exist
+
+CODES: dict[Kind, grpc.StatusCode] = {
+    Kind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Kind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Ctx = grpc.aio.ServicerContext
+Handler = grpc.RpcMethodHandler
 
 
 class _StatusToAGoneClient(logging.Filter):
@@ -48,22 +83,35 @@ class _StatusToAGoneClient(logging.Filter):
 logging.getLogger("grpc._cython.cygrpc").addFilter(_StatusToAGoneClient())
 
 
+def failure(exc: Exception, method: str, model: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a handler's exception is answered with, logged as it deserves: a
+    ServingError is an expected refusal (one debug line), anything else a bug (a traceback).
+    Unary calls abort with it, stream messages answer with it."""
+    refused = as_refusal(exc)
+    if refused is not None:
+        code = CODES[refused.kind]
+        log.debug("%s %s: %s %s", method, model, code.name, refused.message)
+        return code, refused.message
+    log.exception("%s %s failed", method, model)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
+
+
 def refusal(
-    handler: grpc.RpcMethodHandler[Any, Any] | None,
+    handler: Handler[Any, Any] | None,
     code: grpc.StatusCode,
     message: str,
     on_call: Callable[[], None] = lambda: None,
-) -> grpc.RpcMethodHandler[Any, Any]:
+) -> Handler[Any, Any]:
     """A handler that ends every call with `code` without reading its request. It takes the
     request as a stream whatever the method's kind (on the wire a unary request is a stream of
     one message), so that grpc.aio does not receive the message before the handler runs, as it
     would for a unary handler: a refused 3 MB request costs no 3 MB, and is never parsed."""
 
-    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def refuse(requests: Any, context: Ctx[Any, Any]) -> None:
         on_call()
         await context.abort(code, message)
 
-    if handler is None or not (handler.response_streaming):
+    if handler is None or not handler.response_streaming:
         return grpc.stream_unary_rpc_method_handler(refuse)
     return grpc.stream_stream_rpc_method_handler(refuse)
 
@@ -78,35 +126,73 @@ class Undecodable:
         self.error = error
 
 
-class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """What every call goes through before its handler, whatever its service:
+class _Registrar:
+    """Stands in for the server when a generated `add_*_to_server` registers a servicer: keeps
+    the method handlers it hands over, by full method name."""
 
-    - a request that is not a valid protobuf message of its method's type (random bytes, a
-      truncated message, invalid UTF-8 in a string) ends INVALID_ARGUMENT and is counted,
-      instead of grpc.aio's UNKNOWN;
-    - unary calls in flight are counted, so that shutdown can `drain`: from then on new calls
-      are refused UNAVAILABLE here while the running ones finish. gRPC core would instead
-      CANCEL the calls it has received but not yet handed to Python when the server stops
-      (grpc/grpc#41785), so the server stops only once nothing is left in flight. Health
-      checks keep their answers (NOT_SERVING) while draining.
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler[Any, Any]] = {}
 
-    Every registered method is wrapped once; unknown methods pass through (UNIMPLEMENTED)."""
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self.handlers[f"/{service}/{name}"] = handler
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """The same handlers again, as a generic handler: the registered ones suffice."""
+
+
+@dataclass(frozen=True)
+class _Method:
+    service: str
+    name: str  # the method's short name: its metrics label
+    handler: Handler[Any, Any]  # the original (what a refusal needs to know of its kind)
+    guarded: Handler[Any, Any]  # what the server runs
+
+    @property
+    def probe(self) -> bool:
+        return self.service in PROBE_SERVICES
+
+
+class Guard(grpc.GenericRpcHandler):
+    """The server's method lookup and the wrapper of every method (see the module's doc).
+
+    `add(add_to_server, servicer, counted=...)` registers a servicer through its generated
+    `add_*_to_server`; `counted` servicers (our APIs) have handlers that take the call's labels
+    as a third argument and are counted per call; the others (health, reflection) are called as
+    gRPC calls them."""
 
     def __init__(
         self,
         metrics: Metrics | None = None,
-        stop_streams: Callable[[], None] | None = None,
         admission: Admission | None = None,
+        *,
+        stop_streams: Callable[[], None] | None = None,
     ) -> None:
         self._metrics = metrics
-        self._stop_streams = stop_streams  # drain makes every stream stop reading
         self._admission = admission
-        self._wrapped: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
+        self._token: bytes | None = None
+        self._stop_streams = stop_streams  # drain makes every stream stop reading
+        self._methods: dict[str, _Method] = {}
         self.active = 0  # unary calls and inference streams in their handlers now
         self.draining = False
         self._idle: asyncio.Event | None = None
+
+    def add(
+        self, add_to_server: Callable[[Any, Any], None], servicer: Any, *, counted: bool
+    ) -> None:
+        registrar = _Registrar()
+        add_to_server(servicer, registrar)
+        for full, handler in registrar.handlers.items():
+            service, _, name = full.lstrip("/").rpartition("/")
+            guarded = self._guard(handler, service, name, counted)
+            self._methods[full] = _Method(service, name, handler, guarded)
+
+    def require_token(self, token: str | None) -> None:
+        """From now on every call but probes must carry `authorization: Bearer <token>`
+        (None: no token, every call is let in)."""
+        if token is not None and not token:
+            raise ValueError("an empty token would let every caller in")
+        self._token = token.encode("ascii") if token else None
 
     async def drain(self, timeout: float) -> int:
         """Refuse new calls from now on; wait (at most `timeout` s) for the running ones to
@@ -120,106 +206,123 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await asyncio.wait_for(self._idle.wait(), timeout)
         return self.active
 
-    async def intercept_service(  # type: ignore[override]  # None: no such method
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        full = handler_call_details.method
-        cached = self._wrapped.get(full)  # keys: registered methods only (bounded)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._guard(handler, full))
-            self._wrapped[full] = cached
-        if self._admission is not None:
-            method = full.rpartition("/")[2]
-            if method in RESERVING and not self.draining:
-                try:
-                    reservation = self._admission.reserve(method)
-                except ServingError as exc:  # refused before a byte of the message is read
-                    return refusal(
-                        handler,
-                        CODES[exc.kind],
-                        exc.message,
-                        functools.partial(self._count, method, CODES[exc.kind]),
-                    )
-                RESERVATION.set(reservation)  # this call's task: the handler's admit takes it
-                task = asyncio.current_task()
-                if task is not None:  # whatever ends the call, the reservation goes with it
-                    task.add_done_callback(lambda _: reservation.release())
-        return cached[1]
+    # Per call, before its message is read ---------------------------------------------------
 
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler[Any, Any] | None:
+        method = self._methods.get(handler_call_details.method)
+        if self._token is not None and (method is None or not method.probe):
+            refused = self._unauthenticated(handler_call_details, method)
+            if refused is not None:
+                return refused
+        if method is None:
+            return None  # UNIMPLEMENTED
+        if self._admission is not None and method.name in RESERVING and not self.draining:
+            try:
+                reservation = self._admission.reserve(method.name)
+            except ServingError as exc:  # refused before a byte of the message is read
+                code = CODES[exc.kind]
+                count = functools.partial(self._count_refused, method.name, code)
+                return refusal(method.handler, code, exc.message, count)
+            RESERVATION.set(reservation)  # this call's task: the handler's admit takes it
+            task = asyncio.current_task()
+            if task is not None:  # whatever ends the call, the reservation goes with it
+                task.add_done_callback(lambda _: reservation.release())
+        return method.guarded
+
+    def _unauthenticated(
+        self, details: grpc.HandlerCallDetails, method: _Method | None
+    ) -> Handler[Any, Any] | None:
+        """A refusal for a call without the right token, or None when it has it. compare_digest
+        (in `tokens.matches`) takes as long wherever the first difference is."""
+        assert self._token is not None
+        sent = None
+        for key, value in details.invocation_metadata or ():
+            if key == tokens.HEADER:
+                sent = value
+                break
+        if tokens.matches(sent, self._token):
+            return None
+        message = (
+            "invalid bearer token"
+            if sent is not None
+            else "missing `authorization: Bearer <token>`"
+        )
+        log.debug("%s refused: %s", details.method, message)
+        # A method that exists keeps its name as the metrics label; any other is "_unknown"
+        # (label values stay bounded whatever a caller sends).
+        name = method.name if method is not None else UNKNOWN_METHOD
+        count = functools.partial(self._count_refused, name, grpc.StatusCode.UNAUTHENTICATED)
+        return refusal(
+            method.handler if method else None, grpc.StatusCode.UNAUTHENTICATED, message, count
+        )
+
+    def _count_refused(self, method: str, code: grpc.StatusCode) -> None:
         if self._metrics is not None:
             self._metrics.count_refused(method, code.name)
 
+    # Around each call's handler -----------------------------------------------------------
+
+    def _enter(self) -> None:
+        self.active += 1
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
     def _guard(
-        self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+        self, handler: Handler[Any, Any], service: str, method: str, counted: bool
+    ) -> Handler[Any, Any]:
         deserialize = handler.request_deserializer
-        assert deserialize is not None
-        service, _, method = full_method.lstrip("/").rpartition("/")
+        serialize = handler.response_serializer
         probe = service in PROBE_SERVICES
 
-        async def refuse_draining(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            self._count(method, grpc.StatusCode.UNAVAILABLE)
+        async def refuse_draining(context: Ctx[Any, Any]) -> None:
+            self._count_refused(method, grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
         def parse(data: bytes) -> Any:
             try:
-                return deserialize(data)
+                return deserialize(data)  # type: ignore[misc]
             except Exception as exc:  # DecodeError, or anything a parser raises on garbage
                 return Undecodable(exc)
 
-        async def refuse(context: grpc.aio.ServicerContext[Any, Any], bad: Undecodable) -> None:
-            self._count(method, grpc.StatusCode.INVALID_ARGUMENT)
+        async def refuse(context: Ctx[Any, Any], bad: Undecodable) -> None:
+            self._count_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
             log.debug("%s: undecodable request: %s", method, bad.error)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse the request: {bad.error}"
             )
 
-        async def checked(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
+        async def checked(requests: AsyncIterator[Any], context: Ctx[Any, Any]) -> Any:
             async for request in requests:
-                if isinstance(request, Undecodable) and method not in SELF_CHECKED:
+                if type(request) is Undecodable and method not in SELF_CHECKED:
                     await refuse(context, request)
                 yield request
 
-        def enter() -> None:
-            self.active += 1
-
-        def leave() -> None:
-            self.active -= 1
-            if not self.active and self._idle is not None:
-                self._idle.set()
-
-        serialize = handler.response_serializer
         if handler.unary_unary is not None:
             inner_uu: Any = handler.unary_unary
+            if counted:
+                return grpc.unary_unary_rpc_method_handler(
+                    self._counted(inner_uu, method, refuse, refuse_draining), parse, serialize
+                )
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, Undecodable):
+            async def unary_unary(request: Any, context: Ctx[Any, Any]) -> Any:
+                if type(request) is Undecodable:
                     await refuse(context, request)
                 if self.draining and not probe:
                     await refuse_draining(context)
-                enter()
+                self._enter()
                 try:
                     return await inner_uu(request, context)
                 finally:
-                    leave()
+                    self._leave()
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
         if handler.stream_unary is not None:
             inner_su: Any = handler.stream_unary
 
-            async def stream_unary(
-                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
+            async def stream_unary(requests: Any, context: Ctx[Any, Any]) -> Any:
                 return await inner_su(checked(requests, context), context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
@@ -230,34 +333,91 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner: Any = handler.unary_stream or handler.stream_stream
         streaming_requests = handler.unary_stream is None
 
-        def args(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        def args(request: Any, context: Ctx[Any, Any]) -> Any:
             return checked(request, context) if streaming_requests else request
 
+        behaviour: Any
         if inspect.isasyncgenfunction(inner):
 
-            async def generate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, Undecodable):
+            async def generate(request: Any, context: Ctx[Any, Any]) -> Any:
+                if type(request) is Undecodable:
                     await refuse(context, request)
                 async for response in inner(args(request, context), context):
                     yield response
 
-            behaviour: Any = generate
+            behaviour = generate
         else:
 
-            async def write(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, Undecodable):
+            async def write(request: Any, context: Ctx[Any, Any]) -> Any:
+                if type(request) is Undecodable:
                     await refuse(context, request)
                 if probe:
                     return await inner(args(request, context), context)
                 if self.draining:
                     await refuse_draining(context)
-                enter()
+                self._enter()
                 try:
                     return await inner(args(request, context), context)
                 finally:
-                    leave()
+                    self._leave()
 
             behaviour = write
         if streaming_requests:
             return grpc.stream_stream_rpc_method_handler(behaviour, parse, serialize)
         return grpc.unary_stream_rpc_method_handler(behaviour, parse, serialize)
+
+    def _counted(
+        self,
+        handler: Callable[[Any, Ctx[Any, Any], Call], Awaitable[Any]],
+        method: str,
+        refuse: Callable[[Ctx[Any, Any], Undecodable], Awaitable[None]],
+        refuse_draining: Callable[[Ctx[Any, Any]], Awaitable[None]],
+    ) -> Callable[[Any, Ctx[Any, Any]], Awaitable[Any]]:
+        """One of our APIs' unary methods: everything above, plus its status from what the
+        handler raised and its count and time under the model the handler resolved."""
+        metrics = self._metrics
+        inflight = metrics.inflight_for(method) if metrics is not None else None
+
+        async def unary(request: Any, context: Ctx[Any, Any]) -> Any:
+            if type(request) is Undecodable:
+                await refuse(context, request)
+            if self.draining:
+                await refuse_draining(context)
+            self.active += 1
+            call = Call()
+            code = grpc.StatusCode.OK
+            started = time.perf_counter()
+            if inflight is not None:
+                inflight.inc()
+            counted = False
+            try:
+                return await handler(request, context, call)
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                code, message = failure(exc, method, call.model)
+                # Counted before the status leaves: whoever reads /metrics after the answer
+                # finds the call there.
+                counted = True
+                self._count_call(inflight, call, method, code, started)
+                await context.abort(code, message)
+                raise  # unreachable: abort raises
+            finally:
+                if not counted:
+                    self._count_call(inflight, call, method, code, started)
+                self._leave()
+
+        return unary
+
+    def _count_call(
+        self, inflight: Any, call: Call, method: str, code: grpc.StatusCode, started: float
+    ) -> None:
+        if self._metrics is not None:
+            inflight.dec()
+            elapsed = time.perf_counter() - started
+            self._metrics.count_call(call.model, call.version, method, code.name, elapsed)

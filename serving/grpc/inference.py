@@ -13,16 +13,16 @@ import grpc
 
 from serving.core.dataplane import DataPlane
 from serving.grpc import inference_messages as messages
-from serving.grpc.calls import rpc
 from serving.grpc.streams import StreamMethod, Streams, serve_stream
 from serving.metrics import Call, Metrics
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
-from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 Ctx = grpc.aio.ServicerContext
 
 
-class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
+class GRPCInferenceServiceServicer:
+    """inference.GRPCInferenceService; each unary method gets its call's labels from the guard."""
+
     def __init__(
         self, plane: DataPlane, metrics: Metrics, ready: Callable[[], bool], streams: Streams
     ) -> None:
@@ -33,19 +33,16 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self._version = messages.server_version()
         self._stream = StreamMethod("ModelStreamInfer", self._infer_one, self._stream_error)
 
-    @rpc("ServerLive")
     async def ServerLive(
         self, request: v2.ServerLiveRequest, context: Ctx, call: Call
     ) -> v2.ServerLiveResponse:
         return v2.ServerLiveResponse(live=True)
 
-    @rpc("ServerReady")
     async def ServerReady(
         self, request: v2.ServerReadyRequest, context: Ctx, call: Call
     ) -> v2.ServerReadyResponse:
         return v2.ServerReadyResponse(ready=self._ready())
 
-    @rpc("ModelReady")
     async def ModelReady(
         self, request: v2.ModelReadyRequest, context: Ctx, call: Call
     ) -> v2.ModelReadyResponse:
@@ -53,7 +50,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
         version = messages.parse_v2_version(request.version)
         return v2.ModelReadyResponse(ready=self.plane.is_ready(request.name, version))
 
-    @rpc("ServerMetadata")
     async def ServerMetadata(
         self, request: v2.ServerMetadataRequest, context: Ctx, call: Call
     ) -> v2.ServerMetadataResponse:
@@ -61,7 +57,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
             name=messages.SERVER_NAME, version=self._version, extensions=messages.EXTENSIONS
         )
 
-    @rpc("ModelMetadata")
     async def ModelMetadata(
         self, request: v2.ModelMetadataRequest, context: Ctx, call: Call
     ) -> v2.ModelMetadataResponse:
@@ -94,7 +89,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.ModelStreamInferResponse:
         return messages.v2_stream_error(request, code.name, message)
 
-    @rpc("ModelInfer")
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Ctx, call: Call
     ) -> v2.ModelInferResponse:
@@ -105,7 +99,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         await serve_stream(request_iterator, context, self._stream, self.streams, self.metrics)
 
-    @rpc("ModelConfig")
     async def ModelConfig(
         self, request: v2.ModelConfigRequest, context: Ctx, call: Call
     ) -> v2.ModelConfigResponse:
@@ -115,7 +108,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
             served, plane.batching, plane.max_versions, plane.limits.max_request_batch
         )
 
-    @rpc("ModelStatistics")
     async def ModelStatistics(
         self, request: v2.ModelStatisticsRequest, context: Ctx, call: Call
     ) -> v2.ModelStatisticsResponse:
@@ -127,7 +119,6 @@ class GRPCInferenceServiceServicer(v2_grpc.GRPCInferenceServiceServicer):
             model_stats=[messages.v2_model_statistics(n, v, stats) for n, v, stats in counted]
         )
 
-    @rpc("RepositoryIndex")
     async def RepositoryIndex(
         self, request: v2.RepositoryIndexRequest, context: Ctx, call: Call
     ) -> v2.RepositoryIndexResponse:

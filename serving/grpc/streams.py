@@ -25,8 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from serving.grpc.calls import failure
-from serving.grpc.guard import Undecodable
+from serving.grpc.guard import Undecodable, failure
 from serving.metrics import Call, Metrics
 
 log = logging.getLogger("serving.grpc")
