@@ -44,6 +44,14 @@ class Settings:
         "an HTTP request's body must arrive within this many seconds, or the request is "
         "answered 408 and its connection closed (slow senders hold no handler for long)",
     )
+    http_header_timeout_s: float = option(
+        10.0,
+        "a new HTTP connection must finish its TLS handshake and send a complete request head "
+        "(request line and headers) within this many seconds of being accepted, and a kept-"
+        "alive one each further head within this many seconds of its first byte, or it is "
+        "closed: clients that send headers slowly (slowloris) or nothing hold no connection "
+        "for long",
+    )
     provider: str = option(
         "cpu",
         "ONNX Runtime execution provider; cuda falls back to cpu with a warning. On cuda every "
@@ -158,9 +166,11 @@ class Settings:
     )
     max_connections: int = option(
         0,
-        "connections held at once; a connection beyond it is closed as soon as it is accepted, "
-        "so a flood of idle connections cannot use up the file descriptors the server needs for"
-        " model files and metrics (0: the process's open-file limit less 256)",
+        "connections the process holds at once, both ports together, shared evenly between the"
+        " gRPC and REST ports (with --workers, the whole server's, divided between the "
+        "workers); a connection beyond its port's share is closed as soon as it is accepted, so"
+        " a flood on one port cannot use up the file descriptors the other port, model files "
+        "and metrics need (0, and never more than: the process's open-file limit less 256)",
     )
     http2_bdp_probe: bool = option(
         False,
@@ -354,7 +364,12 @@ def validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 0:
             raise bad(name, "expected a number >= 0")
-    for name in ("max_feature_map_mb", "keepalive_timeout_s", "http_read_timeout_s"):
+    for name in (
+        "max_feature_map_mb",
+        "keepalive_timeout_s",
+        "http_read_timeout_s",
+        "http_header_timeout_s",
+    ):
         if getattr(s, name) <= 0:
             raise bad(name, "expected a number > 0")
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):

@@ -7,6 +7,7 @@ counted as "_unknown"), methods from the proto services, codes from grpc.StatusC
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -174,6 +175,30 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.connections = Gauge(
+            f"{PREFIX}_connections",
+            "Connections open now on the REST port (the gRPC port's are held inside gRPC core, "
+            "which does not report them).",
+            ["protocol"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connection_limit = Gauge(
+            f"{PREFIX}_connection_limit",
+            "Each port's share of the process's connection budget (--max-connections).",
+            ["protocol"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_closed = Counter(
+            f"{PREFIX}_connections_closed",
+            "Connections the server closed or could not accept to protect itself: reason limit "
+            "(beyond the port's share), header_timeout (no complete request head in time), "
+            "handshake (TLS handshake failed or too late), accept_error (accept() failed, out "
+            "of file descriptors).",
+            ["protocol", "reason"],
+            registry=r,
+        )
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
@@ -217,6 +242,16 @@ class Metrics:
                 UNKNOWN_MODEL, "", method, code, protocol
             )
         child.inc()
+
+    def watch_connections(self, protocol: str, limit: int, held: Callable[[], float]) -> None:
+        """A port's share, and its open connections read at scrape time (`held`; in a worker
+        process a gauge has no function, so only the share is exported there)."""
+        self.connection_limit.labels(protocol).set(limit)
+        if not self.multiprocess:
+            self.connections.labels(protocol).set_function(held)
+
+    def close_connection(self, protocol: str, reason: str) -> None:
+        self.connections_closed.labels(protocol, reason).inc()
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()

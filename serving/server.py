@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import _async as reflection_async  # its aio servic
 from grpc_reflection.v1alpha import reflection
 
 from serving.config import MiB, Settings, read_auth_token
+from serving.connections import Budget, Share, open_file_limit
 from serving.core import images
 from serving.core.admission import Admission
 from serving.core.batching import Observer
@@ -120,6 +121,9 @@ class Server:
         self.port = 0
         self.metrics_port = 0
         self.http: RestServer | None = None
+        self.budget = Budget.of(
+            settings.max_connections, settings.http_port != 0, open_file_limit()
+        )
         self.http_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -198,13 +202,9 @@ class Server:
             options.append(("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)))
         if s.max_concurrent_streams > 0:
             options.append(("grpc.max_concurrent_streams", s.max_concurrent_streams))
-        connections = s.max_connections
-        if not connections:  # what the open-file limit leaves for model files, metrics, logs
-            import resource
-
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            connections = 1 << 20 if soft == resource.RLIM_INFINITY else max(16, soft - 256)
-        options.append(("grpc.max_allowed_incoming_connections", connections))
+        # Its share of the process's connection budget: gRPC core closes a connection beyond
+        # it as soon as it is accepted (serving.connections).
+        options.append(("grpc.max_allowed_incoming_connections", self.budget.grpc))
         options.append(("grpc.http2.bdp_probe", 1 if s.http2_bdp_probe else 0))
         if s.keepalive_time_s > 0:
             options += [
@@ -294,6 +294,7 @@ class Server:
         self._set_health(LIVENESS_SERVICE, SERVING)
         await server.start()
         self.grpc_server = server
+        self.metrics.connection_limit.labels("grpc").set(self.budget.grpc)
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         if s.http_port:
@@ -301,7 +302,8 @@ class Server:
         log.info(
             "listening on %s:%d (gRPC, %s, token auth %s)%s; repository %s; provider %s; "
             "batching %s (max %d, delay %.2f ms); %d concurrent runs per model; request data "
-            "budget %d MiB, up to %d images queued per model, %d messages in flight per stream",
+            "budget %d MiB, up to %d images queued per model, %d messages in flight per stream;"
+            " connections %s",
             s.host,
             self.port,
             self.transport,
@@ -316,6 +318,8 @@ class Server:
             self.admission.budget_bytes // MiB,
             self.admission.max_queue_images,
             self.streams.max_inflight,
+            f"{self.budget.grpc} gRPC"
+            + (f" + {self.budget.http} REST" if self.http is not None else ""),
             extra={
                 "event": "server_started",
                 "port": self.port,
@@ -340,7 +344,16 @@ class Server:
             token=token,
             version=server_version(),
         )
-        self.http = RestServer(api, s.grace_seconds, s.max_connection_idle_s)
+        share = Share("REST", self.budget.http)
+        self.metrics.watch_connections("http", share.limit, share.get)
+        self.http = RestServer(
+            api,
+            s.grace_seconds,
+            s.max_connection_idle_s,
+            head_timeout_s=s.http_header_timeout_s,
+            share=share,
+            on_closed=lambda reason: self.metrics.close_connection("http", reason),
+        )
         context = None
         if s.tls_cert is not None and s.tls_key is not None:
             context = ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)

@@ -68,6 +68,8 @@ def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[s
         cmd += ["--intra-op-threads", share]
     if settings.concurrent_runs == 0:
         cmd += ["--concurrent-runs", share]
+    if settings.max_connections:  # the server's budget; each worker's open-file limit is its own
+        cmd += ["--max-connections", str(max(1, settings.max_connections // settings.workers))]
     return cmd
 
 

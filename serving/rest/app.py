@@ -23,11 +23,13 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from serving import tokens
+from serving.connections import Share
 from serving.core.dataplane import RESERVATION, RESERVING, Admission, DataPlane
 from serving.errors import Kind, ServingError, Unavailable, as_refusal
 from serving.grpc import inference_messages as v2_messages
 from serving.metrics import Call, Metrics
 from serving.rest import codec as rc
+from serving.rest.site import BudgetedSite
 
 log = logging.getLogger("serving.rest.app")
 
@@ -465,30 +467,50 @@ class RestApi:
 
 
 class RestServer:
-    """The REST API's listening socket on the server's loop: start, drain, stop."""
+    """The REST API's listening socket on the server's loop: start, drain, stop. Connections
+    are taken within `share` (the port's part of the process's connection budget) and each
+    must deliver its request head within `head_timeout_s` (serving.rest.site)."""
 
-    def __init__(self, api: RestApi, grace_s: float, idle_s: float) -> None:
+    def __init__(
+        self,
+        api: RestApi,
+        grace_s: float,
+        idle_s: float,
+        *,
+        head_timeout_s: float,
+        share: Share,
+        on_closed: Callable[[str], None],
+    ) -> None:
         self.api = api
         self.port = 0
+        self.share = share
+        self._head_timeout_s = head_timeout_s
+        self._on_closed = on_closed
+        self._handler_args: dict[str, Any] = {
+            "access_log": None,  # the middleware logs each request at debug level
+            "keepalive_timeout": idle_s or 3600.0,
+        }
         self._runner = web.AppRunner(
-            api.app(),
-            access_log=None,  # the middleware logs each request at debug level
-            shutdown_timeout=grace_s,
-            keepalive_timeout=idle_s or 3600.0,
-            handle_signals=False,
+            api.app(), shutdown_timeout=grace_s, handle_signals=False, **self._handler_args
         )
 
     async def start(
         self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool
     ) -> int:
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None
+        site = BudgetedSite(
+            self._runner,
+            host,
+            port,
+            ssl_context=ssl_context,
+            reuse_port=reuse_port,
+            share=self.share,
+            head_timeout_s=self._head_timeout_s,
+            handler_args=self._handler_args,
+            on_closed=self._on_closed,
         )
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self.port = site.port
         return self.port
 
     async def stop(self, grace_s: float) -> None:
