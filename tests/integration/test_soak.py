@@ -13,7 +13,8 @@ import pytest
 
 from harness import ServerProcess, scrape
 from harness.fuzz import STREAM_INFER, STREAM_PREDICT, Code
-from harness.soak import MAX_GROWTH, Traffic, soak
+from harness.soak import MAX_GROWTH, soak
+from harness.soak_traffic import Traffic
 
 pytestmark = pytest.mark.slow
 
