@@ -18,6 +18,11 @@ the difference between the two is what cnnserve adds on top of grpc.aio itself.
   `--http PATH=FILE@N` answers a POST to PATH, once its whole body is read, with FILE's bytes as
   Triton's binary tensor extension (`application/octet-stream`, `Inference-Header-Content-Length:
   N`), `--http PATH=FILE` as `application/json`: the floor of aiohttp under the REST rows;
+- `--parse`: the honest floor of a server that must read what it is sent. The two inference
+  methods (`/cnnserve.v1.CnnServe/Predict`, `/inference.GRPCInferenceService/ModelInfer`) parse
+  each request into its protobuf message, check that it carries one tensor, and build their
+  answer as a message (the canned response parsed once, copied, the request's id and model set
+  on it) serialized anew per call, as a real server must. Still no model and no metrics;
 - `/cnnserve.bench.Echo/Answered` answers with what it has done, as JSON: `{"answered": {method:
   messages answered}, "streams": streams open now}` (HTTP routes counted as "POST PATH"), so that
   a benchmark can divide its load generator's CPU by what was really served and see how many
@@ -149,13 +154,68 @@ def with_id(message: bytes, path: tuple[int, ...]) -> Callable[[bytes], bytes]:
 # ================================================================================== handlers
 
 
+PREDICT = "/cnnserve.v1.CnnServe/Predict"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def parsing_answer(method: str, response: bytes) -> Callable[[Any], Any] | None:
+    """For `--parse`: (request message -> response message) of an inference method, and its
+    request and response types; None for other methods. The imports are protobuf's generated
+    code only, as light as grpc.aio's own."""
+    if method == PREDICT:
+        from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+
+        canned = pb.PredictResponse.FromString(response)
+
+        def predict(request: Any) -> Any:
+            if not request.images.data:
+                raise ValueError("no images")
+            out = pb.PredictResponse()
+            out.CopyFrom(canned)
+            out.model = request.model
+            return out
+
+        return predict
+    if method == MODEL_INFER:
+        from serving.pb.inference import grpc_predict_v2_pb2 as v2
+
+        canned_v2 = v2.ModelInferResponse.FromString(response)
+
+        def infer(request: Any) -> Any:
+            if len(request.inputs) != 1 or len(request.raw_input_contents) != 1:
+                raise ValueError("expected one input")
+            out = v2.ModelInferResponse()
+            out.CopyFrom(canned_v2)
+            out.model_name, out.id = request.model_name, request.id
+            return out
+
+        return infer
+    return None
+
+
+def message_types(method: str) -> tuple[Any, Any]:
+    """The (request, response) message types of an inference method."""
+    if method == PREDICT:
+        from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
+
+        return pb.PredictRequest, pb.PredictResponse
+    from serving.pb.inference import grpc_predict_v2_pb2 as v2
+
+    return v2.ModelInferRequest, v2.ModelInferResponse
+
+
 class _Canned(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def __init__(
-        self, default: bytes | None, unary: dict[str, bytes], streams: dict[str, bytes]
+        self,
+        default: bytes | None,
+        unary: dict[str, bytes],
+        streams: dict[str, bytes],
+        parse: bool = False,
     ) -> None:
         self.answered: dict[str, int] = {}
         self.streams = 0
         self._handlers: dict[str, Any] = {}
+        self._parse = parse
 
         async def answered(request: bytes, context: Any) -> bytes:
             return json.dumps({"answered": self.answered, "streams": self.streams}).encode()
@@ -169,6 +229,20 @@ class _Canned(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _canned(self, method: str, response: bytes) -> Any:
         self.answered[method] = 0
+        build = parsing_answer(method, response) if self._parse else None
+        if build is not None:
+            request_type, response_type = message_types(method)
+
+            async def parsed(request: Any, context: Any) -> Any:
+                self.answered[method] += 1
+                try:
+                    return build(request)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+            return grpc.unary_unary_rpc_method_handler(
+                parsed, request_type.FromString, response_type.SerializeToString
+            )
 
         async def answer(request: bytes, context: Any) -> bytes:
             self.answered[method] += 1
@@ -264,6 +338,7 @@ async def serve(
     *,
     http_port: int = 0,
     http: dict[str, HttpAnswer] | None = None,
+    parse: bool = False,
 ) -> None:
     server = grpc.aio.server(
         options=[
@@ -272,7 +347,7 @@ async def serve(
             ("grpc.so_reuseport", 0),
         ]
     )
-    canned = _Canned(default, unary, streams)
+    canned = _Canned(default, unary, streams, parse)
     server.add_generic_rpc_handlers((canned,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -344,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         help="answer POST PATH with FILE's bytes: binary tensor extension with a JSON header of "
         "N bytes, or JSON without @N",
     )
+    p.add_argument(
+        "--parse",
+        action="store_true",
+        help="the inference methods parse each request and build their answer as a message",
+    )
     p.add_argument("--max-message-mb", type=int, default=64)
     args = p.parse_args(argv)
     default = args.response.read_bytes() if args.response else None
@@ -361,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_message_mb,
             http_port=args.http_port,
             http=http,
+            parse=args.parse,
         )
     )
     return 0

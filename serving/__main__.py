@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from serving.workers import supervise
 
         return supervise(settings, sys.argv[1:] if argv is None else argv)
+    from serving.cores import pin_from_environment
     from serving.memory import configure_malloc
 
+    pin_from_environment()  # a --workers worker: its own cores
     configure_malloc()  # before gRPC's and ONNX Runtime's threads exist
     from serving.server import serve
 

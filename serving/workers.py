@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from serving.config import Settings
-from serving.cores import available_cores
+from serving.cores import CPUS_ENV, available_cores, worker_cpu_sets
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
@@ -58,7 +58,8 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
 def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[str]:
     """The command line of one worker: the user's flags, then ours (the last of a flag wins).
     Unless set, the cores are shared out: cores // workers intra-op threads and concurrent runs
-    each (oversubscribed threads lose: bench/PROFILE.md)."""
+    each (oversubscribed threads lose: bench/PROFILE.md); `worker_env` pins each worker to its
+    share where the cores can be cut."""
     cmd = [
         sys.executable, "-m", "serving", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "0",
@@ -71,6 +72,13 @@ def worker_command(settings: Settings, argv: Sequence[str], port: int) -> list[s
     if settings.max_connections:  # the server's budget; each worker's open-file limit is its own
         cmd += ["--max-connections", str(max(1, settings.max_connections // settings.workers))]
     return cmd
+
+
+def worker_env(env: dict[str, str], cpu_sets: list[list[int]] | None, i: int) -> dict[str, str]:
+    """Worker `i`'s environment: its cores, when they are its own."""
+    if cpu_sets is None:
+        return env
+    return {**env, CPUS_ENV: ",".join(map(str, cpu_sets[i]))}
 
 
 def _drop_live_gauges(pid: int, metrics_dir: str) -> None:
@@ -99,6 +107,7 @@ def _supervise(settings: Settings, argv: Sequence[str], port: int) -> int:
         httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
 
     procs: list[subprocess.Popen[bytes]] = []
+    cpu_sets = worker_cpu_sets(settings.workers)
     stopping = False
     code = 0
 
@@ -114,16 +123,23 @@ def _supervise(settings: Settings, argv: Sequence[str], port: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     log.info(
-        "starting %d workers on %s:%d (SO_REUSEPORT); metrics of all of them on port %d",
+        "starting %d workers on %s:%d (SO_REUSEPORT), %s; metrics of all of them on port %d",
         settings.workers,
         settings.host,
         port,
+        "sharing the cores"
+        if cpu_sets is None
+        else "on cores " + " | ".join(",".join(map(str, s)) for s in cpu_sets),
         settings.metrics_port,
         extra={"event": "workers_starting", "workers": settings.workers, "port": port},
     )
     try:
-        for _ in range(settings.workers):
-            procs.append(subprocess.Popen(worker_command(settings, argv, port), env=env))
+        for i in range(settings.workers):
+            procs.append(
+                subprocess.Popen(
+                    worker_command(settings, argv, port), env=worker_env(env, cpu_sets, i)
+                )
+            )
         if stopping:  # a signal came while they were starting
             forward(signal.SIGTERM, None)
         stop_started: float | None = None
@@ -156,7 +172,9 @@ def _supervise(settings: Settings, argv: Sequence[str], port: int) -> int:
                     extra=extra,
                 )
                 _drop_live_gauges(dead.pid, metrics_dir)
-                procs[i] = subprocess.Popen(worker_command(settings, argv, port), env=env)
+                procs[i] = subprocess.Popen(
+                    worker_command(settings, argv, port), env=worker_env(env, cpu_sets, i)
+                )
             if all(p.poll() is not None for p in procs):
                 break
             if stopping and stop_started is None:

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import ServerProcess
+from serving.cores import worker_cpu_sets
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from tests.helpers import LISTEN, metric, tcp_sockets
@@ -59,6 +60,11 @@ def test_workers_share_the_port_and_one_metrics_endpoint_sums_them(tiny_repo: Pa
             time.sleep(0.2)
         workers = children(server.proc.pid)
         assert len(workers) == 2 and listening_sockets(server.port) == 2, server.logs()
+        # Each worker on cores of its own, where the supervisor's cores can be cut in two.
+        expected = worker_cpu_sets(2)
+        if expected is not None:
+            pinned = sorted(sorted(os.sched_getaffinity(pid)) for pid in workers)
+            assert pinned == sorted(expected), server.logs()
 
         x = np.arange(2 * 16, dtype=np.uint8).reshape(2, 4, 4, 1)
         request = pb.PredictRequest(
