@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,21 +461,29 @@ class TritonServer:
             raise TritonError(f"tritonserver exited with {code}:\n{self.logs()[-3000:]}")
 
     def wait_ready(self, model: str, timeout: float = 120.0) -> float:
-        """Until the server and `model` are ready (tritonclient gRPC); seconds since start."""
-        import tritonclient.grpc as grpcclient
-
+        """Until the server and `model` are ready; seconds since start. Asked over HTTP
+        (KServe v2 health), with no client library: tritonclient.grpc's protos clash with
+        serving's own in one process (both define `inference.DataType`), and the benchmark
+        imports serving's."""
         deadline = time.perf_counter() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_target)
-        try:
-            while time.perf_counter() < deadline:
-                self.check_alive()
-                with contextlib.suppress(Exception):
-                    if client.is_server_ready() and client.is_model_ready(model):
-                        return time.perf_counter() - self.started
-                time.sleep(0.05)
-        finally:
-            client.close()
+        while time.perf_counter() < deadline:
+            self.check_alive()
+            if self._ok("/v2/health/ready") and self._ok(f"/v2/models/{model}/ready"):
+                return time.perf_counter() - self.started
+            time.sleep(0.05)
         raise TritonError(f"Triton not ready within {timeout:.0f}s:\n{self.logs()[-3000:]}")
+
+    def _ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_target}{path}", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # refused, not ready (HTTPError), timed out
+            return False
+
+    def version(self) -> str:
+        """The server's version, from its metadata (GET /v2)."""
+        with urllib.request.urlopen(f"http://{self.http_target}/v2", timeout=10) as answer:
+            return str(json.loads(answer.read()).get("version", "?"))
 
     def cpu_seconds(self) -> float:
         """User + system CPU of Triton and its stubs so far (take two and subtract for a
@@ -515,16 +525,6 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def server_version(target: str) -> str:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(target)
-    try:
-        return str(client.get_server_metadata().version)
-    finally:
-        client.close()
 
 
 # ================================================================================== check
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             ready = server.wait_ready(args.model)
             print(
-                f"Triton {server_version(server.grpc_target)} ready in {ready:.2f} s: gRPC "
+                f"Triton {server.version()} ready in {ready:.2f} s: gRPC "
                 f"{server.grpc_target}, HTTP {server.http_target}, metrics "
                 f"127.0.0.1:{server.metrics_port}; model {args.model} version {version} "
                 f"({model_file}), {server.memory_mb():.0f} MB RSS over "
