@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from harness import free_port
+from harness import free_port, scrape
 
 PYTRITON_VERSION = "0.7.0"
 PYTHON = sys.executable
@@ -484,6 +484,21 @@ class TritonServer:
         """The server's version, from its metadata (GET /v2)."""
         with urllib.request.urlopen(f"http://{self.http_target}/v2", timeout=10) as answer:
             return str(json.loads(answer.read()).get("version", "?"))
+
+    def counts(self, model: str) -> dict[str, float]:
+        """Triton's own counts for `model` now (its Prometheus metrics): requests answered
+        (success) and refused or failed (failure), images inferred (inferences) and model
+        executions (executions: the batches the dynamic batcher formed)."""
+        metrics = scrape(self.metrics_port)
+        return {
+            key: metrics.total(f"nv_inference_{name}_total", model=model)
+            for key, name in (
+                ("success", "request_success"),
+                ("failure", "request_failure"),
+                ("inferences", "count"),
+                ("executions", "exec_count"),
+            )
+        }
 
     def cpu_seconds(self) -> float:
         """User + system CPU of Triton and its stubs so far (take two and subtract for a
