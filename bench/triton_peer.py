@@ -137,6 +137,11 @@ def cache_dir() -> Path:
 # ================================================================================== setup
 
 
+def is_set_up(cache: Path | None = None) -> bool:
+    """Whether setup() has run here already (it then needs no download)."""
+    return ((cache or cache_dir()) / "installed").exists()
+
+
 @dataclass(frozen=True)
 class TritonInstall:
     """The server unpacked from the wheel, and the environment its processes need."""
@@ -505,13 +510,17 @@ class TritonServer:
         window)."""
         return tree_cpu_seconds(self.pid)
 
-    def memory_mb(self) -> float:
-        """VmRSS of Triton and its stubs, summed."""
+    def tree(self) -> list[int]:
+        """Triton's process and its backend stubs now."""
+        return process_tree(self.pid)
+
+    def memory_mb(self, key: str = "VmRSS") -> float:
+        """VmRSS (or another /proc/<pid>/status figure) of Triton and its stubs, summed."""
         total = 0
         for pid in process_tree(self.pid):
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(key + ":"):
                         total += int(line.split()[1])
         return total / 1024
 

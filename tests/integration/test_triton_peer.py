@@ -34,7 +34,7 @@ def test_repository_from_the_onnx_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_triton_serves_the_model_as_onnx_runtime_does(tmp_path: Path) -> None:
-    if not (triton_peer.cache_dir() / "installed").exists():
+    if not triton_peer.is_set_up():
         pytest.skip("Triton is not set up (python -m bench.triton_peer --setup-only)")
     model = write_tiny_cnn(tmp_path / "tiny" / "1" / "model.onnx")
     done = subprocess.run(
