@@ -333,6 +333,18 @@ def config_pbtxt(name: str, spec: ModelSpec, instances: int) -> str:
             for t in specs
         )
 
+    # each instance runs its first batches before it is ready (as our server warms its
+    # runtime up): the smallest and the largest
+    warmup = ",\n".join(
+        f'  {{ name: "batch {size}" batch_size: {size} inputs [\n'
+        + ",\n".join(
+            f'    {{ key: "{t.name}" value: {{ data_type: {t.config_type} '
+            f"dims: [ {', '.join(str(max(d, 1)) for d in t.dims)} ] zero_data: true }} }}"
+            for t in spec.inputs
+        )
+        + " ] }"
+        for size in (1, MAX_BATCH_SIZE)
+    )
     return (
         f'name: "{name}"\n'
         'backend: "python"\n'
@@ -341,6 +353,7 @@ def config_pbtxt(name: str, spec: ModelSpec, instances: int) -> str:
         f"output [\n{tensors(spec.outputs)}\n]\n"
         "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+        f"model_warmup [\n{warmup}\n]\n"
     )
 
 

@@ -7,13 +7,16 @@ has already set it up in bench's cache (CI does not), and is skipped elsewhere.
 
 from __future__ import annotations
 
+import csv
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench import triton_peer
-from harness import PYTHON, ROOT, write_tiny_cnn
+from bench.loadgen import setup_perf_analyzer
+from harness import PYTHON, ROOT, write_tiny_cnn, write_tiny_model
 
 
 def test_repository_from_the_onnx_file(tmp_path: Path) -> None:
@@ -32,10 +35,14 @@ def test_repository_from_the_onnx_file(tmp_path: Path) -> None:
     compile((repository / "tiny" / "3" / "model.py").read_text(), "model.py", "exec")
 
 
-@pytest.mark.slow
-def test_triton_serves_the_model_as_onnx_runtime_does(tmp_path: Path) -> None:
+def needs_triton() -> None:
     if not triton_peer.is_set_up():
         pytest.skip("Triton is not set up (python -m bench.triton_peer --setup-only)")
+
+
+@pytest.mark.slow
+def test_triton_serves_the_model_as_onnx_runtime_does(tmp_path: Path) -> None:
+    needs_triton()
     model = write_tiny_cnn(tmp_path / "tiny" / "1" / "model.onnx")
     done = subprocess.run(
         [PYTHON, "-m", "bench.triton_peer", "--model-file", str(model), "--model", "tiny",
@@ -47,3 +54,36 @@ def test_triton_serves_the_model_as_onnx_runtime_does(tmp_path: Path) -> None:
     assert "stopped (exit code 0)" in done.stdout
     # Triton and its two backend stubs, one per model instance
     assert "over 3 processes" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
+def test_bench_smoke_puts_triton_beside_ours(tmp_path: Path) -> None:
+    """`make bench` in miniature with Triton: its rows at the issue's points, each with ours
+    under the same perf_analyzer, and the ratios in the report."""
+    needs_triton()
+    if shutil.which("h2load") is None or setup_perf_analyzer()[0] is None:
+        pytest.skip("h2load or perf_analyzer is not here")
+    models = tmp_path / "models"
+    write_tiny_model(models / "tiny" / "1" / "model.onnx")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [PYTHON, "bench/serving_bench.py", "--smoke", "--triton", "--no-echo", "--rest", "",
+         "--models", str(models), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("WARNING")]
+    with (out / "results.csv").open() as f:
+        rows = {(r["target"], int(r["batch"]), int(r["concurrency"])): r for r in csv.DictReader(f)}
+    for ours, batch, conc in (("v2 pa", 1, 16), ("v2 pa", 32, 4), ("v2 stream", 1, 16),
+                              ("rest pa", 1, 16), ("rest pa", 32, 4)):  # fmt: skip
+        peer = {"v2 pa": "triton pa", "v2 stream": "triton stream", "rest pa": "triton http"}[ours]
+        assert (peer, batch, conc) in rows, warnings
+        mine, theirs = rows[ours, batch, conc], rows[peer, batch, conc]
+        assert float(theirs["images_per_s"]) > 0 and float(theirs["server_cpu_us_per_image"]) > 0
+        assert float(theirs["mean_batch"]) >= 1, theirs
+        ratio = float(mine["images_per_s"]) / float(theirs["images_per_s"])
+        assert float(mine["vs_triton"]) == pytest.approx(ratio, rel=1e-3)
+    report = (out / "report.md").read_text()
+    assert "## Against Triton" in report and "Triton 2.51" in report
+    assert "≥ 0.8x Triton's" in report and "| triton pa | perf_analyzer | 1 | 16 |" in report
