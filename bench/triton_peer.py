@@ -45,12 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from harness import free_port, scrape
+from harness import NoModel, free_port, newest_version, scrape
+from harness.process import cpu_seconds, proc_status_kib, process_tree
 
 PYTRITON_VERSION = "0.7.0"
 PYTHON = sys.executable
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER = "pytriton/tritonserver"
 LIBS = "nvidia_pytriton.libs"
 STUB = "triton_python_backend_stub"
@@ -375,17 +375,6 @@ def write_repository(
 # ================================================================================== server
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants now (Triton and its backend stubs)."""
-    pids, i = [pid], 0
-    while i < len(pids):
-        for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids += [int(c) for c in task.read_text().split()]
-        i += 1
-    return pids
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` and its descendants (every thread), in seconds."""
     try:
@@ -401,12 +390,7 @@ def tree_cpu_seconds(pid: int) -> float:
                     times = proc.cpu_times()
                     total += times.user + times.system
         return total
-    for each in process_tree(pid):
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{each}/stat").read_text()
-            parts = stat[stat.rindex(")") + 2 :].split()
-            total += (int(parts[11]) + int(parts[12])) / CLK_TCK
-    return total
+    return sum(cpu_seconds(each) for each in process_tree(pid))
 
 
 @dataclass
@@ -529,13 +513,7 @@ class TritonServer:
 
     def memory_mb(self, key: str = "VmRSS") -> float:
         """VmRSS (or another /proc/<pid>/status figure) of Triton and its stubs, summed."""
-        total = 0
-        for pid in process_tree(self.pid):
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith(key + ":"):
-                        total += int(line.split()[1])
-        return total / 1024
+        return sum(proc_status_kib(pid, key) or 0 for pid in process_tree(self.pid)) / 1024
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL to the whole process group after `timeout` seconds."""
@@ -629,16 +607,6 @@ DTYPES = {
 # ================================================================================== CLI
 
 
-def model_file_of(models: Path, model: str) -> tuple[Path, str]:
-    """The newest numeric version's model.onnx of `models/model`, and that version."""
-    versions = sorted(
-        (int(p.name), p) for p in (models / model).iterdir() if p.name.isdigit() and p.is_dir()
-    )
-    if not versions or not (versions[-1][1] / "model.onnx").exists():
-        raise TritonError(f"no {models / model}/<version>/model.onnx")
-    return versions[-1][1] / "model.onnx", str(versions[-1][0])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.triton_peer",
@@ -664,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
             model_file, version = args.model_file, args.model_file.parent.name
             version = version if version.isdigit() else "1"
         else:
-            model_file, version = model_file_of(args.models or Path("models"), args.model)
+            model_file = newest_version(args.models or Path("models"), args.model)
+            version = model_file.parent.name
         with contextlib.ExitStack() as stack:
             workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             repository = workdir / "repository"
@@ -692,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server CPU over the process tree: {cpu:.3f} s user+sys in {seconds:.2f} s")
             code = server.stop()
             print(f"stopped (exit code {code})")
-    except TritonError as exc:
+    except (TritonError, NoModel) as exc:
         print(f"triton: {exc}", file=sys.stderr)
         return 1
     return 0
