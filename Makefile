@@ -63,7 +63,7 @@ dashboard-snapshot: setup | $(MODELS)/$(DATASET) ## ~20 s of mixed load on a ser
 BENCH_MODELS ?=
 BENCH_ARGS ?=
 PROFILE_ARGS ?=
-bench: setup ## serving benchmark: unary (h2load, perf_analyzer), streaming (perf_analyzer --streaming) and REST (h2load --h1) rows vs the echo floors and in-process ONNX Runtime, to bench/results/
+bench: setup ## serving benchmark: unary (h2load, perf_analyzer), streaming (perf_analyzer --streaming) and REST (h2load --h1) rows vs the echo floors, in-process ONNX Runtime and a real Triton (BENCH_ARGS=--no-triton skips it), to bench/results/
 	$(PY) bench/serving_bench.py $(if $(BENCH_MODELS),--models $(BENCH_MODELS)) $(BENCH_ARGS)
 
 bench-train: setup ## training overhead: training.train epoch time against a plain model.fit (TensorFlow)

@@ -357,15 +357,17 @@ def perf_analyzer(
     window_ms: int,
     log_path: Path,
     sample: Callable[[], None],
+    protocol: str = "grpc",
 ) -> PaResult:
     """One perf_analyzer point: three time windows of `window_ms` (the first three are taken
     as stable whatever they show: --stability-percentage 1000, --max-trials 3), zero inputs.
     Streaming: concurrency N with --max-threads N is N streams, one message in flight on each
-    (one stream per worker thread); unary: N threads, each with one synchronous call."""
+    (one stream per worker thread); unary: N threads, each with one synchronous call. `protocol`
+    http (`-i http`, `target` the REST port): KServe v2 over HTTP with binary tensors."""
     csv_path = log_path.with_suffix(".csv")
     csv_path.unlink(missing_ok=True)
     cmd = [
-        str(pa.binary), "-m", model, "-x", version, "-u", target, "-i", "grpc",
+        str(pa.binary), "-m", model, "-x", version, "-u", target, "-i", protocol,
         "-b", str(batch), "--input-data", "zero", "--concurrency-range", str(concurrency),
         "--measurement-mode", "time_windows", "-p", str(window_ms),
         "--stability-percentage", "1000", "--max-trials", "3", "-f", str(csv_path),

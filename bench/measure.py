@@ -27,7 +27,8 @@ from bench.loadgen import (
     h2load,
     perf_analyzer,
 )
-from bench.report import H1, Point, Report, loadavg, percentile
+from bench.report import H1, HTTP_PA_TARGETS, Point, Report, loadavg, percentile
+from bench.triton_peer import TritonServer
 from harness import ROOT, Child, ServerProcess, one_model_repository
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 
@@ -227,21 +228,23 @@ class Runner:
         version: str,
         batch: int,
         concurrency: int,
-        proc: Child,
+        proc: Child | TritonServer,
         metrics_port: int | None,
     ) -> Point:
-        """One perf_analyzer point on the server (`metrics_port` given: its counts are checked)
-        or on the echo server (its own counts)."""
+        """One perf_analyzer point on the server (`metrics_port` given: its counts are checked),
+        on the echo server (its own counts) or on Triton (`proc` a TritonServer: its counts).
+        Targets in HTTP_PA_TARGETS run over HTTP (`port` the REST port)."""
         streaming = target.endswith("stream")
+        protocol = "http" if target in HTTP_PA_TARGETS else "grpc"
         method = "ModelStreamInfer" if streaming else "ModelInfer"
         tag = f"{target.replace(' ', '-')}-b{batch}-c{concurrency}"
-        rss, streams, connections = 0.0, 0.0, 0
+        rss, streams, connections = 0.0, math.nan if isinstance(proc, TritonServer) else 0.0, 0
 
         def sample() -> None:  # at most once a second: a scrape costs the server some CPU
             nonlocal rss, streams, connections
             rss = max(rss, proc.memory_mb())
             connections = max(connections, established(port))
-            if streaming:
+            if streaming and not isinstance(proc, TritonServer):  # Triton has no such gauge
                 now = (
                     open_streams(metrics_port, method)
                     if metrics_port
@@ -250,8 +253,9 @@ class Runner:
                 streams = max(streams, now)
 
         before_cpu = proc.cpu_seconds()
+        triton_before = proc.counts(model) if isinstance(proc, TritonServer) else {}
         before = scrape(metrics_port) if metrics_port else {}
-        echo_before = self._echo_answered(port) if not metrics_port else {}
+        echo_before = self._echo_answered(port) if not metrics_port and not triton_before else {}
         result = perf_analyzer(
             pa,
             target=f"127.0.0.1:{port}",
@@ -263,13 +267,25 @@ class Runner:
             window_ms=max(100, round(self.options.duration * 1000 / 3)),
             log_path=self.logs / f"pa-{tag}.out",
             sample=sample,
+            protocol=protocol,
         )
         cpu = proc.cpu_seconds() - before_cpu
         proc.check_alive()
         point = Point(target, batch, concurrency, loadgen="perf_analyzer")
-        if metrics_port:
+        if isinstance(proc, TritonServer):
+            after = proc.counts(model)
+            t = {k: after[k] - triton_before[k] for k in after}
+            served = int(t["success"])
+            if t["failure"] or served < result.requests or not result.requests:
+                raise BenchError(
+                    f"{target}: perf_analyzer measured {result.requests} answers, Triton "
+                    f"counted {served} successes and {t['failure']:.0f} failures"
+                )
+            if t["executions"]:
+                point.mean_batch = t["inferences"] / t["executions"]
+        elif metrics_port:
             d = delta(scrape(metrics_port), before)
-            served = self._check_served(d, method, result.requests, target)
+            served = self._check_served(d, method, result.requests, target, protocol)
             if d.get(("cnnserve_batch_size_count",)):
                 point.mean_batch = (
                     d[("cnnserve_batch_size_sum",)] / d[("cnnserve_batch_size_count",)]
@@ -315,11 +331,15 @@ class Runner:
 
     @staticmethod
     def _check_served(
-        d: dict[tuple[str, ...], float], method: str, reported: int, target: str
+        d: dict[tuple[str, ...], float],
+        method: str,
+        reported: int,
+        target: str,
+        protocol: str = "grpc",
     ) -> int:
         """perf_analyzer's run: every call the server counted was OK (its metadata, config and
         statistics calls too), and it counted at least the answers perf_analyzer measured."""
-        ok = d.get(("requests", method, "OK", "grpc"), 0.0)
+        ok = d.get(("requests", method, "OK", protocol), 0.0)
         failed = {k: v for k, v in d.items() if k[0] == "requests" and k[2] != "OK"}
         if failed or ok < reported or not reported:
             raise BenchError(

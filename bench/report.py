@@ -22,13 +22,24 @@ REST_TARGETS = {"rest": ("binary", "echo http"), "rest json": ("json", "echo htt
 REST_KINDS = {kind: target for target, (kind, _) in REST_TARGETS.items()}
 H1 = "h2load --h1"  # the REST rows' load generator, as named in the table
 ECHO_TARGETS = ("echo", "echo pa", "echo stream", "echo http", "echo http json")
+# perf_analyzer's rows against a real Triton (bench/triton_peer.py): our target -> Triton's, at
+# the same points under the same perf_analyzer; `rest pa` and `triton http` are `-i http`
+TRITON_PEERS = {"v2 pa": "triton pa", "v2 stream": "triton stream", "rest pa": "triton http"}
+TRITON_TARGETS = tuple(TRITON_PEERS.values())
+HTTP_PA_TARGETS = ("rest pa", "triton http")
+# (our target, batch, concurrency) measured against Triton (the issue's points)
+TRITON_POINTS = (
+    ("v2 pa", 1, 16), ("v2 pa", 32, 4), ("v2 stream", 1, 16), ("rest pa", 1, 16),
+    ("rest pa", 32, 4),
+)  # fmt: skip
 
 
 @dataclass
 class Point:
     # cnnserve | v2 | <api>-<variant> | echo (h2load, unary); v2 pa | echo pa (perf_analyzer,
     # unary); v2 stream | echo stream (perf_analyzer, ModelStreamInfer); in-process (ORT's
-    # threads) | in-process 1t (one single-threaded session) | in-process xN (N such sessions)
+    # threads) | in-process 1t (one single-threaded session) | in-process xN (N such sessions);
+    # rest pa (perf_analyzer -i http); triton pa | triton stream | triton http (a real Triton)
     target: str
     batch: int
     concurrency: int  # requests in flight (for streams: streams, one message in flight on each)
@@ -50,6 +61,7 @@ class Point:
     vs_echo: float = math.nan
     vs_unary: float = math.nan  # stream rows: over perf_analyzer's unary row at the same point
     vs_grpc: float = math.nan  # REST rows: over h2load's gRPC v2 (else cnnserve) row, same point
+    vs_triton: float = math.nan  # our perf_analyzer rows: over Triton's row at the same point
 
 
 @dataclass
@@ -85,15 +97,15 @@ def _mode(p: Point) -> str:
 
 def ordered(points: list[Point]) -> list[Point]:
     """Table order: h2load's rows (our APIs, the variants, echo; REST, its echo),
-    perf_analyzer's (unary, then
-    streams; ours, then echo), in-process; then batch and concurrency (the runs themselves are
+    perf_analyzer's (unary, then streams, then HTTP; ours, then echo, then Triton), in-process; then batch and concurrency (the runs themselves are
     interleaved point by point)."""
 
     def rank(p: Point) -> tuple[int, str, int, int]:
         if p.target.startswith("in-process"):
             kind, name = 9, ""
-        elif p.loadgen == "perf_analyzer":
-            kind, name = 5 + _is_echo(p), {"unary": "0", "stream": "1"}[_mode(p)]
+        elif p.loadgen == "perf_analyzer":  # ours, echo, Triton; gRPC unary, streams, HTTP
+            kind = 7 if p.target in TRITON_TARGETS else 5 + _is_echo(p)
+            name = "2" if p.target in HTTP_PA_TARGETS else {"unary": "0", "stream": "1"}[_mode(p)]
         elif p.loadgen == H1:
             kind, name = 3 + _is_echo(p), p.target
         elif _is_echo(p):
@@ -128,6 +140,8 @@ def add_ratios(points: list[Point]) -> None:
     unary = {(p.batch, p.concurrency): p.images_per_s for p in points if p.target == "v2 pa"}
     grpc_api = "v2" if any(p.target == "v2" for p in points) else "cnnserve"
     grpc = {(p.batch, p.concurrency): p.images_per_s for p in points if p.target == grpc_api}
+    triton = {(p.target, p.batch, p.concurrency): p.images_per_s for p in points
+              if p.target in TRITON_TARGETS and p.images_per_s}  # fmt: skip
     for p in points:
         if p.target.startswith("in-process"):
             continue
@@ -140,6 +154,9 @@ def add_ratios(points: list[Point]) -> None:
             p.vs_unary = p.images_per_s / unary[p.batch, p.concurrency]
         if p.target in REST_TARGETS and (p.batch, p.concurrency) in grpc:
             p.vs_grpc = p.images_per_s / grpc[p.batch, p.concurrency]
+        peer = (TRITON_PEERS.get(p.target), p.batch, p.concurrency)
+        if peer in triton:
+            p.vs_triton = p.images_per_s / triton[peer]
 
 
 def write_csv(points: list[Point], path: Path) -> None:
@@ -160,8 +177,9 @@ def markdown_table(points: list[Point]) -> str:
     head = (
         "| target | load gen. | batch | conc. | streams | conn. | images/s | p50 ms | p99 ms | "
         "mean server batch | server CPU µs/image | server cores | load-gen. cores | "
-        "load-gen. CPU µs/request | vs in-process | vs echo | vs unary | vs gRPC |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "load-gen. CPU µs/request | vs in-process | vs echo | vs unary | vs gRPC | vs Triton |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+        "|---:|\n"
     )
     rows = []
     for p in points:
@@ -173,7 +191,8 @@ def markdown_table(points: list[Point]) -> str:
             f"{_fmt(p.server_cpu_us_per_image, '.0f')} | {_fmt(p.server_cores, '.2f')} | "
             f"{_fmt(p.loadgen_cores, '.2f')} | {_fmt(p.loadgen_cpu_us_per_request, '.0f')} | "
             f"{_fmt(p.vs_in_process * 100, '.0f', '%')} | {_fmt(p.vs_echo * 100, '.0f', '%')} | "
-            f"{_fmt(p.vs_unary, '.2f', 'x')} | {_fmt(p.vs_grpc, '.2f', 'x')} |"
+            f"{_fmt(p.vs_unary, '.2f', 'x')} | {_fmt(p.vs_grpc, '.2f', 'x')} | "
+            f"{_fmt(p.vs_triton, '.2f', 'x')} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -248,6 +267,15 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
             f"both): {p.images_per_s:,.0f} against {e.images_per_s:,.0f} images/s = "
             f"{p.vs_echo:.0%} — {mark(p.vs_echo >= 0.70)}"
         )
+    for ours, batch, conc in TRITON_POINTS:
+        goal = TRITON_GOALS.get((ours, batch, conc))
+        p = _find(pts, ours, batch, conc)
+        if goal is None or p is None or math.isnan(p.vs_triton):
+            continue
+        lines.append(
+            f"- {_describe(ours, batch, conc)} ≥ {goal:.1f}x Triton's (perf_analyzer both): "
+            f"{p.images_per_s:,.0f} images/s = {p.vs_triton:.2f}x — {mark(p.vs_triton >= goal)}"
+        )
     if report.startup_s:
         s = statistics.median(report.startup_s)
         lines.append(
@@ -258,6 +286,37 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
         lines.append(
             f"- idle RSS ≤ 200 MB (one model): {report.idle_rss_one_model_mb:.0f} MB — "
             f"{mark(report.idle_rss_one_model_mb <= 200)}"
+        )
+    return lines
+
+
+# the issue's targets against Triton: our rate over Triton's at least this
+TRITON_GOALS = {("v2 pa", 1, 16): 0.8, ("v2 pa", 32, 4): 1.0, ("v2 stream", 1, 16): 1.2}
+
+
+def _describe(target: str, batch: int, conc: int) -> str:
+    if target.endswith("stream"):
+        return f"batch {batch} over {conc} streams (ModelStreamInfer)"
+    kind = "REST (-i http)" if target in HTTP_PA_TARGETS else "unary gRPC"
+    return f"{kind} batch {batch} at concurrency {conc}"
+
+
+def triton_lines(report: Report) -> list[str]:
+    """Each point measured against Triton, ours beside Triton's, in words."""
+    lines = []
+    for ours, batch, conc in TRITON_POINTS:
+        p = _find(report.points, ours, batch, conc)
+        t = _find(report.points, TRITON_PEERS[ours], batch, conc)
+        if p is None or t is None:
+            continue
+        lines.append(
+            f"- {_describe(ours, batch, conc)}: cnnserve {p.images_per_s:,.0f} images/s "
+            f"({_fmt(p.server_cpu_us_per_image, '.0f')} µs CPU an image, "
+            f"{_fmt(p.server_cores, '.2f')} cores, mean batch {_fmt(p.mean_batch, '.1f')}, p99 "
+            f"{_fmt(p.p99_ms, '.2f')} ms); Triton {t.images_per_s:,.0f} images/s "
+            f"({_fmt(t.server_cpu_us_per_image, '.0f')} µs, {_fmt(t.server_cores, '.2f')} cores, "
+            f"mean batch {_fmt(t.mean_batch, '.1f')}, p99 {_fmt(t.p99_ms, '.2f')} ms) = "
+            f"{_fmt(p.vs_triton, '.2f', 'x')}"
         )
     return lines
 
@@ -290,7 +349,8 @@ def plot(points: list[Point], path: Path) -> None:
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
     styles = {"cnnserve": "o-", "v2": "s-", "echo": "^--", "v2 pa": "s:", "echo pa": "^:",
               "v2 stream": "D-", "echo stream": "v--", "rest": "P-", "echo http": "<--",
-              "rest json": "X-", "echo http json": ">--"}  # fmt: skip
+              "rest json": "X-", "echo http json": ">--", "rest pa": "P:",
+              "triton pa": "*-", "triton stream": "*--", "triton http": "*:"}  # fmt: skip
     styles.update({p.target: "d-." for p in points if "-w" in p.target})
     colors = {t: f"C{i % 10}" for i, t in enumerate(styles)}  # one colour per target throughout
     for row, batch in zip(axes, batches, strict=True):
@@ -343,6 +403,9 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
     rest = rest_lines(report)
     if rest:
         rest = ["## REST (KServe v2 over HTTP/1.1)", "", *rest, ""]
+    against = triton_lines(report)
+    if against:
+        against = ["## Against Triton", "", str(s.get("triton", "")), "", *against, ""]
     text = [
         "# Serving benchmark",
         "",
@@ -406,9 +469,16 @@ def write_report(report: Report, apis: Sequence[str], command: str, path: Path) 
         "grpc.aio server as in the real server, reading the whole body and answering with the "
         "real server's answer bytes and headers, under the same h2load --h1 load: the floor of "
         "aiohttp and the loopback on this machine. `server CPU`: the server process's utime + "
-        "stime over the run, all threads; for in-process rows, this process's ORT threads.",
+        "stime over the run, all threads; for in-process rows, this process's ORT threads. "
+        "`vs Triton`: one of our perf_analyzer rows over a real Triton's row at the same point "
+        "under the same perf_analyzer (`triton pa`, `triton stream`, `triton http`: see Against "
+        "Triton); `rest pa`, `triton http`: perf_analyzer `-i http` (binary tensors), checked "
+        "like the gRPC rows (our server's counts with protocol http; Triton's "
+        "nv_inference_request_success and _failure, its mean batch from nv_inference_count over "
+        "nv_inference_exec_count; Triton's CPU summed over its process and its backend stubs).",
         "",
         *rest,
+        *against,
         "## Targets",
         "",
         *targets(report, apis),

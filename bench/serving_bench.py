@@ -29,7 +29,16 @@ What runs, one after the other (never two at once, so each has the machine to it
 6. ONNX Runtime in this process on the same model file, at each batch size: one session with
    the server's thread settings, one single-threaded session per core side by side, and at
    batch 1 one single-threaded session alone; the best is the ceiling the ratios are taken
-   against.
+   against;
+7. a real Triton Inference Server (bench/triton_peer.py: Triton 2.51 from the pinned
+   nvidia-pytriton wheel, set up once into ~/.cache/cnnserve/triton, the same ONNX file in
+   ONNX Runtime inside a Python-backend model, one single-threaded instance per core, dynamic
+   batching), its answer checked against ours, under the same perf_analyzer right after ours at
+   the issue's points: unary gRPC batch 1 at concurrency 16 and batch 32 at 4, batch 1 over 16
+   streams, and KServe v2 over HTTP (`-i http`, binary tensors; our `rest pa` rows) at batch 1
+   and 32; our rows get `vs Triton`. On by default (`--no-triton` skips it; with --smoke only
+   where it is set up already); where it cannot be set up or started, the benchmark says why
+   and goes on without it.
 
 h2load does not read grpc-status trailers, so every run is checked against the server's own
 count: `cnnserve_requests_total{code="OK"}` (of the run's method and protocol, grpc or http) must
@@ -55,6 +64,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -62,6 +72,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from bench import triton_peer
 from bench.loadgen import (
     APIS,
     BENCH,
@@ -84,9 +95,14 @@ from bench.loadgen import (
 from bench.measure import Options, Runner, in_process, measure_startup, start_server, wait_quiet
 from bench.report import (
     ECHO_TARGETS,
+    HTTP_PA_TARGETS,
     PA_TARGETS,
     REST_KINDS,
     REST_TARGETS,
+    TRITON_PEERS,
+    TRITON_POINTS,
+    TRITON_TARGETS,
+    Point,
     Report,
     add_ratios,
     loadavg,
@@ -106,6 +122,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(argv)
     except (NoModel, ProcessFailed) as exc:  # harness's, said as the benchmark's failure
         raise BenchError(str(exc)) from None
+
+
+def start_triton(
+    install: triton_peer.TritonInstall,
+    *,
+    model_path: Path,
+    model: str,
+    version: str,
+    ours: str,
+    request: bytes,
+    out: Path,
+    instances: int,
+    report: Report,
+) -> tuple[triton_peer.TritonServer | None, str]:
+    """Triton over a repository of the same ONNX file (bench/triton_peer.py), ready, and its
+    gRPC answer to `request` checked against our server's (at `ours`): the same argmax, values
+    within 1e-5. (None, why) when it cannot be started or answers otherwise."""
+    repository = out / "triton-repository"
+    shutil.rmtree(repository, ignore_errors=True)
+    server: triton_peer.TritonServer | None = None
+    try:
+        triton_peer.write_repository(
+            model_path, repository, model, version=version, instances=instances
+        )
+        server = triton_peer.TritonServer(install, repository, out / "logs" / "triton.log")
+        ready = server.start().wait_ready(model)
+        got, want = (
+            np.frombuffer(
+                v2.ModelInferResponse.FromString(
+                    real_response(target, MODEL_INFER, request)
+                ).raw_output_contents[0],
+                dtype="<f4",
+            )
+            for target in (server.grpc_target, ours)
+        )
+        if (
+            got.shape != want.shape
+            or not np.array_equal(got.reshape(2, -1).argmax(1), want.reshape(2, -1).argmax(1))
+            or float(np.max(np.abs(got - want))) >= 1e-5
+        ):
+            raise triton_peer.TritonError(f"its answer differs from ours: {got} against {want}")
+    except (triton_peer.TritonError, BenchError, OSError) as exc:
+        if server is not None:
+            server.stop()
+        return None, f"Triton did not start or answer right: {exc}"
+    config = (repository / model / "config.pbtxt").read_text()
+    count = re.search(r"count: (\d+)", config)
+    report.settings["triton"] = (
+        f"Triton {server.version()} from the nvidia-pytriton=={triton_peer.PYTRITON_VERSION} "
+        "wheel (bench/triton_peer.py), no ONNX Runtime backend there: the same ONNX file in "
+        f"ONNX Runtime inside a Python-backend model, {count.group(1) if count else '?'} model "
+        "instances (one backend stub process each, ONNX Runtime single-threaded in each, every "
+        "request of an execute() call in one run), dynamic batching (max batch "
+        f"{triton_peer.MAX_BATCH_SIZE}, no delay); ready in {ready:.1f} s, idle "
+        f"{server.memory_mb():.0f} MB RSS over its {len(server.tree())} processes; its answer "
+        "checked against ours before the runs. Its CPU: Triton's process and its stubs."
+    )
+    print(f"Triton {server.version()}: gRPC {server.grpc_target}, HTTP {server.http_target}",
+          flush=True)  # fmt: skip
+    return server, ""
 
 
 def run(argv: Sequence[str] | None) -> int:
@@ -143,6 +219,18 @@ def run(argv: Sequence[str] | None) -> int:
     )
     p.add_argument(
         "--no-perf-analyzer", action="store_true", help="skip perf_analyzer's rows (streams)"
+    )
+    p.add_argument(
+        "--triton",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a real Triton (bench/triton_peer.py, set up once into ~/.cache/cnnserve/triton) "
+        "under the same perf_analyzer at the issue's points, for the `vs Triton` ratios "
+        "(default: on; with --smoke only where it is set up already); if it cannot be set up "
+        "or started, the benchmark says why and goes on without it",
+    )
+    p.add_argument(
+        "--triton-instances", type=int, default=0, help="Triton's model instances (0: a core each)"
     )
     p.add_argument("--startups", type=int, default=3, help="start-up measurements")
     p.add_argument("--server-args", default="", help="extra flags for python -m serving")
@@ -237,6 +325,19 @@ def run(argv: Sequence[str] | None) -> int:
             print(f"WARNING: no perf_analyzer rows (streams): {pa_skipped}", flush=True)
     if pa is None:
         pa_batches = []
+    triton_install: triton_peer.TritonInstall | None = None
+    triton_skipped = ""
+    if args.triton is None:
+        args.triton = not args.smoke or triton_peer.is_set_up()
+    if args.triton and pa is None:
+        triton_skipped = "it is measured with perf_analyzer, which is not here"
+    elif args.triton:
+        try:
+            triton_install = triton_peer.setup()
+        except triton_peer.TritonError as exc:
+            triton_skipped = f"Triton could not be set up: {exc}"
+    if triton_skipped:
+        print(f"WARNING: no Triton rows: {triton_skipped}", flush=True)
     wait_quiet(args.quiet_load, args.quiet_wait)
     bench_started = time.perf_counter()
 
@@ -289,7 +390,8 @@ def run(argv: Sequence[str] | None) -> int:
     responses: dict[tuple[str, int], bytes] = {}
     payloads: dict[tuple[str, int], Path] = {}
     started: list[Child] = []
-    http_port = free_port() if rest_kinds else 0
+    http_port = free_port() if rest_kinds or triton_install else 0
+    triton: triton_peer.TritonServer | None = None
     try:
         server = start_server(
             models, server_args, logs / "server.log", args.server_root.resolve(),
@@ -464,27 +566,66 @@ def run(argv: Sequence[str] | None) -> int:
                                 metrics_port=None,
                             )
                         )
+        if triton_install is not None:
+            x = np.random.default_rng(1).random((2, h, w, c), dtype=np.float32)
+            triton, triton_skipped = start_triton(
+                triton_install, model_path=model_path, model=model, version=version,
+                ours=f"127.0.0.1:{port}",
+                request=request_bytes("v2", model, input_name, x, version=version),
+                out=out, instances=args.triton_instances, report=report,
+            )  # fmt: skip
         pa_targets = [*PA_TARGETS] + ([] if args.no_echo else [e for _, e in PA_TARGETS.values()])
+
+        def pa_point(target: str, batch: int, conc: int) -> Point | None:
+            """One perf_analyzer point on the target's server; a Triton point that fails is
+            said and left out (None), one of ours fails the benchmark."""
+            assert pa is not None
+            t_proc: Child | triton_peer.TritonServer
+            t_port, t_proc, t_metrics = (
+                (echo_ports[batch], echo_procs[batch], None) if target in ECHO_TARGETS
+                else (http_port, proc, metrics_port) if target in HTTP_PA_TARGETS
+                else (port, proc, metrics_port)
+            )  # fmt: skip
+            if target in TRITON_TARGETS:
+                if triton is None:
+                    return None
+                t_port = triton.http_port if target in HTTP_PA_TARGETS else triton.grpc_port
+                t_proc, t_metrics = triton, None
+            for attempt in (1, 2):  # a Triton point that fails is tried once more
+                try:
+                    point = runner.load_pa(
+                        target, pa=pa, port=t_port, model=model, version=version, batch=batch,
+                        concurrency=conc, proc=t_proc, metrics_port=t_metrics,
+                    )  # fmt: skip
+                    report.points.append(point)
+                    return point
+                except (BenchError, triton_peer.TritonError) as exc:
+                    if target not in TRITON_TARGETS:
+                        raise
+                    why = str(exc).strip()[-1500:]
+                    print(f"WARNING: {target} batch {batch} at {conc}, try {attempt}: {why}",
+                          flush=True)  # fmt: skip
+            report.notes.append(f"{target} batch {batch} at {conc} failed twice: {why}")
+            return None
+
         if pa is not None:
+            measured: set[tuple[str, int, int]] = set()
             for batch in pa_batches:
                 for conc in pa_concurrency:
                     for pa_target in pa_targets:
-                        on_echo = pa_target in ECHO_TARGETS
-                        report.points.append(
-                            runner.load_pa(
-                                pa_target,
-                                pa=pa,
-                                port=echo_ports[batch] if on_echo else port,
-                                model=model,
-                                version=version,
-                                batch=batch,
-                                concurrency=conc,
-                                proc=echo_procs[batch] if on_echo else proc,
-                                metrics_port=None if on_echo else metrics_port,
-                            )
-                        )
+                        pa_point(pa_target, batch, conc)
+                        measured.add((pa_target, batch, conc))
+                        if (pa_target, batch, conc) in TRITON_POINTS:  # Triton right after
+                            pa_point(TRITON_PEERS[pa_target], batch, conc)
+            if triton is not None:  # the Triton points the grid above left out: ours, Triton's
+                for ours, batch, conc in TRITON_POINTS:
+                    if (ours, batch, conc) not in measured:
+                        pa_point(ours, batch, conc)
+                        pa_point(TRITON_PEERS[ours], batch, conc)
         elif pa_skipped:
             report.notes.append(f"no perf_analyzer rows (streams): {pa_skipped}")
+        if triton_skipped:
+            report.notes.append(f"no Triton rows: {triton_skipped}")
         report.load_rss_mb = max(
             p.rss_mb_max
             for p in report.points
@@ -494,6 +635,8 @@ def run(argv: Sequence[str] | None) -> int:
     finally:
         for started_proc in started:
             started_proc.stop()
+        if triton is not None:
+            triton.stop()
 
     # 4. ONNX Runtime alone
     if not args.no_in_process:

@@ -44,7 +44,16 @@ def test_bench_smoke_writes_csv_table_and_plot(
     write_tiny_model(models / "tiny" / "1" / "model.onnx")
     out = tmp_path / "out"
     done = subprocess.run(
-        [PYTHON, "bench/serving_bench.py", "--smoke", "--models", str(models), "--out", str(out)],
+        [
+            PYTHON,
+            "bench/serving_bench.py",
+            "--smoke",
+            "--no-triton",
+            "--models",
+            str(models),
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
