@@ -39,6 +39,7 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--name",
         "fashion",
         "--no-download",
+        "--no-int8",  # one model in the shared repository; INT8 serving has its own
     )
     return repo
 

@@ -141,6 +141,15 @@ class TrainConfig:
     name: str | None = field(
         default=None, metadata=_meta("model name in the repository (default: the dataset, +_mlp)")
     )
+    int8: bool = field(
+        default=True,
+        metadata=_meta(
+            "do not write the INT8 twin (static QDQ quantization, calibrated on training images, "
+            "written as <name>_int8 when within 0.3 points of FP32's test accuracy)",
+            flag="--no-int8",
+            action="store_false",
+        ),
+    )
     download: bool = field(
         default=True,
         metadata=_meta(

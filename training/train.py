@@ -249,10 +249,18 @@ def train(ds: Dataset, config: TrainConfig) -> TrainResult:
     return evaluate(fit(ds, config), ds, config)
 
 
-def write_report(result: TrainResult, config: TrainConfig, ds: Dataset, folder: Path) -> None:
-    """history.json, report.json, summary.txt and curves.png beside the model."""
+def write_report(
+    result: TrainResult,
+    config: TrainConfig,
+    ds: Dataset,
+    folder: Path,
+    export: dict[str, Any] | None = None,
+) -> None:
+    """history.json, report.json (with what export found: parity, INT8), summary.txt and
+    curves.png beside the model."""
+    report = {**result.report(config, ds), **(export or {})}
     (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-    (folder / "report.json").write_text(json.dumps(result.report(config, ds), indent=2) + "\n")
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "summary.txt").write_text(result.summary + "\n")
     title = (
         f"{config.architecture} on {ds.name}, {len(ds.x_train):,} training images, "
