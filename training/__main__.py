@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ds = datasets.subset(ds, config.train_limit, config.test_limit, seed=config.seed)
     print(f"dataset: {ds.describe()}", flush=True)
+    config = config.resolved(len(ds.x_train))  # the defaults that follow the data, decided
+    print(
+        f"settings: batch {config.batch_size}, validation split {config.validation_split:g}, "
+        f"augmentation {'on' if config.augmenting else 'off'} (flags: {' '.join(to_argv(config))})",
+        flush=True,
+    )
     # TensorFlow is imported only now, so that --help and flag errors are instant.
     from training.export import ExportError, Int8Request, export
     from training.train import evaluate, fit, plain_copy, scale_images, train, write_report

@@ -146,6 +146,8 @@ def make_optimizer(
 
 def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
     """Build and fit, under `strategy` (a tf.distribute strategy) when one is given."""
+    config = config.resolved(len(ds.x_train))
+    assert config.batch_size is not None and config.validation_split is not None
     keras.utils.set_random_seed(config.seed)
     train_images = int(len(ds.x_train) * (1 - config.validation_split))
     steps = config.epochs * max(1, -(-train_images // config.batch_size))
@@ -179,11 +181,14 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
             )
         )
     log.info(
-        "training %s on %s: %d epochs, batch %d, %s lr=%g (%s), augmentation %s",
+        "training %s on %s: %d epochs, batch %d (%d steps), validation %g, %s lr=%g (%s), "
+        "augmentation %s",
         config.architecture,
         ds.describe(),
         config.epochs,
         config.batch_size,
+        steps,
+        config.validation_split,
         config.optimizer,
         config.learning_rate,
         config.lr_schedule,
