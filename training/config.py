@@ -114,6 +114,21 @@ class TrainConfig:
     lr_schedule: str = field(
         default="cosine", metadata=_meta("learning-rate schedule", choices=LR_SCHEDULES)
     )
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_meta(
+            "decoupled weight decay of the optimizer, per step and in units of the learning rate "
+            "(0: none)",
+            type=_checked(float, lambda v: v >= 0, "a number >= 0"),
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_meta(
+            "train toward 1 - s on the true class and s/classes elsewhere, not 1 and 0",
+            type=fraction,
+        ),
+    )
     validation_split: float | None = field(
         default=None,
         metadata=_meta(

@@ -133,15 +133,33 @@ class Trainer(keras.Model):  # type: ignore[misc]
 
 
 def make_optimizer(
-    name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+    name: str,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    weight_decay: float = 0.0,
 ) -> keras.optimizers.Optimizer:
+    decay = weight_decay or None  # Keras applies it decoupled (AdamW's way) for every optimizer
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, weight_decay=decay)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=decay)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
+        return keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
     raise ValueError(f"--optimizer {name!r}: allowed {', '.join(OPTIMIZERS)}")
+
+
+def training_loss(label_smoothing: float, classes: int) -> Any:
+    """Cross-entropy on integer labels; with smoothing, against the smoothed one-hot targets
+    (Keras's sparse loss has no smoothing of its own)."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+
+    def smoothed_crossentropy(y_true: Any, y_pred: Any) -> Any:
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(
+            keras.ops.one_hot(labels, classes), y_pred, label_smoothing=label_smoothing
+        )
+
+    return smoothed_crossentropy
 
 
 def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
@@ -163,8 +181,8 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
                 f"--lr-schedule {config.lr_schedule!r}: allowed {', '.join(LR_SCHEDULES)}"
             )
         model.compile(
-            optimizer=make_optimizer(config.optimizer, rate),
-            loss="sparse_categorical_crossentropy",
+            optimizer=make_optimizer(config.optimizer, rate, config.weight_decay),
+            loss=training_loss(config.label_smoothing, len(ds.class_names)),
             metrics=["accuracy"],
         )
     timer = _EpochTimer()
