@@ -122,8 +122,10 @@ class TrainConfig:
             type=_checked(float, lambda v: v >= 0, "a number >= 0"),
         ),
     )
+    # 0.1: Fashion-MNIST 91.10 % -> 91.86 % at 10 epochs (README); the network itself, which
+    # has no dropout, is the design notes' and stays so.
     label_smoothing: float = field(
-        default=0.0,
+        default=0.1,
         metadata=_meta(
             "train toward 1 - s on the true class and s/classes elsewhere, not 1 and 0",
             type=fraction,

@@ -200,7 +200,7 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
         )
     log.info(
         "training %s on %s: %d epochs, batch %d (%d steps), validation %g, %s lr=%g (%s), "
-        "augmentation %s",
+        "weight decay %g, label smoothing %g, augmentation %s",
         config.architecture,
         ds.describe(),
         config.epochs,
@@ -210,6 +210,8 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
         config.optimizer,
         config.learning_rate,
         config.lr_schedule,
+        config.weight_decay,
+        config.label_smoothing,
         "on" if config.augmenting else "off",
     )
     history = model.fit(
