@@ -10,7 +10,10 @@ CONSTRAINTS := requirements/constraints.txt
 
 DATASET ?= mnist
 EPOCHS ?= 10
-BATCH_SIZE ?= 64
+# Empty: the batch follows the data (python -m training --help).
+BATCH_SIZE ?=
+# make demo trains a quick model when none exists yet (make train trains the full EPOCHS).
+DEMO_EPOCHS ?= 3
 MODELS ?= models
 TRAIN_ARGS ?=
 WORKERS ?= 1
@@ -26,7 +29,7 @@ COMPOSE ?= docker compose -f deploy/docker/compose.yaml
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
-	@echo "  variables: DATASET=$(DATASET) EPOCHS=$(EPOCHS) BATCH_SIZE=$(BATCH_SIZE) MODELS=$(MODELS) PORT=$(PORT)"
+	@echo "  variables: DATASET=$(DATASET) EPOCHS=$(EPOCHS) BATCH_SIZE=$(or $(BATCH_SIZE),auto) MODELS=$(MODELS) PORT=$(PORT)"
 
 setup: $(VENV)/.installed ## create .venv with the serve, train and dev extras (idempotent)
 
@@ -37,11 +40,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 train: setup ## train and export: make train DATASET=fashion_mnist EPOCHS=10 [WORKERS=2: local MultiWorkerMirroredStrategy]
-	$(PY) -m training --dataset $(DATASET) --epochs $(EPOCHS) --batch-size $(BATCH_SIZE) \
+	$(PY) -m training --dataset $(DATASET) --epochs $(EPOCHS) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 		--models-dir $(MODELS) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) $(TRAIN_ARGS)
 
 compare: setup ## CNN vs MLP, with and without augmentation: parameters, accuracy, shifted images -> $(MODELS)/compare/
-	$(PY) -m training.compare --dataset $(DATASET) --epochs $(EPOCHS) --batch-size $(BATCH_SIZE) \
+	$(PY) -m training.compare --dataset $(DATASET) --epochs $(EPOCHS) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 		--out $(MODELS)/compare $(COMPARE_ARGS)
 
 # A model folder that does not exist yet is made by training (order-only: never retrains).
@@ -51,7 +54,10 @@ $(MODELS)/%:
 serve: setup | $(MODELS)/$(DATASET) ## serve $(MODELS) on PORT (trains DATASET first when no model exists)
 	$(PY) -m serving --model-repository $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-demo: setup | $(MODELS)/$(DATASET) ## start a server, classify real test images, print the summary, stop
+demo: setup ## start a server, classify real test images, print the summary, stop (trains a quick DEMO_EPOCHS model first when none exists)
+	@test -d $(MODELS)/$(DATASET) || { \
+		echo "demo: no $(MODELS)/$(DATASET) yet: training a quick one, $(DEMO_EPOCHS) epochs (make train trains $(EPOCHS))"; \
+		$(MAKE) --no-print-directory train DATASET=$(DATASET) EPOCHS=$(DEMO_EPOCHS); }
 	$(PY) scripts/demo.py --models-dir $(MODELS) --model $(DATASET)
 
 dashboard-snapshot: setup | $(MODELS)/$(DATASET) ## ~20 s of mixed load on a server over $(MODELS), key panels drawn to docs/dashboard.png

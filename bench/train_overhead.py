@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternate the two this many times")
     args = p.parse_args()
     ds = datasets.subset(datasets.load(args.dataset, allow_download=False), args.images, 1000)
-    config = TrainConfig(dataset=args.dataset, epochs=args.epochs, verbose=0)
+    config = TrainConfig(dataset=args.dataset, epochs=args.epochs, verbose=0).resolved(
+        len(ds.x_train)
+    )
     ours: list[float] = []
     plain: list[float] = []
     for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits both alike

@@ -103,7 +103,9 @@ def main() -> int:
                 f"accuracy over these images: {correct}/{len(files)} = {correct / len(files):.0%}"
             )
             print(
-                f"model test accuracy recorded at export: {float(props.get('test_accuracy', 'nan')):.4f}\n"
+                f"model test accuracy recorded at export: {float(props.get('test_accuracy', 'nan')):.4f}"
+                f" ({props.get('test_images', '?')} test images; trained {props.get('epochs', '?')}"
+                f" epochs on {props.get('train_images', '?')} images from {props.get('data_source', '?')})\n"
             )
             print(format_summary(client.summary(args.model)))
     finally:

@@ -13,6 +13,8 @@ import logging
 import re
 import sys
 
+import numpy as np
+
 from training import datasets
 from training.cluster import ClusterError, Role, role_from_tf_config, run_local_workers
 from training.config import parse, to_argv
@@ -48,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ds = datasets.subset(ds, config.train_limit, config.test_limit, seed=config.seed)
     print(f"dataset: {ds.describe()}", flush=True)
+    config = config.resolved(len(ds.x_train))  # the defaults that follow the data, decided
+    print(
+        f"settings: batch {config.batch_size}, validation split {config.validation_split:g}, "
+        f"augmentation {'on' if config.augmenting else 'off'} (flags: {' '.join(to_argv(config))})",
+        flush=True,
+    )
     # TensorFlow is imported only now, so that --help and flag errors are instant.
-    from training.export import ExportError, export
+    from training.export import ExportError, Int8Request, export
     from training.train import evaluate, fit, plain_copy, scale_images, train, write_report
 
     if role is None:
@@ -96,24 +104,48 @@ def main(argv: list[str] | None = None) -> int:
         "augmentation": "on" if config.augmenting else "off",
         "workers": str(result.workers),
     }
+    int8 = None
+    if config.int8:
+        from training.quantize import CALIBRATION_IMAGES
+
+        rng = np.random.default_rng(config.seed)
+        pick = rng.choice(len(ds.x_train), min(CALIBRATION_IMAGES, len(ds.x_train)), replace=False)
+        int8 = Int8Request(
+            name=f"{name}_int8",
+            calibration=scale_images(ds.x_train[np.sort(pick)]),  # training images only
+            x_test=scale_images(ds.x_test),
+            y_test=ds.y_test,
+        )
     try:
-        path, parity = export(
+        done = export(
             result.model,
             models_dir=config.models_dir,
             name=name,
             metadata=metadata,
             x_check=scale_images(ds.x_test[:2000]),
-            write_extras=lambda folder: write_report(result, config, ds, folder),
+            write_extras=lambda folder, found: write_report(result, config, ds, folder, found),
+            int8=int8,
         )
     except ExportError as exc:
         print(f"error: export refused: {exc}", file=sys.stderr)
         return 1
+    parity = done.parity
     print(
         f"parity: {parity.images} test images, max |keras - onnx| {parity.max_abs_diff:.2e}, "
         f"argmax mismatches {parity.argmax_mismatches}"
     )
-    print(f"exported: {path}")
-    print(f"report:   {path.parent / 'curves.png'}")
+    print(f"exported: {done.path}")
+    if done.int8 is not None:
+        speeds = ", ".join(
+            f"batch {s.batch} {s.speedup:.2f}x ({s.int8_ms:.3f} ms against {s.fp32_ms:.3f})"
+            for s in done.int8.speeds
+        )
+        print(f"int8:     {done.int8.verdict()}; one thread, {speeds}")
+    if done.int8_path is not None:
+        print(f"exported: {done.int8_path}")
+    elif done.int8_error is not None:
+        print(f"int8:     not written, quantization failed: {done.int8_error}")
+    print(f"report:   {done.path.parent / 'curves.png'}")
     return 0
 
 

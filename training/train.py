@@ -133,19 +133,39 @@ class Trainer(keras.Model):  # type: ignore[misc]
 
 
 def make_optimizer(
-    name: str, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+    name: str,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    weight_decay: float = 0.0,
 ) -> keras.optimizers.Optimizer:
+    decay = weight_decay or None  # Keras applies it decoupled (AdamW's way) for every optimizer
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, weight_decay=decay)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=decay)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
+        return keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
     raise ValueError(f"--optimizer {name!r}: allowed {', '.join(OPTIMIZERS)}")
+
+
+def training_loss(label_smoothing: float, classes: int) -> Any:
+    """Cross-entropy on integer labels; with smoothing, against the smoothed one-hot targets
+    (Keras's sparse loss has no smoothing of its own)."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+
+    def smoothed_crossentropy(y_true: Any, y_pred: Any) -> Any:
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(
+            keras.ops.one_hot(labels, classes), y_pred, label_smoothing=label_smoothing
+        )
+
+    return smoothed_crossentropy
 
 
 def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
     """Build and fit, under `strategy` (a tf.distribute strategy) when one is given."""
+    config = config.resolved(len(ds.x_train))
+    assert config.batch_size is not None and config.validation_split is not None
     keras.utils.set_random_seed(config.seed)
     train_images = int(len(ds.x_train) * (1 - config.validation_split))
     steps = config.epochs * max(1, -(-train_images // config.batch_size))
@@ -161,8 +181,8 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
                 f"--lr-schedule {config.lr_schedule!r}: allowed {', '.join(LR_SCHEDULES)}"
             )
         model.compile(
-            optimizer=make_optimizer(config.optimizer, rate),
-            loss="sparse_categorical_crossentropy",
+            optimizer=make_optimizer(config.optimizer, rate, config.weight_decay),
+            loss=training_loss(config.label_smoothing, len(ds.class_names)),
             metrics=["accuracy"],
         )
     timer = _EpochTimer()
@@ -179,14 +199,19 @@ def fit(ds: Dataset, config: TrainConfig, strategy: Any = None) -> Fitted:
             )
         )
     log.info(
-        "training %s on %s: %d epochs, batch %d, %s lr=%g (%s), augmentation %s",
+        "training %s on %s: %d epochs, batch %d (%d steps), validation %g, %s lr=%g (%s), "
+        "weight decay %g, label smoothing %g, augmentation %s",
         config.architecture,
         ds.describe(),
         config.epochs,
         config.batch_size,
+        steps,
+        config.validation_split,
         config.optimizer,
         config.learning_rate,
         config.lr_schedule,
+        config.weight_decay,
+        config.label_smoothing,
         "on" if config.augmenting else "off",
     )
     history = model.fit(
@@ -249,10 +274,18 @@ def train(ds: Dataset, config: TrainConfig) -> TrainResult:
     return evaluate(fit(ds, config), ds, config)
 
 
-def write_report(result: TrainResult, config: TrainConfig, ds: Dataset, folder: Path) -> None:
-    """history.json, report.json, summary.txt and curves.png beside the model."""
+def write_report(
+    result: TrainResult,
+    config: TrainConfig,
+    ds: Dataset,
+    folder: Path,
+    export: dict[str, Any] | None = None,
+) -> None:
+    """history.json, report.json (with what export found: parity, INT8), summary.txt and
+    curves.png beside the model."""
+    report = {**result.report(config, ds), **(export or {})}
     (folder / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-    (folder / "report.json").write_text(json.dumps(result.report(config, ds), indent=2) + "\n")
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "summary.txt").write_text(result.summary + "\n")
     title = (
         f"{config.architecture} on {ds.name}, {len(ds.x_train):,} training images, "

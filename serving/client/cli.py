@@ -34,7 +34,7 @@ def format_summary(s: pb.GetParameterSummaryResponse) -> str:
     shape = "x".join(map(str, s.input_shape))
     return "\n".join(
         [
-            f"{s.model} v{s.version}, input {shape}",
+            f"{s.model} v{s.version}, {s.precision or 'fp32'}, input {shape}",
             lines[0],
             rule,
             *lines[1:],
@@ -183,14 +183,17 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                     print(f"  output {spec.name}: float32 {list(spec.shape)}")
                 print(f"  dataset {md.dataset}, test accuracy {md.test_accuracy:.4f}")
                 print(f"  classes {', '.join(md.class_names)}")
-                print(f"  execution provider {md.execution_provider}")
+                print(
+                    f"  precision {md.precision or 'fp32'}, execution provider {md.execution_provider}"
+                )
             elif args.command == "list":
                 for model in client.list_models().models:
                     versions = ", ".join(
                         f"v{v.version} {v.state}" + (f" ({v.reason})" if v.reason else "")
                         for v in model.versions
                     )
-                    print(f"{model.name}: default v{model.default_version}; {versions}")
+                    precision = f" ({model.precision})" if model.precision else ""
+                    print(f"{model.name}: default v{model.default_version}{precision}; {versions}")
             elif args.command == "health":
                 status = client.health(args.service)
                 print(f"{args.service or 'server'}: {status}")

@@ -105,6 +105,7 @@ class ModelCatalog:
     name: str
     statuses: list[VersionStatus]
     ready_versions: list[int]
+    precision: str = ""  # the default version's ("fp32" | "int8"); empty when none is ready
 
     @property
     def default_version(self) -> int:
@@ -245,10 +246,12 @@ class DataPlane:
 
     def catalog(self) -> list[ModelCatalog]:
         """Every model on disk, its versions' states and which of them serve."""
-        return [
-            ModelCatalog(name, statuses, self.repository.ready_versions(name))
-            for name, statuses in self.repository.statuses().items()
-        ]
+        out = []
+        for name, statuses in self.repository.statuses().items():
+            ready = self.repository.ready_versions(name)
+            precision = self.repository.get(name).runtime.info.precision if ready else ""
+            out.append(ModelCatalog(name, statuses, ready, precision))
+        return out
 
     def statistics(
         self, model: str = "", version: int | None = None

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.core.summary import Layer, ParameterSummary
+from serving.core.summary import Layer, ParameterSummary, initializers
 
 F32 = npt.NDArray[np.float32]
 MAP_KINDS = frozenset({"Conv2D", "MaxPooling2D", "AveragePooling2D"})
@@ -68,9 +68,9 @@ class FeatureMapSession:
 def read_filters(path: Path, layer: Layer) -> tuple[F32, F32]:
     """A convolution layer's kernels as Keras holds them, [K, K, in, out] (ONNX keeps
     [out, in, K, K]), and its biases [out]: zeros when the graph has none (tf2onnx drops a bias
-    that is all zeros, which adds nothing)."""
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
+    that is all zeros, which adds nothing). An INT8 model's are its integers dequantized: the
+    values it computes with."""
+    inits = initializers(onnx.load(str(path)))  # an INT8 graph's kernels, dequantized
     weight = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
     kernels = np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
     if layer.bias:

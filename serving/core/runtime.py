@@ -106,6 +106,11 @@ class ModelInfo:
         return self.properties.get("dataset", "")
 
     @property
+    def precision(self) -> str:
+        """ "fp32", or "int8" for a quantized twin; files from before it was recorded are FP32."""
+        return self.properties.get("precision", "fp32")
+
+    @property
     def test_accuracy(self) -> float:
         try:
             return float(self.properties.get("test_accuracy", "nan"))

@@ -8,6 +8,11 @@ Keras prints them, so the counts and shapes equal `model.summary()` for the desi
 Each layer also says how its output size follows from its input's (the design notes'
 O = (W - K + 2P)/S + 1), and which ONNX values hold its output and weights (feature maps and
 filters are read from those).
+
+A quantized (QDQ) graph reads as the network it was quantized from: its integer weights are
+taken at the float values they stand for (`initializers`), and a layer's output is followed
+through the QuantizeLinear -> DequantizeLinear pair after it, so its feature maps are the
+values the INT8 model computes.
 """
 
 from __future__ import annotations
@@ -142,11 +147,37 @@ def _spatial(node: onnx.NodeProto, h: int, w: int, kh: int, kw: int) -> Spatial:
     return Spatial((oh, ow), (sh, sw), pads_hw, padding)
 
 
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constants by name, plus, for each DequantizeLinear of constants (a quantized
+    weight or bias), its float values under its output's name: (q - zero_point) * scale, per
+    channel along `axis` when the scale is a vector."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type != "DequantizeLinear" or not all(i in inits for i in inputs):
+            continue
+        q = numpy_helper.to_array(inits[inputs[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[inputs[1]]).astype(np.float32)
+        zero = (
+            numpy_helper.to_array(inits[inputs[2]]).astype(np.float32)
+            if len(inputs) > 2
+            else np.zeros_like(scale)
+        )
+        if scale.ndim == 1 and q.ndim > 1:
+            axis = int(_attrs(node).get("axis", 1))  # type: ignore[call-overload]
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        inits[node.output[0]] = numpy_helper.from_array((q - zero) * scale, node.output[0])
+    return inits
+
+
 def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = initializers(model)
+    quantized = ""  # the QuantizeLinear output of the last layer's output, in a QDQ graph
     dims = graph.input[0].type.tensor_type.shape.dim
     h, w, c = (int(d.dim_value) for d in dims[1:4])
     summary = ParameterSummary(input_shape=(h, w, c))
@@ -257,6 +288,10 @@ def summarize(model: onnx.ModelProto | Path) -> ParameterSummary:
                 last.formula = _dense_formula(n_in, n_out, True)
                 last.output = node.output[0]
                 last.bias = next(i for i in node.input if i in inits)
+        elif op == "QuantizeLinear" and last is not None and node.input[0] == last.output:
+            quantized = node.output[0]
+        elif op == "DequantizeLinear" and last is not None and node.input[0] == quantized:
+            last.output = node.output[0]  # what the next layer reads, as INT8 computes it
         elif op in ACTIVATIONS and last is not None and not last.activation:
             last.activation = ACTIVATIONS[op]
             if node.input and node.input[0] == last.output:

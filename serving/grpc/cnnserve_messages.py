@@ -201,6 +201,7 @@ def summary_response(served: ServedVersion, s: ParameterSummary) -> pb.GetParame
         dense_neuron_parameters=s.dense_neuron_parameters,
         dense_neuron_formula=s.dense_neuron_formula,
         keras_parameters=int(keras) if keras.isdigit() else 0,
+        precision=served.runtime.info.precision,
     )
 
 
@@ -251,6 +252,7 @@ def metadata_response(
         execution_provider=served.runtime.provider,
         properties=info.properties,
         max_batch_size=max_batch,
+        precision=info.precision,
     )
 
 
@@ -264,6 +266,7 @@ def list_models_response(catalog: list[ModelCatalog]) -> pb.ListModelsResponse:
                     pb.ModelVersionStatus(version=s.version, state=s.state.value, reason=s.reason)
                     for s in model.statuses
                 ],
+                precision=model.precision,
             )
             for model in catalog
         ]

@@ -414,6 +414,7 @@ def summary_json(served: ServedVersion, s: ParameterSummary) -> dict[str, Any]:
         "dense_neuron_parameters": s.dense_neuron_parameters,
         "dense_neuron_formula": s.dense_neuron_formula,
         "keras_parameters": int(keras) if keras.isdigit() else 0,
+        "precision": served.runtime.info.precision,
     }
 
 
@@ -427,6 +428,7 @@ def models_json(catalog: list[ModelCatalog]) -> dict[str, Any]:
                     {"version": s.version, "state": s.state.value, "reason": s.reason}
                     for s in m.statuses
                 ],
+                "precision": m.precision,
             }
             for m in catalog
         ]

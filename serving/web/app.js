@@ -359,7 +359,7 @@ async function start() {
     const { models } = await api("/v1/models");
     const ready = models.filter((m) => m.default_version > 0);
     if (!ready.length) { status("no model is ready", true); return; }
-    $("model").replaceChildren(...ready.map((m) => new Option(`${m.name} (v${m.default_version})`, m.name)));
+    $("model").replaceChildren(...ready.map((m) => new Option(`${m.name} (v${m.default_version}, ${m.precision || "fp32"})`, m.name)));
     const wanted = new URLSearchParams(location.search).get("model");
     if (wanted && ready.some((m) => m.name === wanted)) $("model").value = wanted;
     $("model").onchange = () => choose($("model").value);  // start() may run again

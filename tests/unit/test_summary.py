@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from harness import write_tiny_cnn, write_tiny_model
-from serving.core.summary import size_formula, summarize
+from serving.core.summary import initializers, size_formula, summarize
 
 
 def test_summary_of_a_plain_dense_graph(tmp_path: Path) -> None:
@@ -88,3 +89,48 @@ def test_size_formula_of_a_rectangle_names_both_dimensions(tmp_path: Path) -> No
         "height (12 - 3 + 2*0)/1 + 1 = 10; width (7 - 3 + 2*0)/1 + 1 = 5"
     )
     assert size_formula(7, 2, 2, 0, 0, pool=True) == "floor((7 - 2)/2) + 1 = 3"
+
+
+def test_a_quantized_graph_reads_as_the_network_it_came_from(tmp_path: Path) -> None:
+    """ONNX Runtime's static QDQ quantization of a small CNN (as `make train` makes the INT8
+    twin): the same layers, counts and activations; weights read as int8 times scale."""
+    from onnx import numpy_helper
+    from onnxruntime import quantization as q
+
+    fp32 = write_tiny_cnn(tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(0)
+
+    class Images(q.CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.left = [{"image": rng.random((4, 9, 9, 2), dtype=np.float32)} for _ in range(4)]
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return self.left.pop() if self.left else None
+
+    int8 = tmp_path / "int8.onnx"
+    q.quantize_static(str(fp32), str(int8), Images(), quant_format=q.QuantFormat.QDQ,
+                      per_channel=True, activation_type=q.QuantType.QUInt8,
+                      weight_type=q.QuantType.QInt8,
+                      extra_options={"QDQKeepRemovableActivations": True})  # fmt: skip
+    plain, quantized = summarize(fp32), summarize(int8)
+    described = [(la.name, la.kind, la.output_shape, la.parameters, la.formula, la.activation)
+                 for la in plain.layers]  # fmt: skip
+    assert [
+        (la.name, la.kind, la.output_shape, la.parameters, la.formula, la.activation)
+        for la in quantized.layers
+    ] == described
+    model = onnx.load(str(int8))
+    inits = initializers(model)
+    conv = quantized.layers[0]
+    dq = next(n for n in model.graph.node if n.output[0] == conv.weight)
+    raw = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert dq.op_type == "DequantizeLinear" and raw[dq.input[0]].dtype == np.int8
+    expected = raw[dq.input[0]].astype(np.float32) * raw[dq.input[1]][:, None, None, None]
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[conv.weight]), expected)
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32)).graph.initializer}
+    fp32_weight = original[plain.layers[0].weight]
+    assert np.abs(expected - fp32_weight).max() <= raw[dq.input[1]].max() / 2 + 1e-7
+    # Outputs are followed through each QuantizeLinear -> DequantizeLinear pair: the values
+    # the next layer reads, which ONNX Runtime can return.
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert producers[conv.output] == "DequantizeLinear"

@@ -42,13 +42,14 @@ def test_augmented_training_exports_the_plain_network(
     net = fitted.net
     assert tuple(layer.name for layer in net.layers) == CNN_LAYERS
     assert net.count_params() == 93_322
-    path, parity = export(
+    done = export(
         net,
         models_dir=tmp_path,
         name="augmented",
         metadata={"dataset": "mnist", "augmentation": "on"},
         x_check=scale_images(digits.x_test),
     )
+    path, parity = done.path, done.parity
     assert parity.ok and parity.images == 300
     exported = onnx.load(str(path))
     twin = build_cnn((28, 28, 1))  # the same weights in a network that never saw augmentation

@@ -67,13 +67,31 @@ def test_flags_round_trip_and_keep_their_old_spellings() -> None:
     assert parse(["--no-augment"]).augment is False
 
 
-def test_augmentation_default_follows_the_dataset() -> None:
-    assert parse([]).augment is None  # "the dataset's default"
-    assert parse(["--dataset", "mnist"]).augmenting is True
-    assert parse(["--dataset", "fashion_mnist"]).augmenting is False
-    assert parse(["--dataset", "fashion_mnist", "--augment"]).augmenting is True
-    assert parse(["--dataset", "mnist", "--no-augment"]).augmenting is False
-    assert TrainConfig(dataset="mnist").report()["augment"] is True
+def settings(argv: list[str], images: int) -> tuple[int | None, float | None, bool | None]:
+    config = parse(argv).resolved(images)
+    return config.batch_size, config.validation_split, config.augment
+
+
+def test_defaults_follow_the_data_not_its_name() -> None:
+    config = parse([])
+    assert (config.batch_size, config.validation_split, config.augment) == (None, None, None)
+    # The full MNIST or Fashion-MNIST, 10 epochs: 5,000 held out, batch 64 (859 steps an
+    # epoch, over the 200 that 2,000 steps in 10 epochs ask), no augmentation.
+    for dataset in ("mnist", "fashion_mnist"):
+        assert settings(["--dataset", dataset], 60_000) == (64, 0.0833, False)
+    # 8,000 digits for 5 epochs: 400 steps an epoch asked, 6,400 images: batch 16.
+    assert settings(["--epochs", "5"], 8000) == (16, 0.2, False)
+    # The 4,000-digit sample for 10 epochs: small data trained long, augmented.
+    assert settings([], 4000) == (16, 0.2, True)
+    assert settings(["--epochs", "3"], 60_000) == (64, 0.0833, False)  # make demo
+    # What the user sets is kept.
+    assert settings(["--batch-size", "128", "--no-augment", "--validation-split", "0.1"], 4000) == (
+        128, 0.1, False,
+    )  # fmt: skip
+    assert settings(["--augment"], 60_000)[2] is True
+    resolved = parse(["--epochs", "5"]).resolved(8000)
+    assert parse(to_argv(resolved)) == resolved  # the printed flags make the same run
+    assert resolved.report()["augment"] is False and resolved.augmenting is False
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,7 @@ class LayerSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., formula: _Optional[str] = ..., kernel: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., padding: _Optional[str] = ..., activation: _Optional[str] = ..., output_size_formula: _Optional[str] = ...) -> None: ...
 
 class GetParameterSummaryResponse(_message.Message):
-    __slots__ = ("model", "version", "input_shape", "layers", "total_parameters", "trainable_parameters", "non_trainable_parameters", "dense_neuron_parameters", "dense_neuron_formula", "keras_parameters")
+    __slots__ = ("model", "version", "input_shape", "layers", "total_parameters", "trainable_parameters", "non_trainable_parameters", "dense_neuron_parameters", "dense_neuron_formula", "keras_parameters", "precision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class GetParameterSummaryResponse(_message.Message):
     DENSE_NEURON_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DENSE_NEURON_FORMULA_FIELD_NUMBER: _ClassVar[int]
     KERAS_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -172,7 +173,8 @@ class GetParameterSummaryResponse(_message.Message):
     dense_neuron_parameters: int
     dense_neuron_formula: str
     keras_parameters: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., total_parameters: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., non_trainable_parameters: _Optional[int] = ..., dense_neuron_parameters: _Optional[int] = ..., dense_neuron_formula: _Optional[str] = ..., keras_parameters: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., total_parameters: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., non_trainable_parameters: _Optional[int] = ..., dense_neuron_parameters: _Optional[int] = ..., dense_neuron_formula: _Optional[str] = ..., keras_parameters: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class GetFeatureMapsRequest(_message.Message):
     __slots__ = ("model", "version", "image", "layers", "top_k")
@@ -253,14 +255,16 @@ class ModelVersionStatus(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "default_version", "versions")
+    __slots__ = ("name", "default_version", "versions", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     default_version: int
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
-    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -287,7 +291,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("name", "version", "ready_versions", "inputs", "outputs", "accepted_dtypes", "input_layout", "input_scale", "class_names", "dataset", "test_accuracy", "execution_provider", "properties", "max_batch_size")
+    __slots__ = ("name", "version", "ready_versions", "inputs", "outputs", "accepted_dtypes", "input_layout", "input_scale", "class_names", "dataset", "test_accuracy", "execution_provider", "properties", "max_batch_size", "precision")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +313,7 @@ class GetModelMetadataResponse(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -323,4 +328,5 @@ class GetModelMetadataResponse(_message.Message):
     execution_provider: str
     properties: _containers.ScalarMap[str, str]
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., input_layout: _Optional[str] = ..., input_scale: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., input_layout: _Optional[str] = ..., input_scale: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., max_batch_size: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
