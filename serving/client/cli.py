@@ -83,7 +83,7 @@ def _draw_explanation(client: Client, args: argparse.Namespace) -> None:
     heat = got.heat
     lines = [
         f"{got.model} v{got.version}: {args.file.name}",
-        f"class {got.class_index} {got.label} ({got.probability:.3f}), {how}",
+        f"{got.label} ({got.probability:.3f}), class {got.class_index}; {how}",
         f"heat {float(heat.min()):.4f} .. {float(heat.max()):.4f}",
     ]
     for line in lines[1:]:

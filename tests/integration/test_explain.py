@@ -228,7 +228,7 @@ def test_cli_draws_the_map_over_the_image(
             command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
         )
         assert done.returncode == 0, done.stderr
-        assert f"wrote {out}" in done.stdout and f"class {digits.y_test[0]} " in done.stdout
+        assert f"wrote {out}" in done.stdout and f"class {digits.y_test[0]}; " in done.stdout
         picture = Image.open(out)
         assert picture.format == "PNG" and picture.width >= 560 and picture.height >= 280
     done = subprocess.run(
