@@ -118,6 +118,11 @@ class Settings:
         "largest GetFeatureMaps or GetFilters answer, in MiB of float32 values; a request for "
         "more is refused RESOURCE_EXHAUSTED (ask for fewer layers)",
     )
+    max_explain_images: int = option(
+        1024,
+        "most images one Explain may run (occlusion: its patch positions and the unchanged "
+        "image); a larger one is refused RESOURCE_EXHAUSTED (use a larger stride or patch)",
+    )
     max_versions: int = option(2, "how many of the newest versions of each model stay loaded")
     poll_seconds: float = option(5.0, "how often the repository is rescanned (0: only on SIGHUP)")
     grace_seconds: float = option(10.0, "how long in-flight calls may drain on SIGTERM")
@@ -338,6 +343,7 @@ def validate(s: Settings) -> None:
         "workers",
         "max_queue_images",
         "max_stream_inflight",
+        "max_explain_images",
     ):
         if getattr(s, name) < 1:
             raise bad(name, "expected a whole number >= 1")

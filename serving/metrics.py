@@ -199,6 +199,13 @@ class Metrics:
             ["protocol", "reason"],
             registry=r,
         )
+        self.explanations = Counter(
+            f"{PREFIX}_explanations",
+            "Explanations answered (Explain, over gRPC and REST), by model and method "
+            "(occlusion, grad_cam).",
+            ["model", "method"],
+            registry=r,
+        )
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
@@ -252,6 +259,9 @@ class Metrics:
 
     def close_connection(self, protocol: str, reason: str) -> None:
         self.connections_closed.labels(protocol, reason).inc()
+
+    def count_explanation(self, model: str, method: str) -> None:
+        self.explanations.labels(model, method).inc()
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()

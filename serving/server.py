@@ -111,9 +111,11 @@ class Server:
                 settings.max_request_batch,
                 settings.max_image_pixels,
                 settings.max_feature_map_bytes,
+                settings.max_explain_images,
             ),
             self.stats,
             self.admission,
+            on_explain=self.metrics.count_explanation,
         )
         self.streams = Streams(settings.max_stream_inflight)
         self.guard = Guard(self.metrics, self.admission, stop_streams=self.streams.stop_reading)

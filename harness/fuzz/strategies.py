@@ -146,6 +146,7 @@ class Strategies:
             v2_infer(self),
             v2_infer(self),
             classify(self),
+            explain(self),
             hostile_images(self),
             other_calls(self),
             wire(self),
@@ -219,6 +220,49 @@ def classify(draw: st.DrawFn, s: Strategies) -> Case:
         top_k=draw(s.top_k),
     )
     return Case("classify", CNN + "Classify", request.SerializeToString())
+
+
+@st.composite
+def explain(draw: st.DrawFn, s: Strategies) -> Case:
+    """Explain: half the time a request that must be answered (a known method, a good image or
+    tensor, the class, patch and stride in range), else every field drawn as hostile as the
+    other methods' (either input or none, any method, class, patch and stride)."""
+    m = s.model
+    methods = st.sampled_from(("", "occlusion", "grad_cam"))
+    if draw(st.booleans()):
+        request = pb.ExplainRequest(
+            model=m.name,
+            method=draw(methods),
+            patch=draw(st.sampled_from((0, 1, 4, 7, m.h))),
+            stride=draw(st.sampled_from((0, 2, 7))),
+        )
+        if draw(st.booleans()):
+            request.class_index = draw(st.integers(0, m.classes - 1))
+        if draw(st.booleans()):
+            blob = image_blobs(m.h, m.w)[draw(st.sampled_from(GOOD_BLOBS))]
+            request.image.encoded = blob
+        else:
+            length = m.image_values * 4
+            data = fill(length, draw(st.sampled_from(("zeros", "unit"))), draw(SEEDS))
+            shape = [1, m.h, m.w, m.c]
+            request.tensor.CopyFrom(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape, data=data))
+        return Case("explain", CNN + "Explain", request.SerializeToString())
+    request = pb.ExplainRequest(
+        model=draw(s.name),
+        version=draw(s.version),
+        method=draw(usually(methods, st.text(max_size=12))),
+        patch=draw(usually(st.sampled_from((0, 4, 7)), st.sampled_from((m.h + 1, 2**32 - 1)))),
+        stride=draw(usually(st.sampled_from((0, 2, 7)), st.integers(0, 2**32 - 1))),
+    )
+    if draw(st.booleans()):
+        cls = usually(st.integers(0, m.classes - 1), st.sampled_from((-1, m.classes, 2**31 - 1)))
+        request.class_index = draw(cls)
+    source = draw(st.sampled_from(("tensor", "image", "image", "none")))
+    if source == "tensor":
+        request.tensor.CopyFrom(draw(tensors(s)))
+    elif source == "image":
+        request.image.CopyFrom(draw(classify_images(s)))
+    return Case("explain", CNN + "Explain", request.SerializeToString())
 
 
 @st.composite
@@ -312,7 +356,14 @@ def other_calls(draw: st.DrawFn, s: Strategies) -> Case:
     return Case("other", method, request.SerializeToString())
 
 
-CNN_METHODS = ("Predict", "Classify", "GetParameterSummary", "ListModels", "GetModelMetadata")
+CNN_METHODS = (
+    "Predict",
+    "Classify",
+    "Explain",
+    "GetParameterSummary",
+    "ListModels",
+    "GetModelMetadata",
+)
 V2_METHODS = [
     "ServerLive",
     "ServerReady",
@@ -341,7 +392,7 @@ def wire(draw: st.DrawFn, s: Strategies) -> Case:
     if draw(st.booleans()):
         payload = random.Random(draw(SEEDS)).randbytes(draw(st.integers(0, 4096)))
     else:
-        base = draw(st.one_of(predict(s), v2_infer(s), classify(s)))
+        base = draw(st.one_of(predict(s), v2_infer(s), classify(s), explain(s)))
         payload = mangle(base.payload, draw(MANGLINGS), draw(SEEDS))
     return Case("wire", method, payload)
 

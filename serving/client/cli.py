@@ -63,6 +63,35 @@ def _draw_feature_maps(client: Client, args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _draw_explanation(client: Client, args: argparse.Namespace) -> None:
+    from serving.client import pictures
+
+    got = client.explain(
+        args.model,
+        args.file,
+        method=args.method,
+        class_index=args.class_index,
+        patch=args.patch,
+        stride=args.stride,
+        version=args.version,
+    )
+    how = (
+        f"occlusion, patch {got.patch} stride {got.stride}, {got.images} images"
+        if got.method == "occlusion"
+        else f"grad_cam on {got.layer}"
+    )
+    heat = got.heat
+    lines = [
+        f"{got.model} v{got.version}: {args.file.name}",
+        f"{got.label} ({got.probability:.3f}), class {got.class_index}; {how}",
+        f"heat {float(heat.min()):.4f} .. {float(heat.max()):.4f}",
+    ]
+    for line in lines[1:]:
+        print(line)
+    pictures.explanation_picture(got.image, heat, lines).save(args.out, format="PNG")
+    print(f"wrote {args.out}")
+
+
 def _draw_filters(client: Client, args: argparse.Namespace) -> None:
     from serving.client import pictures
 
@@ -122,6 +151,19 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     fi.add_argument("--version", type=int, default=0)
     fi.add_argument("--layer", default="", help="a convolution layer (default: the first)")
     fi.add_argument("--out", type=Path, default=Path("filters.png"), help="PNG to write")
+    ex = sub.add_parser(
+        "explain", help="draw which pixels made the model answer as it did (a heat map)"
+    )
+    ex.add_argument("file", type=Path, help="an image file (PNG, JPEG, ...)")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--version", type=int, default=0)
+    ex.add_argument("--method", default="occlusion", help="occlusion (default) or grad_cam")
+    ex.add_argument(
+        "--class", dest="class_index", type=int, help="the class to explain (default: the best)"
+    )
+    ex.add_argument("--patch", type=int, default=0, help="occlusion's patch side (0: default)")
+    ex.add_argument("--stride", type=int, default=0, help="occlusion's stride (0: default)")
+    ex.add_argument("--out", type=Path, default=Path("heat.png"), help="PNG to write")
     m = sub.add_parser("metadata", help="a model's metadata")
     m.add_argument("--model", required=True)
     m.add_argument("--version", type=int, default=0)
@@ -140,7 +182,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
-    if args.command == "feature-maps" and not args.file.is_file():
+    if args.command in ("feature-maps", "explain") and not args.file.is_file():
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 2
     if args.command == "classify":
@@ -172,6 +214,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                 _draw_feature_maps(client, args)
             elif args.command == "filters":
                 _draw_filters(client, args)
+            elif args.command == "explain":
+                _draw_explanation(client, args)
             elif args.command == "metadata":
                 md = client.metadata(args.model, args.version)
                 print(f"{md.name} v{md.version} (ready: {', '.join(map(str, md.ready_versions))})")

@@ -174,3 +174,38 @@ def filters_picture(kernels: F32, biases: F32, layer: str, title: str = "") -> I
         draw.text((0, 22 * i), line, fill=INK, font=font)
     grid = _grid(tiles, columns=8, gap=6, fill=(90, 90, 90))
     return _stack(header, [(f"{layer}  {cout} filters", grid)])
+
+
+def heat_overlay(image: U8, heat: F32, scale: int = 0) -> Image.Image:
+    """The image (grey) under its heat map on the diverging scale, symmetric about 0 (white: no
+    effect, red: evidence for the class, blue: against it), blended; enlarged `scale` times (0:
+    to about 280 pixels), each pixel a square."""
+    h, w = heat.shape
+    scale = scale or max(1, 280 // max(h, w))
+    pixels = image[:, :, 0] if image.shape[2] == 1 else image
+    grey = Image.fromarray(pixels).convert("L").convert("RGB")
+    bound = float(np.abs(heat).max()) or 1.0
+    index = ((np.clip(heat / bound, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    colour = Image.fromarray(index, mode="L").convert("P")
+    colour.putpalette(DIVERGING)
+    blended = Image.blend(grey, colour.convert("RGB"), 0.6)
+    return blended.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+
+
+def explanation_picture(image: U8, heat: F32, lines: Sequence[str]) -> Image.Image:
+    """What was explained on top; below, the image as the model saw it and its heat map over it."""
+    h, w = heat.shape
+    scale = max(1, 280 // max(h, w))
+    pixels = image[:, :, 0] if image.shape[2] == 1 else image
+    shown = Image.fromarray(pixels).convert("RGB")
+    shown = shown.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    overlay = heat_overlay(image, heat, scale)
+    top = 22 * len(lines) + 8
+    out = Image.new("RGB", (max(2 * shown.width + 16, 560), top + shown.height), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    font = _font(16)
+    for i, line in enumerate(lines):
+        draw.text((0, 4 + 22 * i), line, fill=INK, font=font)
+    out.paste(shown, (0, top))
+    out.paste(overlay, (shown.width + 16, top))
+    return out

@@ -213,6 +213,25 @@ class FeatureMaps:
 
 
 @dataclass(frozen=True)
+class Explanation:
+    """Which pixels made the model answer `label`: a heat map of the input's height and width
+    (occlusion: the fall of the class's probability; grad_cam: the weighted activations)."""
+
+    model: str
+    version: int
+    heat: npt.NDArray[np.float32]  # [H, W]
+    image: npt.NDArray[np.uint8]  # [H, W, C]: the image as the model saw it
+    class_index: int
+    label: str
+    probability: float  # of the class, for the unchanged image
+    method: str
+    patch: int  # occlusion's parameters (0 for grad_cam)
+    stride: int
+    layer: str  # grad_cam's convolution layer
+    images: int  # images the server ran
+
+
+@dataclass(frozen=True)
 class Filters:
     model: str
     version: int
@@ -452,6 +471,41 @@ class Client:
             _array(response.probabilities),
             [(s.label, s.score) for s in response.classification.top],
         )
+
+    def explain(
+        self,
+        model: str,
+        image: str | Path | bytes | npt.NDArray[Any],
+        *,
+        method: str = "occlusion",
+        class_index: int | None = None,
+        patch: int = 0,
+        stride: int = 0,
+        version: int = 0,
+    ) -> Explanation:
+        """A heat map of what made the model answer `class_index` (None: its best class) for
+        one image: a file, encoded bytes, uint8 pixels of any size ([H, W] / [H, W, C],
+        resized as `classify` does), or float32 model input [1, H, W, C] / [H, W, C].
+        `method`: occlusion (patch and stride in pixels, 0: the server's defaults) or grad_cam."""
+        request = pb.ExplainRequest(
+            model=model,
+            version=version,
+            method=method,
+            patch=patch,
+            stride=stride,
+            class_index=class_index,
+        )
+        if isinstance(image, np.ndarray) and image.dtype == np.float32:
+            request.tensor.CopyFrom(_tensor(np.ascontiguousarray(image)))
+        elif isinstance(image, np.ndarray):
+            request.image.pixels.CopyFrom(_tensor(np.ascontiguousarray(image, dtype=np.uint8)))
+        else:
+            request.image.encoded = image if isinstance(image, bytes) else Path(image).read_bytes()
+        r = self.stub.Explain(request, timeout=self.timeout)
+        return Explanation(
+            r.model, r.version, _array(r.heat), _array(r.image), r.class_index, r.label,
+            r.probability, r.method, r.patch, r.stride, r.layer, r.images,
+        )  # fmt: skip
 
     def filters(self, model: str, layer: str = "", *, version: int = 0) -> Filters:
         """A convolution layer's kernels [K, K, in, out] and biases (the first layer's when

@@ -33,7 +33,7 @@ PER_CALL_BYTES = 16 * 1024
 # Inference methods (as metrics name them, whichever protocol): each holds a reservation of the
 # request data budget from before its message is read, and is refused unread when the budget is
 # taken.
-RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps"})
+RESERVING = frozenset({"Predict", "Classify", "ModelInfer", "GetFeatureMaps", "Explain"})
 EXPECTED_ALPHA = 0.1  # weight of a new cost in the moving average: about the last 10-20 calls
 UNREAD = "_unknown"  # the model label of a call refused before its message was read
 # The reservation of the call being handled: set where the call was accepted (before its

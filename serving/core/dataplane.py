@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from serving.config import DEFAULTS, MiB
-from serving.core import images
+from serving.core import explanations, images
 from serving.core.admission import PER_CALL_BYTES, Ticket, request_cost
 
 # Re-exported: what the protocols see of the core, so that they import the data plane only
@@ -28,6 +28,7 @@ from serving.core.admission import RESERVATION as RESERVATION  # noqa: PLC0414
 from serving.core.admission import RESERVING as RESERVING  # noqa: PLC0414
 from serving.core.admission import Admission as Admission  # noqa: PLC0414
 from serving.core.batching import Observer
+from serving.core.explanations import Explanation as Explanation  # noqa: PLC0414
 from serving.core.inspection import MAP_KINDS
 from serving.core.repository import MODEL_FILE as MODEL_FILE  # noqa: PLC0414
 from serving.core.repository import BatchingOptions as BatchingOptions  # noqa: PLC0414
@@ -36,7 +37,7 @@ from serving.core.repository import ServedVersion as ServedVersion  # noqa: PLC0
 from serving.core.repository import State as State  # noqa: PLC0414
 from serving.core.summary import Layer
 from serving.core.summary import ParameterSummary as ParameterSummary  # noqa: PLC0414
-from serving.errors import InvalidArgument, ResourceExhausted, ServingError
+from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServingError
 
 F32 = npt.NDArray[np.float32]
 ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -48,6 +49,8 @@ class Limits:
     max_image_pixels: int = DEFAULTS.max_image_pixels
     # The float32 values of one feature-map answer.
     max_feature_map_bytes: int = DEFAULTS.max_feature_map_bytes
+    # Images one explanation may run (occlusion: its patch positions and the unchanged image).
+    max_explain_images: int = DEFAULTS.max_explain_images
 
 
 @dataclass(frozen=True)
@@ -183,11 +186,13 @@ class DataPlane:
         limits: Limits,
         stats: Statistics | None = None,
         admission: Admission | None = None,
+        on_explain: Callable[[str, str], None] | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
         self.stats = stats or Statistics()
         self.admission = admission or Admission(1 << 62, 1 << 62)
+        self._on_explain = on_explain  # (model, method) of each explanation answered
 
     def admit(self, served: ServedVersion, shape: tuple[int, ...], itemsize: int) -> Ticket:
         """Before a tensor's bytes are touched: its shape checked against the model, then its
@@ -402,6 +407,119 @@ class DataPlane:
             chosen.append(by_name[name])
         order = {layer.name: i for i, layer in enumerate(known)}
         return sorted(chosen, key=lambda layer: order[layer.name])
+
+    async def explain(
+        self,
+        served: ServedVersion,
+        image: bytes | npt.NDArray[np.generic],
+        *,
+        tensor: bool = False,
+        method: str = "",
+        class_index: int | None = None,
+        patch: int = 0,
+        stride: int = 0,
+        request_bytes: int = 0,
+    ) -> Explanation:
+        """A heat map of what made the model answer class `class_index` (None: its best) for
+        one image: encoded bytes or raw uint8 pixels of any size (resized, as Classify's), or
+        (`tensor`) a Predict-style array at the model's size. Occlusion's images run as one
+        batch through the version's batcher, held by admission as a whole and capped by
+        `max_explain_images`; Grad-CAM runs the feature-map session once."""
+        started = time.perf_counter()
+        try:
+            method = explanations.check_method(method)
+            info = served.runtime.info
+            shape = info.input_shape
+            n = info.num_classes
+            if class_index is not None and not 0 <= class_index < n:
+                raise InvalidArgument(
+                    f"class {class_index} is out of range: model {served.name!r} v"
+                    f"{served.version} has {n} classes, 0..{n - 1}"
+                )
+            if method == explanations.GRAD_CAM:
+                cam = await served.cam_graph()  # FailedPrecondition before any work
+                patch = stride = 0
+                count = 1
+            else:
+                patch, stride = explanations.occlusion_grid(shape, patch, stride)
+                count = explanations.occlusion_images(shape[0], shape[1], patch, stride)
+            cap = self.limits.max_explain_images
+            if count > cap:
+                raise ResourceExhausted(
+                    f"occlusion with patch {patch} and stride {stride} on {shape[0]}x{shape[1]} "
+                    f"runs {count:,} images, over the cap of {cap:,} per explanation "
+                    "(--max-explain-images); use a larger stride or patch"
+                )
+            if isinstance(image, np.ndarray) and tensor:
+                explanations.check_one(served.name, served.version, shape, image.shape)
+            cost = 2 * request_bytes + request_cost(count, math.prod(shape), 4, n)
+            queue = served.batcher if method == explanations.OCCLUSION else None
+            with self.admission.admit(served.name, queue, count, cost):
+                if isinstance(image, np.ndarray) and tensor:
+                    pixels = explanations.one_image(image, shape)
+                else:
+                    one = [image]  # bytes, or raw pixels of any size
+                    pixels = (await asyncio.to_thread(self.decode_images, served, one))[0]  # type: ignore[arg-type]
+                x = served.runtime.prepare(pixels[None])
+                if pixels.dtype == np.float32 and not np.isfinite(x).all():
+                    raise InvalidArgument("float32 image contains NaN or infinite values")
+                seen = explanations.as_pixels(pixels, info.input_scale, info.input_offset)
+                if method == explanations.GRAD_CAM:
+                    answer = await self._grad_cam(served, cam, x, class_index, seen=seen)
+                else:
+                    answer = await self._occlusion(served, x, class_index, patch, stride, seen=seen)
+        except BaseException:
+            self.stats.finished(served, 0, time.perf_counter() - started, ok=False)
+            raise
+        self.stats.finished(served, count, time.perf_counter() - started, ok=True)
+        if self._on_explain is not None:
+            self._on_explain(served.name, method)
+        return answer
+
+    async def _occlusion(
+        self,
+        served: ServedVersion,
+        x: F32,
+        cls: int | None,
+        patch: int,
+        stride: int,
+        *,
+        seen: npt.NDArray[np.uint8],
+    ) -> Explanation:
+        fill = served.runtime.info.input_offset  # pixel 0, scaled
+        batch = explanations.occluded_batch(x, patch, stride, fill)
+        probabilities = await served.infer(batch)
+        best = int(probabilities[0].argmax()) if cls is None else cls
+        heat = explanations.occlusion_heat(probabilities, best, x.shape[1:3], patch, stride)
+        return Explanation(
+            heat, best, float(probabilities[0, best]), explanations.OCCLUSION, patch, stride,
+            "", len(batch), seen,
+        )  # fmt: skip
+
+    async def _grad_cam(
+        self,
+        served: ServedVersion,
+        cam: explanations.CamGraph,
+        x: F32,
+        cls: int | None,
+        *,
+        seen: npt.NDArray[np.uint8],
+    ) -> Explanation:
+        session = await served.feature_map_session()
+        probabilities, (activation,) = await asyncio.to_thread(session.run, x, [cam.layer])
+        best = int(probabilities.argmax()) if cls is None else cls
+        heat, closed = cam.explain(activation, best, x.shape[1:3])
+        gap = float(np.abs(closed - probabilities).max())
+        if gap > 1e-4:  # the chain read from the graph is not what the graph computes
+            raise FailedPrecondition(
+                f"grad_cam's closed form after {cam.layer.name} gives probabilities {gap:.2g} "
+                f"away from model {served.name!r} v{served.version}'s own; occlusion works "
+                "for every model"
+            )
+        return Explanation(
+            heat, best, float(probabilities[best]), explanations.GRAD_CAM, 0, 0,
+            cam.layer.name, 1, seen,
+        )  # fmt: skip
 
     async def summary(self, served: ServedVersion) -> ParameterSummary:
         """The version's parameter and output-size summary (read from its graph once)."""

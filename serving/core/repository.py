@@ -22,10 +22,11 @@ import numpy.typing as npt
 
 from serving.config import DEFAULTS
 from serving.core.batching import Batcher, Observer, run_unbatched
+from serving.core.explanations import CamGraph
 from serving.core.inspection import FeatureMapSession, read_filters
 from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 from serving.core.summary import Layer, ParameterSummary, summarize
-from serving.errors import NotFound, Unavailable
+from serving.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ServedVersion:
     _summary: ParameterSummary | None = None
     _maps: FeatureMapSession | None = None  # made on the first feature-map call, dropped at unload
     _maps_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _cam: CamGraph | FailedPrecondition | None = None  # Grad-CAM's chain, or why there is none
 
     async def parameter_summary(self) -> ParameterSummary:
         """The per-layer summary of the graph this version serves, read once (off the loop)."""
@@ -80,6 +82,19 @@ class ServedVersion:
                 summary = await self.parameter_summary()
                 self._maps = await asyncio.to_thread(FeatureMapSession, self.runtime.path, summary)
         return self._maps
+
+    async def cam_graph(self) -> CamGraph:
+        """The chain after the last convolution that Grad-CAM's closed form needs, read once;
+        FailedPrecondition (each time) when the graph has none."""
+        if self._cam is None:
+            summary = await self.parameter_summary()
+            try:
+                self._cam = await asyncio.to_thread(CamGraph.read, self.runtime.path, summary)
+            except FailedPrecondition as exc:
+                self._cam = exc
+        if isinstance(self._cam, FailedPrecondition):
+            raise FailedPrecondition(self._cam.message)
+        return self._cam
 
     @property
     def has_feature_map_session(self) -> bool:

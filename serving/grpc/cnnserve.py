@@ -91,6 +91,23 @@ class CnnServeServicer:
         served = call.resolve(self.plane, request.model, request.version)
         return messages.filters_response(served, await self.plane.filters(served, request.layer))
 
+    async def Explain(
+        self, request: pb.ExplainRequest, context: Ctx, call: Call
+    ) -> pb.ExplainResponse:
+        served = call.resolve(self.plane, request.model, request.version)
+        image, tensor = messages.explain_input(request)
+        explanation = await self.plane.explain(
+            served,
+            image,
+            tensor=tensor,
+            method=request.method,
+            class_index=request.class_index if request.HasField("class_index") else None,
+            patch=request.patch,
+            stride=request.stride,
+            request_bytes=request.ByteSize(),
+        )
+        return messages.explain_response(served, explanation)
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Ctx, call: Call
     ) -> pb.ListModelsResponse:

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from serving import tensors
 from serving.core.dataplane import (
+    Explanation,
     FeatureMaps,
     Filters,
     ModelCatalog,
@@ -223,6 +224,37 @@ def filters_response(served: ServedVersion, filters: Filters) -> pb.GetFiltersRe
     response = pb.GetFiltersResponse(model=served.name, version=served.version, layer=filters.layer)
     encode_tensor(filters.kernels, response.kernels)
     encode_tensor(filters.biases, response.biases)
+    return response
+
+
+def explain_input(request: pb.ExplainRequest) -> tuple[bytes | npt.NDArray[np.generic], bool]:
+    """The image of an Explain request, and whether it is a Predict-style tensor (else an image
+    as Classify takes it)."""
+    kind = request.WhichOneof("input")
+    if kind == "tensor":
+        return decode_tensor(request.tensor, "tensor"), True
+    if kind == "image":
+        return decode_image(request.image), False
+    raise InvalidArgument(
+        "no image in the request: set `tensor` (as Predict) or `image` (as Classify)"
+    )
+
+
+def explain_response(served: ServedVersion, e: Explanation) -> pb.ExplainResponse:
+    response = pb.ExplainResponse(
+        model=served.name,
+        version=served.version,
+        class_index=e.class_index,
+        label=served.runtime.info.class_names[e.class_index],
+        probability=e.probability,
+        method=e.method,
+        patch=e.patch,
+        stride=e.stride,
+        layer=e.layer,
+        images=e.images,
+    )
+    encode_tensor(e.heat, response.heat)
+    encode_tensor(e.image, response.image)
     return response
 
 

@@ -172,6 +172,7 @@ class RestApi:
         add("POST", "/v1/models/{model}/classify", self.classify, name="Classify")
         add("POST", "/v1/models/{model}/feature-maps", self.feature_maps, name="GetFeatureMaps")
         add("GET", "/v1/models/{model}/filters", self.filters, name="GetFilters")
+        add("POST", "/v1/models/{model}/explain", self.explain, name="Explain")
         add("GET", "/", self.page, name="Page")
         add("GET", "/page/{file}", self.page, name="PageFile")
         add("GET", "/openapi.json", self.openapi, name="OpenAPI")
@@ -415,6 +416,28 @@ class RestApi:
             raise HttpError(400, "no image in the request body (send the file's bytes)")
         maps = await self.plane.feature_maps(served, body, layers, top, len(body))
         return self._json(rc.feature_maps_json(served, maps))
+
+    async def explain(self, request: web.Request) -> web.Response:
+        served = self._resolve(request, request.query.get("version", ""))
+        options = rc.parse_explain_query(request.query)
+        tensor = request.content_type == rc.JSON
+        image: Any
+        if request.content_type.startswith("multipart/"):
+            found = await self._form_images(request)
+            if len(found) != 1:
+                raise HttpError(400, f"the form has {len(found)} files; explain takes one image")
+            image = found[0]
+        else:
+            image = await self._body(request)
+            if not image:
+                raise HttpError(400, "no image in the request body (send the file's bytes)")
+            if tensor:
+                image = rc.parse_explain_tensor(image)
+        size = image.nbytes if tensor else len(image)
+        explanation = await self.plane.explain(
+            served, image, tensor=tensor, request_bytes=size, **options
+        )
+        return self._json(rc.explain_json(served, explanation))
 
     async def filters(self, request: web.Request) -> web.Response:
         served = self._resolve(request, request.query.get("version", ""))

@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from serving import tensors
 from serving.core.dataplane import (
     BatchingOptions,
+    Explanation,
     FeatureMaps,
     Filters,
     ModelCatalog,
@@ -479,4 +480,64 @@ def filters_json(served: ServedVersion, filters: Filters) -> dict[str, Any]:
         "layer": filters.layer,
         "kernels": array_json(filters.kernels),
         "biases": array_json(filters.biases),
+    }
+
+
+# ------------------------------------------------------------------ explanations
+
+
+def parse_explain_query(query: Any) -> dict[str, Any]:
+    """`?method=occlusion|grad_cam&class=3&patch=4&stride=2` -> the data plane's arguments
+    (each optional)."""
+
+    def whole(key: str, low: int) -> int | None:
+        text = query.get(key)
+        if text is None or text == "":
+            return None
+        if not (text.isascii() and text.isdigit()) or int(text) < low or len(text) > 9:
+            raise InvalidArgument(f"{key} must be a whole number >= {low}, got {text!r}")
+        return int(text)
+
+    return {
+        "method": query.get("method", ""),
+        "class_index": whole("class", 0),
+        "patch": whole("patch", 1) or 0,
+        "stride": whole("stride", 1) or 0,
+    }
+
+
+def parse_explain_tensor(body: bytes) -> npt.NDArray[np.generic]:
+    """A JSON body `{"datatype": "UINT8" | "FP32", "shape": [1, H, W, C], "data": [...]}`: one
+    image as Predict takes it, written as a v2 JSON input is (flat or nested numbers)."""
+    what = "the JSON image"
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what}: not valid JSON: {exc}") from None
+    obj = _object(obj, what)
+    datatype = _string(obj, "datatype", what)
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise InvalidArgument(f"{what}: 'shape' must be a list of whole numbers, got {shape!r}")
+    dims = tuple(shape)
+    tensors.check_shape(dims, what)
+    if "data" not in obj:
+        raise InvalidArgument(f"{what}: no 'data'")
+    return decode_input(InferRequest("", "image", datatype, dims, data=obj["data"]))
+
+
+def explain_json(served: ServedVersion, e: Explanation) -> dict[str, Any]:
+    return {
+        "model": served.name,
+        "version": served.version,
+        "class_index": e.class_index,
+        "label": served.runtime.info.class_names[e.class_index],
+        "probability": e.probability,
+        "method": e.method,
+        "patch": e.patch,
+        "stride": e.stride,
+        "layer": e.layer,
+        "images": e.images,
+        "heat": array_json(e.heat),
+        "image": array_json(e.image),
     }

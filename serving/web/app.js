@@ -1,10 +1,11 @@
-// The page: draw a digit (or drop an image), see the top classes, every convolution and
-// pooling layer's feature maps, the first layer's filters and the parameter table, for any
-// model of the repository. Plain JavaScript against the REST API; nothing from the network.
+// The page: draw a digit (or drop an image), see the top classes, what the model looked at (a
+// heat map over the image, by occlusion or Grad-CAM), every convolution and pooling layer's
+// feature maps, the first layer's filters and the parameter table, for any model of the
+// repository. Plain JavaScript against the REST API; nothing from the network.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: "", busy: false, again: false, file: null, drawn: false };
+const state = { model: "", busy: false, again: false, file: null, drawn: false, body: null };
 const TOP_K = 5;
 
 // viridis at 5 points (feature maps: 0 dark, the map's maximum bright)
@@ -166,6 +167,9 @@ $("clear").addEventListener("click", () => {
   $("prediction").textContent = "";
   $("bars").replaceChildren();
   $("maps").replaceChildren();
+  state.body = null;
+  $("heat").getContext("2d").clearRect(0, 0, $("heat").width, $("heat").height);
+  $("heat-caption").textContent = "";
 });
 
 // ------------------------------------------------------------------ what the model makes of it
@@ -212,6 +216,8 @@ async function look() {
     showPrediction(answer);
     showMaps(answer.layers.map((layer) => ({ ...layer, values: decode(layer.values) })));
     showSeen(decode(answer.image));
+    state.body = body;
+    await explain();
     status(`${answer.model} v${answer.version}: ${Math.round(performance.now() - started)} ms`);
   } catch (error) {
     status(error.message, true);
@@ -219,6 +225,59 @@ async function look() {
     state.busy = false;
     if (state.again) { state.again = false; look(); }
   }
+}
+
+// The heat map of the last image for the best class, by the chosen method, over the image in
+// grey: blue < 0 < red on a scale symmetric about 0 (white: no effect). A method the model
+// cannot answer (Grad-CAM without a convolution: 409) says why under the map.
+async function explain() {
+  if (!state.body) return;
+  const method = $("method").value;
+  const caption = $("heat-caption");
+  const canvas = $("heat");
+  try {
+    const answer = await api(
+      `/v1/models/${encodeURIComponent(state.model)}/explain?method=${method}`,
+      { method: "POST", body: state.body, headers: { "Content-Type": "application/octet-stream" } });
+    showHeat(decode(answer.image), decode(answer.heat));
+    canvas.dataset.method = answer.method;
+    canvas.dataset.label = answer.label;
+    const how = answer.method === "occlusion"
+      ? `a ${answer.patch}×${answer.patch} black patch at ${answer.images - 1} positions (stride ` +
+        `${answer.stride}), one batch: red where covering the image lowers the probability of ` +
+        `${answer.label}`
+      : `Grad-CAM on ${answer.layer}: its activation maps weighted by the gradient of ` +
+        `${answer.label}'s score, red where they add to it`;
+    caption.textContent = how;
+    caption.className = "";
+  } catch (error) {
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    canvas.dataset.method = "";
+    caption.textContent = error.message;
+    caption.className = "error";
+  }
+}
+$("method").addEventListener("change", () => explain());
+
+function showHeat(image, heat) {
+  const [h, w] = heat.shape;
+  const c = image.shape[2];
+  const canvas = $("heat");
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  let bound = 0;
+  for (const v of heat.data) bound = Math.max(bound, Math.abs(v));
+  bound = bound || 1;
+  for (let i = 0; i < h * w; i++) {
+    let grey = 0;
+    for (let k = 0; k < c; k++) grey += image.data[i * c + k] / c;
+    const tint = colour(DIVERGING, 0.5 + heat.data[i] / (2 * bound));
+    for (let k = 0; k < 3; k++) img.data[4 * i + k] = Math.round(0.4 * grey + 0.6 * tint[k]);
+    img.data[4 * i + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
 }
 
 function showPrediction(answer) {

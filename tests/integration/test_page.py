@@ -1,7 +1,7 @@
 """The browser page in a real browser: Debian's headless Chromium, driven through its
-chromedriver (selenium), draws a stroke on the canvas and sees the prediction, every layer's
-feature maps, the first layer's filters and the parameter table, with nothing fetched from
-anywhere but the server. The page's REST routes answer what the gRPC API answers.
+chromedriver (selenium), draws a stroke on the canvas and sees the prediction, what the model
+looked at (occlusion, then Grad-CAM), every layer's feature maps, the first layer's filters and
+the parameter table, with nothing fetched from anywhere but the server. The page's REST routes answer what the gRPC API answers.
 
 CNNSERVE_PAGE_MODEL picks the model (default: the trained `fashion`); CNNSERVE_PAGE_SCREENSHOT
 names a file to keep the screenshot in (README's is docs/page.png)."""
@@ -181,6 +181,43 @@ def test_page_in_chromium_draws_a_stroke_and_shows_every_layer(
         assert driver.save_screenshot(str(shot))
         if os.environ.get("CNNSERVE_PAGE_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["CNNSERVE_PAGE_SCREENSHOT"])
+
+
+@needs_chromium
+def test_page_shows_what_the_model_looked_at_and_switches_method(rest: ServerProcess) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    red = (
+        "const c = document.getElementById('heat').getContext('2d');"
+        "const d = c.getImageData(0, 0, 28, 28).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (d[i] > d[i + 2] + 40) n++; return n;"
+    )
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"{rest.http_url}/?model={MODEL}")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        pad = driver.find_element(By.ID, "pad")
+        stroke = ActionChains(driver).move_to_element_with_offset(pad, -75, -85).click_and_hold()
+        for dx, dy in [(50, 0), (50, 0), (50, 0), (-20, 60), (-20, 60), (-20, 60)]:
+            stroke = stroke.move_by_offset(dx, dy)
+        stroke.release().perform()
+        heat = driver.find_element(By.ID, "heat")
+        wait.until(lambda d: heat.get_attribute("data-method") == "occlusion")
+        best = driver.find_element(By.ID, "prediction").text
+        assert heat.get_attribute("data-label") and best.startswith(
+            heat.get_attribute("data-label")
+        )
+        caption = driver.find_element(By.ID, "heat-caption").text
+        assert "a 4\u00d74 black patch at 169 positions (stride 2), one batch" in caption
+        assert driver.execute_script(red) > 0  # the class's evidence, over the image
+        Select(driver.find_element(By.ID, "method")).select_by_value("grad_cam")
+        wait.until(lambda d: heat.get_attribute("data-method") == "grad_cam")
+        assert "Grad-CAM on conv3" in driver.find_element(By.ID, "heat-caption").text
+        assert driver.execute_script(red) > 0
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,54 @@ class GetFiltersResponse(_message.Message):
     biases: Tensor
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., layer: _Optional[str] = ..., kernels: _Optional[_Union[Tensor, _Mapping]] = ..., biases: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "version", "tensor", "image", "class_index", "method", "patch", "stride")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    tensor: Tensor
+    image: Image
+    class_index: int
+    method: str
+    patch: int
+    stride: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., class_index: _Optional[int] = ..., method: _Optional[str] = ..., patch: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("model", "version", "heat", "class_index", "label", "probability", "method", "patch", "stride", "layer", "images", "image")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEAT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    heat: Tensor
+    class_index: int
+    label: str
+    probability: float
+    method: str
+    patch: int
+    stride: int
+    layer: str
+    images: int
+    image: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., heat: _Optional[_Union[Tensor, _Mapping]] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., method: _Optional[str] = ..., patch: _Optional[int] = ..., stride: _Optional[int] = ..., layer: _Optional[str] = ..., images: _Optional[int] = ..., image: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

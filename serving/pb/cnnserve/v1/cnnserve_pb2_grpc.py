@@ -64,6 +64,11 @@ class CnnServeStub:
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/cnnserve.v1.CnnServe/Explain',
+                request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.ExplainResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cnnserve.v1.CnnServe/ListModels',
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.ListModelsRequest.SerializeToString,
@@ -124,6 +129,19 @@ class CnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Which pixels made the model answer as it did, for one image, as a heat map of the input's
+        size. `occlusion`: a black patch slid over the image, every position in one batch through
+        Predict's batcher and session; heat = the fall of the class's probability; any model.
+        `grad_cam`: the last convolution's activations weighted by the gradient of the class's
+        score (before the softmax), computed in closed form from the dense layers' weights; for
+        graphs that end last convolution -> flatten -> dense layers (relu or none) -> softmax,
+        FAILED_PRECONDITION for others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -168,6 +186,11 @@ def add_CnnServeServicer_to_server(servicer, server):
                     servicer.GetFilters,
                     request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.ExplainRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.ExplainResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -342,6 +365,33 @@ class CnnServe:
             '/cnnserve.v1.CnnServe/GetFilters',
             cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersRequest.SerializeToString,
             cnnserve_dot_v1_dot_cnnserve__pb2.GetFiltersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.CnnServe/Explain',
+            cnnserve_dot_v1_dot_cnnserve__pb2.ExplainRequest.SerializeToString,
+            cnnserve_dot_v1_dot_cnnserve__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
