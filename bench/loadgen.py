@@ -159,13 +159,17 @@ def start_echo(
     streams: dict[str, bytes] | None = None,
     http: dict[str, RestAnswer] | None = None,
     http_port: int = 0,
+    parse: bool = False,
 ) -> tuple[Child, int]:
     """bench/echo_server.py answering with canned bytes: `response` to any unary method not
     in `unary` (h2load posts to one path), `unary[method]` to that method, and each message of
     a `streams[method]` stream with those bytes (the request's id copied in); over HTTP/1.1 on
-    `http_port`, a POST to a path of `http` with the real server's answer to it."""
+    `http_port`, a POST to a path of `http` with the real server's answer to it. `parse`: the
+    inference methods parse each request and build their answer (echo_server.py --parse)."""
     port = free_port()
     cmd = [PYTHON, str(BENCH / "echo_server.py"), "--port", str(port)]
+    if parse:
+        cmd.append("--parse")
     for i, (route, answer) in enumerate((http or {}).items()):
         body_file = workdir / f"echo{tag}-http{i}.bin"
         body_file.write_bytes(answer.body)

@@ -21,7 +21,8 @@ PA_TARGETS = {"v2 pa": (False, "echo pa"), "v2 stream": (True, "echo stream")}
 REST_TARGETS = {"rest": ("binary", "echo http"), "rest json": ("json", "echo http json")}
 REST_KINDS = {kind: target for target, (kind, _) in REST_TARGETS.items()}
 H1 = "h2load --h1"  # the REST rows' load generator, as named in the table
-ECHO_TARGETS = ("echo", "echo pa", "echo stream", "echo http", "echo http json")
+# `echo parse`: the echo server with --parse (it reads each request and builds its answer)
+ECHO_TARGETS = ("echo", "echo parse", "echo pa", "echo stream", "echo http", "echo http json")
 # perf_analyzer's rows against a real Triton (bench/triton_peer.py): our target -> Triton's, at
 # the same points under the same perf_analyzer; `rest pa` and `triton http` are `-i http`
 TRITON_PEERS = {"v2 pa": "triton pa", "v2 stream": "triton stream", "rest pa": "triton http"}
@@ -259,6 +260,16 @@ def targets(report: Report, apis: Sequence[str]) -> list[str]:
                 f"- {api}, unary batch 1 at concurrency 16 ≥ 70% of the echo server's (h2load "
                 f"both): {p.images_per_s:,.0f} against {e.images_per_s:,.0f} images/s = "
                 f"{p.vs_echo:.0%} — {mark(p.vs_echo >= 0.70)}"
+            )
+    floor = _find(pts, "echo parse", 1, 16)
+    for api in served:
+        p = _find(pts, api, 1, 16)
+        if p is not None and floor is not None:
+            ratio = p.server_cpu_us_per_image / floor.server_cpu_us_per_image
+            lines.append(
+                f"- {api}, unary batch 1 at concurrency 16: server CPU per call ≤ 1.4x the parsing "
+                f"echo's (h2load both): {p.server_cpu_us_per_image:,.0f} against "
+                f"{floor.server_cpu_us_per_image:,.0f} µs = {ratio:.2f}x — {mark(ratio <= 1.4)}"
             )
     p, e = _find(pts, "v2 pa", 1, 16), _find(pts, "echo pa", 1, 16)
     if p is not None and e is not None:

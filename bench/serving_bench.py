@@ -500,7 +500,8 @@ def run(argv: Sequence[str] | None) -> int:
         echo_ports: dict[int, int] = {}
         echo_procs: dict[int, Child] = {}
         # echo target -> what h2load sends it per batch
-        echo_calls: dict[str, dict[int, Call]] = {"echo": {}}
+        echo_calls: dict[str, dict[int, Call]] = {"echo": {}, "echo parse": {}}
+        parse_procs: dict[int, Child] = {}  # the parsing echo, per batch (h2load rows only)
         echo_calls.update({REST_TARGETS[REST_KINDS[k]][1]: {} for k in rest_kinds})
         if not args.no_echo:
             for batch in sorted(set(inputs) | set(pa_batches)):
@@ -526,6 +527,16 @@ def run(argv: Sequence[str] | None) -> int:
                 if batch in inputs:
                     url = f"http://127.0.0.1:{echo_port}{APIS[first]}"
                     echo_calls["echo"][batch] = Call(url, payloads[first, batch])
+                    parser, parse_port = start_echo(
+                        logs,
+                        f"b{batch}-parse",
+                        unary={APIS[first]: responses[first, batch]},
+                        parse=True,
+                    )
+                    started.append(parser)
+                    parse_procs[batch] = parser
+                    url = f"http://127.0.0.1:{parse_port}{APIS[first]}"
+                    echo_calls["echo parse"][batch] = Call(url, payloads[first, batch])
                 for kind in rest_kinds:
                     if (kind, batch) in rest_calls:
                         call = rest_calls[kind, batch]
@@ -538,7 +549,10 @@ def run(argv: Sequence[str] | None) -> int:
                 "perf_analyzer's ModelInfer and ModelStreamInfer requests, and its metadata, "
                 "config and statistics calls, with the real server's response bytes for each "
                 "(same payload both ways), no parsing (a stream's answer gets its request's id "
-                "spliced in); one process per batch size"
+                "spliced in); one process per batch size. `echo parse`: the same server with "
+                "--parse, which parses each request into its message and builds its answer as "
+                "a message serialized per call (the floor of a server that reads what it is "
+                "sent); h2load's rows only"
             )
         for batch, concs in batches.items():
             for conc in concs:
@@ -562,7 +576,11 @@ def run(argv: Sequence[str] | None) -> int:
                                 call=calls[batch],
                                 batch=batch,
                                 concurrency=conc,
-                                proc=echo_procs[batch],
+                                proc=(
+                                    parse_procs[batch]
+                                    if echo_target == "echo parse"
+                                    else echo_procs[batch]
+                                ),
                                 metrics_port=None,
                             )
                         )
