@@ -217,12 +217,21 @@ class LoadResult:
 
 
 def wait_sampling(
-    proc: subprocess.Popen[bytes], sample: Callable[[], None], every: float
+    proc: subprocess.Popen[bytes],
+    sample: Callable[[], None],
+    every: float,
+    timeout: float | None = None,
 ) -> resource.struct_rusage:
     """Wait for `proc`, calling `sample` every `every` seconds meanwhile (the first time
-    `every` seconds after the start); its rusage."""
+    `every` seconds after the start); its rusage. Past `timeout` seconds it is killed (a load
+    generator whose server died can wait for answers forever) and BenchError raised."""
     next_sample = time.perf_counter() + every
+    give_up = None if timeout is None else time.perf_counter() + timeout
     while True:
+        if give_up is not None and time.perf_counter() > give_up:
+            proc.kill()
+            proc.wait()
+            raise BenchError(f"{proc.args!r} did not finish within {timeout:.0f} s: killed")
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -380,7 +389,13 @@ def perf_analyzer(
         cmd += ["--streaming", "--max-threads", str(concurrency)]
     with log_path.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=pa.env())
-        usage = wait_sampling(proc, sample, every=min(1.0, max(0.05, window_ms / 2000)))
+        # Three windows of at most --max-trials 3 each, and generous room for start-up.
+        usage = wait_sampling(
+            proc,
+            sample,
+            every=min(1.0, max(0.05, window_ms / 2000)),
+            timeout=60 + 20 * window_ms / 1000,
+        )
     text = log_path.read_text()
     if proc.returncode != 0 or not csv_path.exists():
         raise BenchError(f"perf_analyzer exited with {proc.returncode}: {' '.join(cmd)}\n{text}")
