@@ -359,11 +359,13 @@ def in_process(
     sessions: int,
     seconds: float,
     single_threaded: bool = False,
+    name: str | None = None,
 ) -> Point:
     """ONNX Runtime alone: `sessions` threads, each running its own session in a loop (with
     several sessions, each on one thread: the best of ONNX Runtime on this machine, and so the
     ceiling the server's ratios are taken against). One session has the server's thread
-    settings, or one intra-op thread with `single_threaded`."""
+    settings, or one intra-op thread with `single_threaded`. `name`: the row's target instead
+    of the one these settings give."""
     batch = len(x)
     threads_each = options.intra_op_threads if sessions == 1 and not single_threaded else 1
     runtimes = [
@@ -404,6 +406,7 @@ def in_process(
         if single_threaded
         else "in-process"
     )
+    target = name or target
     point = Point(target, batch, sessions, requests=runs, seconds=elapsed)
     point.images_per_s = runs * batch / elapsed
     point.p50_ms, point.p99_ms = percentile(all_ms, 50), percentile(all_ms, 99)

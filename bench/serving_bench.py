@@ -656,7 +656,14 @@ def run(argv: Sequence[str] | None) -> int:
         if triton is not None:
             triton.stop()
 
-    # 4. ONNX Runtime alone
+    # 4. ONNX Runtime alone (and the model's INT8 twin, `<model>_int8`, when there is one)
+    int8_path = None
+    if (models / f"{model}_int8").is_dir():
+        int8_path = newest_version(models, f"{model}_int8")
+        report.notes.append(
+            f"`in-process int8 1t`: the INT8 twin {int8_path} on one thread, beside the FP32 "
+            "model's `in-process 1t`"
+        )
     if not args.no_in_process:
         seconds = max(args.duration, 0.2)
         cores = os.cpu_count() or 1
@@ -666,9 +673,13 @@ def run(argv: Sequence[str] | None) -> int:
                 report.points.append(
                     in_process(model_path, rt_options, x, sessions=sessions, seconds=seconds)
                 )
-            if batch == 1:  # the streaming target's yardstick
+            if batch == 1 or int8_path is not None:  # streaming's yardstick, INT8's
                 report.points.append(in_process(model_path, rt_options, x, sessions=1,
                                                 seconds=seconds, single_threaded=True))  # fmt: skip
+            if int8_path is not None:  # the INT8 twin make train writes, the same way
+                report.points.append(in_process(int8_path, rt_options, x, sessions=1,
+                                                seconds=seconds, single_threaded=True,
+                                                name="in-process int8 1t"))  # fmt: skip
 
     report.loadavg_end = loadavg()
     report.notes.append(
