@@ -491,7 +491,11 @@ class TritonServer:
         """Triton's own counts for `model` now (its Prometheus metrics): requests answered
         (success) and refused or failed (failure), images inferred (inferences) and model
         executions (executions: the batches the dynamic batcher formed)."""
-        metrics = scrape(self.metrics_port)
+        try:
+            metrics = scrape(self.metrics_port)
+        except OSError as exc:  # it died under load (it has: see bench/PROFILE.md round 4)
+            self.check_alive()
+            raise TritonError(f"Triton's metrics do not answer: {exc}") from None
         return {
             key: metrics.total(f"nv_inference_{name}_total", model=model)
             for key, name in (
