@@ -158,7 +158,10 @@ PREDICT = "/cnnserve.v1.CnnServe/Predict"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def parsing_answer(method: str, response: bytes) -> Callable[[Any], Any] | None:
+Parsing = tuple[Callable[[Any], Any], Any, Any]  # (request -> response, their two types)
+
+
+def parsing_answer(method: str, response: bytes) -> Parsing | None:
     """For `--parse`: (request message -> response message) of an inference method, and its
     request and response types; None for other methods. The imports are protobuf's generated
     code only, as light as grpc.aio's own."""
@@ -175,7 +178,7 @@ def parsing_answer(method: str, response: bytes) -> Callable[[Any], Any] | None:
             out.model = request.model
             return out
 
-        return predict
+        return predict, pb.PredictRequest, pb.PredictResponse
     if method == MODEL_INFER:
         from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
@@ -189,19 +192,8 @@ def parsing_answer(method: str, response: bytes) -> Callable[[Any], Any] | None:
             out.model_name, out.id = request.model_name, request.id
             return out
 
-        return infer
+        return infer, v2.ModelInferRequest, v2.ModelInferResponse
     return None
-
-
-def message_types(method: str) -> tuple[Any, Any]:
-    """The (request, response) message types of an inference method."""
-    if method == PREDICT:
-        from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
-
-        return pb.PredictRequest, pb.PredictResponse
-    from serving.pb.inference import grpc_predict_v2_pb2 as v2
-
-    return v2.ModelInferRequest, v2.ModelInferResponse
 
 
 class _Canned(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -229,9 +221,9 @@ class _Canned(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _canned(self, method: str, response: bytes) -> Any:
         self.answered[method] = 0
-        build = parsing_answer(method, response) if self._parse else None
-        if build is not None:
-            request_type, response_type = message_types(method)
+        parsing = parsing_answer(method, response) if self._parse else None
+        if parsing is not None:
+            build, request_type, response_type = parsing
 
             async def parsed(request: Any, context: Any) -> Any:
                 self.answered[method] += 1
