@@ -23,9 +23,8 @@ import keras
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 
-from training.quantize import Int8Result, quantize_and_check
+from training.quantize import Int8Result, predict, quantize_and_check, session
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,8 @@ def check_parity(
     proto: onnx.ModelProto,
     x: npt.NDArray[np.float32],
 ) -> Parity:
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     keras_out = model.predict(x, batch_size=256, verbose=0)
-    onnx_out = np.concatenate(
-        [session.run(None, {INPUT_NAME: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
-    )
+    onnx_out = predict(session(proto), x)
     return Parity(
         images=len(x),
         max_abs_diff=float(np.abs(keras_out - onnx_out).max()),
