@@ -78,6 +78,15 @@ class Settings:
         "let ONNX Runtime's idle threads busy-wait for the next run (lower latency on a machine"
         " of its own; on a shared one they take the cores gRPC needs)",
     )
+    run_process: str = option(
+        "auto",
+        "where batched runs go: `on`, a second process holding the models' sessions, fed "
+        "through shared memory, so that the runs need no share of the GIL of the process that "
+        "reads and answers calls and one connection's calls keep every core busy; `off`, this "
+        "process's threads; `auto`, on with batching on the CPU where this process may use "
+        "more than one core",
+        choices=("auto", "on", "off"),
+    )
     batching: bool = option(
         True,
         "dynamic batching of concurrent requests (--no-batching turns it off)",

@@ -22,6 +22,7 @@ from serving.core.admission import Admission
 from serving.core.batching import Observer
 from serving.core.dataplane import DataPlane, Limits, Statistics
 from serving.core.repository import BatchingOptions, ModelRepository, State
+from serving.core.run_process import RunProcess
 from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 from serving.cores import available_cores
 from serving.grpc.cnnserve import CnnServeServicer
@@ -69,19 +70,29 @@ class Server:
         self.health = HealthServicer()
         runs = settings.concurrent_runs or default_concurrent_runs(settings.provider)
         cores = available_cores()
+        runtime_options = RuntimeOptions(
+            provider=settings.provider,
+            intra_op_threads=settings.intra_op_threads or default_intra_op_threads(runs),
+            inter_op_threads=settings.inter_op_threads,
+            warmup_batch_sizes=warmup_sizes(settings),
+            spinning=settings.ort_spinning,
+            cuda_fixed_batch=settings.max_batch_size,
+        )
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, cores, runs), thread_name_prefix="ort"
         )
+        self.runs: RunProcess | None = None
+        if settings.run_process == "on" or (
+            settings.run_process == "auto"
+            and settings.provider == "cpu"
+            and settings.batching
+            and runs > 1
+            and cores > 1
+        ):
+            self.runs = RunProcess(runtime_options)
         self.repository = ModelRepository(
             settings.model_repository,
-            runtime_options=RuntimeOptions(
-                provider=settings.provider,
-                intra_op_threads=settings.intra_op_threads or default_intra_op_threads(runs),
-                inter_op_threads=settings.inter_op_threads,
-                warmup_batch_sizes=warmup_sizes(settings),
-                spinning=settings.ort_spinning,
-                cuda_fixed_batch=settings.max_batch_size,
-            ),
+            runtime_options=runtime_options,
             batching=BatchingOptions(
                 enabled=settings.batching,
                 max_batch_size=settings.max_batch_size,
@@ -95,6 +106,7 @@ class Server:
             max_versions=settings.max_versions,
             observer_for=self._observer_for,
             on_state=self._on_state,
+            runs=self.runs,
         )
         images.configure(settings.max_image_pixels)  # Pillow's bomb check, the same limit
         self.trimmer = IdleTrimmer()  # gives a burst's memory back once the server is quiet
@@ -246,6 +258,11 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        loop = asyncio.get_running_loop()
+        # The run process starts (imports, a second or less) while gRPC and REST start here.
+        runs_started = (
+            loop.run_in_executor(None, self.runs.start, loop) if self.runs is not None else None
+        )
         token = read_auth_token(s)  # read once: what the log says is what the guard checks
         server = grpc.aio.server(
             options=self._options(),
@@ -329,6 +346,12 @@ class Server:
                 "http_port": self.http_port,
             },
         )
+        if runs_started is not None:
+            try:
+                await runs_started
+            except Exception as exc:
+                log.warning("no run process (%s): runs go to this process's threads", exc)
+                self.repository.runs = None
         await self.repository.scan()
         self._refresh_overall()
         if s.poll_seconds > 0:
@@ -405,6 +428,8 @@ class Server:
         if http_stopped is not None:
             await http_stopped
         await self.repository.close()
+        if self.runs is not None:
+            await asyncio.to_thread(self.runs.stop)
         await self.trimmer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()

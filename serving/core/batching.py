@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +47,15 @@ RunFn = Callable[[F32], F32]
 # Called once per run: (images in the run, seconds queued by each request whose first rows are
 # in it, compute seconds): a request split over runs is counted once.
 Observer = Callable[[int, list[float], float], None]
+# A remote run's end: the output rows or why there are none, when it started, its seconds.
+RemoteDone = Callable[["F32 | Exception", float, float], None]
+
+
+class Remote(Protocol):
+    """Runs in another process (core/run_process.py): `submit` starts one and calls `done` back
+    on the loop, or says False when it cannot (no free channel, no process)."""
+
+    def submit(self, x: F32, done: RemoteDone) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,10 @@ class Batcher:
         observer: Observer | None = None,
         max_runs: int = 1,
         inline: bool = False,
+        remote: Remote | None = None,
     ) -> None:
         self._run = run
+        self.remote = remote  # set (or dropped) by the repository as the run process comes and goes
         self._executor = executor
         self.max_batch_size = max(1, max_batch_size)
         self.max_delay_s = max_delay_s
@@ -276,6 +289,11 @@ class Batcher:
             lone = not self._running
             self._running.append(parts)
             submitted = time.perf_counter() if lone else 0.0
+            remote = self.remote
+            if remote is not None and remote.submit(
+                x, functools.partial(self._remote_finished, (parts, x, submitted))
+            ):
+                continue
             try:
                 future = self._executor.submit(self._work, parts, x)
             except RuntimeError:  # the executor is shut down: the server is stopping
@@ -307,6 +325,32 @@ class Batcher:
                 # The way there, twice: the way back waits on the loop's own work.
                 self.costs.observe_hop(2 * (runs[0][2] - submitted))
             self._complete(runs)
+        if self._queue and self._scheduled is None and self._loop is not None:
+            self._schedule(self._loop)
+
+    def _remote_finished(
+        self,
+        sent: tuple[list[_Part], F32, float],
+        y: F32 | Exception,
+        started: float,
+        seconds: float,
+    ) -> None:
+        """On the loop: a run in the run process is back (`sent`: its parts, its input, when it
+        was submitted if alone). One that failed (a caller's bad rows, or the process gone)
+        runs again here, as `_work` would have run it: its callers get what they would have got
+        from a run in this process."""
+        parts, x, submitted = sent
+        if self._closed or not any(r is parts for r in self._running):
+            return
+        self._running = [r for r in self._running if r is not parts]
+        if isinstance(y, Exception):
+            runs = self._work(parts, x)
+            self._learn(runs)
+        else:
+            runs = [(parts, y, started, seconds)]
+            if self._learn(runs) and submitted:
+                self.costs.observe_hop(2 * (started - submitted))
+        self._complete(runs)
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
 

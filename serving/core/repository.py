@@ -9,6 +9,7 @@ A version that fails never replaces one that serves: routing always picks the ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from serving.config import DEFAULTS
 from serving.core.batching import Batcher, Observer, run_unbatched
 from serving.core.explanations import CamGraph
 from serving.core.inspection import FeatureMapSession, read_filters
+from serving.core.run_process import RemoteModel, RunProcess
 from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
 from serving.core.summary import Layer, ParameterSummary, summarize
 from serving.errors import FailedPrecondition, NotFound, Unavailable
@@ -61,6 +63,7 @@ class ServedVersion:
     executor: Executor
     observer: Observer | None = None
     inline: bool = False  # unbatched runs on the event loop's thread
+    remote: RemoteModel | None = None  # this version in the run process, when there is one
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,6 +134,8 @@ class ServedVersion:
                 )
         if self.batcher is not None:
             await self.batcher.close()
+        if self.remote is not None:
+            self.remote.close()
         self._maps = None
 
 
@@ -156,8 +161,10 @@ class ModelRepository:
         max_versions: int = DEFAULTS.max_versions,
         observer_for: Callable[[str, int, str], Observer] | None = None,
         on_state: StateListener | None = None,
+        runs: RunProcess | None = None,
     ) -> None:
         self.root = root
+        self.runs = runs  # batched runs go there when set (this process's threads otherwise)
         self.runtime_options = runtime_options
         self.batching = batching
         self.executor = executor
@@ -290,9 +297,20 @@ class ModelRepository:
         self._status[name][version] = status
         self._notify(name, version, State.LOADING, 0.0)
         started = time.perf_counter()
+        remote = None
+        options = self.runtime_options
+        if self.runs is not None and self.batching.enabled:
+            remote = asyncio.ensure_future(self._open_remote(self.runs, path))
+            # Batches run over there: warmed up here for what stays here (a run cheaper than the
+            # hand-off, a single image), the arena is not held for batches that never come.
+            options = dataclasses.replace(
+                options, warmup_batch_sizes=options.warmup_batch_sizes[:1]
+            )
         try:
-            runtime = await asyncio.to_thread(ModelRuntime, path, self.runtime_options)
+            runtime = await asyncio.to_thread(ModelRuntime, path, options)
         except Exception as exc:  # a ModelLoadError or anything else: a refusal, never a crash
+            if remote is not None and isinstance(opened := await remote, RemoteModel):
+                opened.close()
             seconds = time.perf_counter() - started
             status.state = State.FAILED
             expected = isinstance(exc, ModelLoadError)
@@ -312,6 +330,12 @@ class ModelRepository:
             self._observer_for(name, version, runtime.provider) if self._observer_for else None
         )
         batching = self.batching
+        remote_model = await remote if remote is not None else None
+        if isinstance(remote_model, ModelLoadError):
+            log.warning(
+                "model %s v%d runs in this process's threads: %s", name, version, remote_model
+            )
+            remote_model = None
         batcher = None
         if batching.enabled:
             batcher = Batcher(
@@ -322,9 +346,17 @@ class ModelRepository:
                 observer=observer,
                 max_runs=batching.max_runs,
                 inline=batching.inline,
+                remote=remote_model,
             )
         self._served[name][version] = ServedVersion(
-            name, version, runtime, batcher, self.executor, observer, batching.inline
+            name,
+            version,
+            runtime,
+            batcher,
+            self.executor,
+            observer,
+            batching.inline,
+            remote_model,
         )
         status.state, status.reason = State.READY, ""
         log.info(
@@ -338,7 +370,11 @@ class ModelRepository:
             runtime.info.num_classes,
             runtime.info.dataset or "?",
             batching.max_runs if batching.enabled else 1,
-            "on the event loop's thread" if batching.inline else "in worker threads",
+            "on the event loop's thread"
+            if batching.inline
+            else "in the run process"
+            if remote_model is not None
+            else "in worker threads",
             extra=_event(
                 "model_ready",
                 name,
@@ -349,6 +385,16 @@ class ModelRepository:
             ),
         )
         self._notify(name, version, State.READY, runtime.load_seconds)
+
+    async def _open_remote(self, runs: RunProcess, path: Path) -> RemoteModel | ModelLoadError:
+        """The version in the run process too, loaded beside this process's own session; or
+        why it cannot be there (it then runs in this process's threads)."""
+        try:
+            return await asyncio.to_thread(
+                runs.open, path, self.runtime_options.warmup_batch_sizes, self.batching.max_runs
+            )
+        except ModelLoadError as exc:
+            return exc
 
     def _unload(self, name: str, version: int, reason: str) -> None:
         served = self._served[name].pop(version)

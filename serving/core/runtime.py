@@ -196,10 +196,12 @@ class ModelRuntime:
     several threads at once: the batcher runs one batch per thread, each on the session's
     intra-op threads (one by default on the CPU, so that runs side by side share no pool)."""
 
-    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, path: Path, options: RuntimeOptions, *, check: bool = True) -> None:
+        """`check=False` skips the opset check (it reads the file with `onnx`, a large import):
+        for a file the serving process has checked and loaded already."""
         started = time.perf_counter()
         self.path = path
-        self.opset = check_opset(path)
+        self.opset = check_opset(path) if check else 0
         self.session = self._session(options, options.intra_op_threads)
         self.info = _read_info(self.session, path)
         self.provider = self.session.get_providers()[0]

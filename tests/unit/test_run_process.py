@@ -1,0 +1,194 @@
+"""The run process (serving/core/run_process.py) with a real child process and real sessions:
+answers equal to in-process ONNX Runtime, buffers that grow, a failed run, a child that dies
+with runs in it (each run answered again here, the child replaced), and the batcher over it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import write_tiny_model
+from serving.core.batching import Batcher
+from serving.core.run_process import RemoteModel, RunProcess, RunProcessGone
+from serving.core.runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+from tests.helpers import cpu_session, wait_for
+
+OPTIONS = RuntimeOptions(warmup_batch_sizes=(1, 2))
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return write_tiny_model(tmp_path / "tiny" / "1" / "model.onnx")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 4, 4, 1), dtype=np.float32)
+
+
+async def run_remote(remote: RemoteModel, x: np.ndarray) -> np.ndarray | Exception:
+    future: asyncio.Future[np.ndarray | Exception] = asyncio.get_running_loop().create_future()
+    assert remote.submit(x, lambda y, started, seconds: future.set_result(y))
+    return await future
+
+
+def test_answers_equal_in_process_runtime_at_every_size(
+    model: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        try:
+            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            assert remote.columns == 3
+            reference = cpu_session(model)
+            # 1 image, then sizes that outgrow the shared buffer (a page) several times
+            for n in (1, 3, 64, 300, 2, 1000):
+                x = images(n, seed=n)
+                y = await run_remote(remote, x)
+                assert isinstance(y, np.ndarray)
+                np.testing.assert_allclose(y, reference.run(None, {"image": x})[0], atol=1e-6)
+            # two runs at once, on the two channels; a third finds none free
+            first, second = images(5, 1), images(7, 2)
+            both = asyncio.gather(run_remote(remote, first), run_remote(remote, second))
+            await asyncio.sleep(0)  # both submitted
+            assert not remote.submit(images(1), lambda *_: None)
+            a, b = await both
+            assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+            assert (a.shape, b.shape) == ((5, 3), (7, 3))
+            remote.close()
+            assert not remote.submit(images(1), lambda *_: None)
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
+
+
+def test_a_failed_run_is_an_error_and_the_channel_goes_on(
+    model: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        try:
+            remote = await asyncio.to_thread(runs.open, model, (1,), 1)
+            result = await run_remote(remote, np.zeros((2, 4, 2, 1), np.float32))
+            assert isinstance(result, RuntimeError)
+            assert "images of 8 values sent, the model takes 4x4x1 = 16" in str(result)
+            assert isinstance(await run_remote(remote, images(2)), np.ndarray)
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
+
+
+def test_a_file_the_child_cannot_load_is_a_model_load_error(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not onnx")
+
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        try:
+            with pytest.raises(ModelLoadError, match="the run process cannot load it"):
+                await asyncio.to_thread(runs.open, broken, (1,), 1)
+            assert runs.pid is not None  # the child lives on
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
+
+
+def test_a_child_that_dies_is_replaced_and_its_runs_are_answered_here(
+    model: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """SIGKILL the child with runs in it: the batcher's callers still get the right rows (their
+    runs go again in this process), and a new child takes the next runs."""
+
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        runtime = ModelRuntime(model, OPTIONS)
+        try:
+            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            batcher = Batcher(
+                runtime.run, ThreadPoolExecutor(2), max_batch_size=16, max_runs=2, remote=remote
+            )
+            reference = cpu_session(model)
+            first = runs.pid
+            assert first is not None
+            inputs = [images(n, seed=n) for n in range(1, 60)]
+            calls = [asyncio.ensure_future(batcher.submit(x)) for x in inputs]
+            await asyncio.sleep(0)  # the first runs are in the child
+            os.kill(first, signal.SIGKILL)
+            answers = await asyncio.gather(*calls)
+            for x, y in zip(inputs, answers, strict=True):
+                np.testing.assert_allclose(y, reference.run(None, {"image": x})[0], atol=1e-6)
+            await asyncio.to_thread(
+                wait_for, "a new run process", lambda: runs.pid not in (None, first)
+            )
+            await asyncio.to_thread(wait_for, "the model in it", lambda: remote.alive)
+            assert runs.restarts == 1
+            x = images(9)
+            again = await run_remote(remote, x)
+            assert isinstance(again, np.ndarray)
+            np.testing.assert_allclose(again, reference.run(None, {"image": x})[0], atol=1e-6)
+            await batcher.close()
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
+
+
+def test_lost_runs_report_the_child_gone(model: Path, loop: asyncio.AbstractEventLoop) -> None:
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        try:
+            remote = await asyncio.to_thread(runs.open, model, (1,), 1)
+            pid = runs.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # the run cannot start before the kill
+            status = Path(f"/proc/{pid}/status")
+            await asyncio.to_thread(
+                wait_for, "the child stopped", lambda: "State:\tT" in status.read_text()
+            )
+            pending = asyncio.ensure_future(run_remote(remote, images(4)))
+            await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            result = await pending
+            assert isinstance(result, RunProcessGone)
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
+
+
+def test_stop_ends_the_child(model: Path, loop: asyncio.AbstractEventLoop) -> None:
+    async def main() -> int:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        await asyncio.to_thread(runs.open, model, (1,), 1)
+        pid = runs.pid
+        assert pid is not None
+        await asyncio.to_thread(runs.stop)
+        return pid
+
+    pid = loop.run_until_complete(main())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
