@@ -258,11 +258,8 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
-        # The run process starts (imports, a second or less) while gRPC and REST start here.
-        runs_started = (
-            loop.run_in_executor(None, self.runs.start, loop) if self.runs is not None else None
-        )
+        if self.runs is not None:  # starts (imports, a second or less) while gRPC and REST do
+            self.runs.start_soon(asyncio.get_running_loop())
         token = read_auth_token(s)  # read once: what the log says is what the guard checks
         server = grpc.aio.server(
             options=self._options(),
@@ -346,13 +343,7 @@ class Server:
                 "http_port": self.http_port,
             },
         )
-        if runs_started is not None:
-            try:
-                await runs_started
-            except Exception as exc:
-                log.warning("no run process (%s): runs go to this process's threads", exc)
-                self.repository.runs = None
-        await self.repository.scan()
+        await self.repository.scan()  # each load waits for the run process to be up
         self._refresh_overall()
         if s.poll_seconds > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll(), name="poll"))

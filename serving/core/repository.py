@@ -185,6 +185,8 @@ class ModelRepository:
     def get(self, name: str, version: int = 0) -> ServedVersion:
         """The version to run: the newest READY one when `version` is 0."""
         if name not in self._status:
+            if not self.scanned_once:  # listening already, the folder not read yet: retry soon
+                raise Unavailable(f"model {name!r}: the model repository is still being read")
             known = ", ".join(self.model_names()) or "none"
             raise NotFound(f"model {name!r} not found; available models: {known}")
         served = self._served.get(name, {})

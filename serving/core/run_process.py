@@ -241,6 +241,7 @@ class RunProcess:
         self._exits: deque[float] = deque()
         self._restarting: asyncio.Task[None] | None = None
         self._stopped = False
+        self._started = threading.Event()  # set once the first start is over, done or failed
         self.restarts = 0
 
     @property
@@ -251,15 +252,32 @@ class RunProcess:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking (call it off the loop): start the child."""
         self.loop = loop
-        with self._lock:
-            if self._child is None:
-                self._child = _Child()
-                log.info("run process %d started", self._child.pid)
+        try:
+            with self._lock:
+                if self._child is None and not self._stopped:
+                    self._child = _Child()
+                    log.info("run process %d started", self._child.pid)
+        finally:
+            self._started.set()
+
+    def start_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the child in a thread of its own; `open` waits for it. A child that cannot
+        start is logged, and the models run in this process's threads."""
+        self.loop = loop
+
+        def start() -> None:
+            try:
+                self.start(loop)
+            except Exception as exc:
+                log.warning("no run process (%s): runs go to this process's threads", exc)
+
+        threading.Thread(target=start, name="run-process-start", daemon=True).start()
 
     def open(self, path: Path, warmup: tuple[int, ...], runs: int) -> RemoteModel:
         """Blocking (call it off the loop): load a model version there with `runs` channels.
         ModelLoadError when it cannot (this process then runs it in its own threads)."""
         model = RemoteModel(self, path, warmup, runs)
+        self._started.wait(START_TIMEOUT_S)
         with self._lock:
             if self._child is None:
                 raise ModelLoadError(f"{path}: no run process")
