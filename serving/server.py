@@ -20,10 +20,11 @@ from serving.connections import Budget, Share, open_file_limit
 from serving.core import images
 from serving.core.admission import Admission
 from serving.core.batching import Observer
-from serving.core.dataplane import DataPlane, Limits, Statistics
+from serving.core.dataplane import DataPlane, Limits
 from serving.core.repository import BatchingOptions, ModelRepository, State
 from serving.core.run_process import RunProcess
 from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
+from serving.core.statistics import Statistics
 from serving.cores import available_cores
 from serving.grpc.cnnserve import CnnServeServicer
 from serving.grpc.guard import Guard

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -27,14 +27,17 @@ from serving.core.admission import PER_CALL_BYTES, Ticket, request_cost
 from serving.core.admission import RESERVATION as RESERVATION  # noqa: PLC0414
 from serving.core.admission import RESERVING as RESERVING  # noqa: PLC0414
 from serving.core.admission import Admission as Admission  # noqa: PLC0414
-from serving.core.batching import Observer
 from serving.core.explanations import Explanation as Explanation  # noqa: PLC0414
 from serving.core.inspection import MAP_KINDS
 from serving.core.repository import MODEL_FILE as MODEL_FILE  # noqa: PLC0414
 from serving.core.repository import BatchingOptions as BatchingOptions  # noqa: PLC0414
-from serving.core.repository import ModelRepository, VersionStatus
+from serving.core.repository import ModelRepository
 from serving.core.repository import ServedVersion as ServedVersion  # noqa: PLC0414
 from serving.core.repository import State as State  # noqa: PLC0414
+from serving.core.statistics import Duration as Duration  # noqa: PLC0414
+from serving.core.statistics import ModelCatalog as ModelCatalog  # noqa: PLC0414
+from serving.core.statistics import Statistics as Statistics  # noqa: PLC0414
+from serving.core.statistics import VersionStats as VersionStats  # noqa: PLC0414
 from serving.core.summary import Layer
 from serving.core.summary import ParameterSummary as ParameterSummary  # noqa: PLC0414
 from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServingError
@@ -99,84 +102,6 @@ class Filters:
     layer: str
     kernels: F32  # [K, K, in, out]
     biases: F32  # [out]
-
-
-@dataclass(frozen=True)
-class ModelCatalog:
-    """One model's versions as the repository holds them, for listings."""
-
-    name: str
-    statuses: list[VersionStatus]
-    ready_versions: list[int]
-    precision: str = ""  # the default version's ("fp32" | "int8"); empty when none is ready
-
-    @property
-    def default_version(self) -> int:
-        return max(self.ready_versions) if self.ready_versions else 0
-
-
-@dataclass
-class Duration:
-    """How often something happened, and how long it took in all."""
-
-    count: int = 0
-    ns: int = 0
-
-    def add(self, seconds: float, times: int = 1) -> None:
-        self.count += times
-        self.ns += round(seconds * 1e9) * times
-
-
-@dataclass
-class VersionStats:
-    """Cumulative counts of one model version, as the server measured them (both APIs)."""
-
-    inference_count: int = 0  # images of successful requests
-    execution_count: int = 0  # ONNX Runtime runs, after dynamic batching
-    last_inference_ms: int = 0  # Unix time of the last answered request, in ms
-    success: Duration = field(default_factory=Duration)  # requests, time in the data plane
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)  # per request: wait in the batcher
-    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's run
-    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> runs
-
-
-class Statistics:
-    """Per-version request and execution counters, kept on the event loop (no locks needed)."""
-
-    def __init__(self) -> None:
-        self._by_version: dict[tuple[str, int], VersionStats] = {}
-
-    def get(self, name: str, version: int) -> VersionStats:
-        stats = self._by_version.get((name, version))
-        if stats is None:  # not setdefault: that would build a VersionStats on every call
-            stats = self._by_version[name, version] = VersionStats()
-        return stats
-
-    def observer(self, name: str, version: int, then: Observer | None = None) -> Observer:
-        """The batcher's per-run callback for this version (chained before `then`)."""
-        stats = self.get(name, version)
-
-        def observe(size: int, waits: list[float], seconds: float) -> None:
-            stats.execution_count += 1
-            stats.batches.setdefault(size, Duration()).add(seconds)
-            # Every request of the batch waited for, and is charged, the whole run.
-            stats.compute_infer.add(seconds, len(waits))
-            for wait in waits:
-                stats.queue.add(wait)
-            if then is not None:
-                then(size, waits, seconds)
-
-        return observe
-
-    def finished(self, served: ServedVersion, images: int, seconds: float, ok: bool) -> None:
-        stats = self.get(served.name, served.version)
-        stats.last_inference_ms = time.time_ns() // 1_000_000
-        if ok:
-            stats.inference_count += images
-            stats.success.add(seconds)
-        else:
-            stats.fail.add(seconds)
 
 
 class DataPlane:
