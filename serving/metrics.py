@@ -32,7 +32,8 @@ from prometheus_client import (
 from serving.core.batching import Observer
 
 if TYPE_CHECKING:
-    from serving.core.dataplane import DataPlane, ServedVersion
+    from serving.core.dataplane import DataPlane, Route, ServedVersion
+    from serving.core.rollout import Policy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 UNKNOWN_MODEL = "_unknown"
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
+ROLLOUT_STATES = ("none", "stable", "shadow", "canary", "rolled_back")
 
 # No `<name>_created` series beside every counter and histogram: one more series per labelled
 # child that nothing here reads (Prometheus handles counter resets without them).
@@ -206,6 +208,76 @@ class Metrics:
             ["model", "method"],
             registry=r,
         )
+        self.rollout_calls = Counter(
+            f"{PREFIX}_rollout_calls",
+            "Calls a rollout counted per version: answered for real or as a copy for comparison "
+            "(role stable or candidate; outcome ok or error).",
+            ["model", "version", "role", "outcome"],
+            registry=r,
+        )
+        self.rollout_seconds = Histogram(
+            f"{PREFIX}_rollout_call_duration_seconds",
+            "Time each version of a rollout took per call (answers and copies), by role.",
+            ["model", "version", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        pair = ["model", "stable", "candidate"]
+        self.rollout_compared_images = Counter(
+            f"{PREFIX}_rollout_compared_images",
+            "Images both versions of a rollout answered (shadow copies, canary copies).",
+            pair,
+            registry=r,
+        )
+        self.rollout_agreed_images = Counter(
+            f"{PREFIX}_rollout_agreed_images",
+            "Of the compared images, those both versions gave the same best class.",
+            pair,
+            registry=r,
+        )
+        self.rollout_abs_diff = Counter(
+            f"{PREFIX}_rollout_abs_diff",
+            "Sum over compared images of the mean absolute difference of the two versions' "
+            "probabilities (divided by the compared images: the mean).",
+            pair,
+            registry=r,
+        )
+        self.rollout_shed_copies = Counter(
+            f"{PREFIX}_rollout_shed",
+            "Copies for comparison dropped because the server was loaded: reason queue (real "
+            "images waiting), memory (over half the request data budget held), copies (64 "
+            "images of copies already in flight).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.rollout_rollbacks = Counter(
+            f"{PREFIX}_rollout_rollbacks",
+            "Candidates the server rolled back itself, by the bound broken (min_agreement, "
+            "max_error_rate, max_p99_ratio).",
+            ["model", "bound"],
+            registry=r,
+        )
+        self.rollout_roles = Gauge(
+            f"{PREFIX}_rollout_role",
+            "1 per version holding a rollout role (stable, candidate, rolled_back).",
+            ["model", "version", "role"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_states = Gauge(
+            f"{PREFIX}_rollout_state",
+            "1 for each model's rollout state (none, stable, shadow, canary, rolled_back).",
+            ["model", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_canary_percent = Gauge(
+            f"{PREFIX}_rollout_canary_percent",
+            "The share of calls a canary policy sends to the candidate (0 otherwise).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # Labelled children of the per-call series, looked up once: `.labels()` costs several
         # times the update itself. Keys are as bounded as the series are.
         self._call_children: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
@@ -332,6 +404,46 @@ class Metrics:
                         self.model_info.labels(*labels).set(0)
                     self.model_info.remove(*labels)
 
+    # Rollouts (serving.core.routing.Listener) -------------------------------------------
+
+    def rollout_state(self, model: str, policy: Policy | None, state: str) -> None:
+        for s in ROLLOUT_STATES:
+            self.rollout_states.labels(model, s).set(1 if s == state else 0)
+        for labels in list(self.rollout_roles._metrics):
+            if labels[0] == model:
+                if self.multiprocess:  # its file keeps the last value: make it 0 first
+                    self.rollout_roles.labels(*labels).set(0)
+                self.rollout_roles.remove(*labels)
+        percent = 0.0
+        if policy is not None:
+            self.rollout_roles.labels(model, str(policy.stable), "stable").set(1)
+            if policy.candidate is not None:
+                role = "rolled_back" if state == "rolled_back" else "candidate"
+                self.rollout_roles.labels(model, str(policy.candidate), role).set(1)
+                if state == "canary":
+                    percent = policy.canary_percent
+        self.rollout_canary_percent.labels(model).set(percent)
+
+    def rollout_call(self, model: str, version: int, role: str, ok: bool, seconds: float) -> None:
+        v = str(version)
+        self.rollout_calls.labels(model, v, role, "ok" if ok else "error").inc()
+        if ok:
+            self.rollout_seconds.labels(model, v, role).observe(seconds)
+
+    def rollout_compared(
+        self, model: str, stable: int, candidate: int, *, images: int, agreed: int, abs_diff: float
+    ) -> None:
+        pair = (model, str(stable), str(candidate))
+        self.rollout_compared_images.labels(*pair).inc(images)
+        self.rollout_agreed_images.labels(*pair).inc(agreed)
+        self.rollout_abs_diff.labels(*pair).inc(abs_diff)
+
+    def rollout_shed(self, model: str, reason: str) -> None:
+        self.rollout_shed_copies.labels(model, reason).inc()
+
+    def rollout_rolled_back(self, model: str, bound: str) -> None:
+        self.rollout_rollbacks.labels(model, bound).inc()
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics endpoint in a thread; returns the bound port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -348,16 +460,27 @@ class Metrics:
 
 class Call:
     """A call's metric labels, filled in by its handler as it learns them (the model it resolved),
-    whichever protocol it came by."""
+    whichever protocol it came by; for an inference, the rollout's route too."""
 
-    __slots__ = ("model", "version")
+    __slots__ = ("model", "route", "version")
 
     def __init__(self) -> None:
         self.model = UNKNOWN_MODEL
         self.version = ""
+        self.route: Route | None = None
 
     def resolve(self, plane: DataPlane, model: str, version: int) -> ServedVersion:
         """The version to run, remembered as this call's metric labels."""
         served = plane.resolve(model, version)
+        self.model, self.version = served.name, str(served.version)
+        return served
+
+    def route_to(
+        self, plane: DataPlane, model: str, version: int, client: str = ""
+    ) -> ServedVersion:
+        """The version to run an inference on, as the model's rollout policy routes it
+        (`client`: the caller's key, for a sticky canary); its route is kept for `predict`."""
+        self.route = plane.route(model, version, client)
+        served = self.route.served
         self.model, self.version = served.name, str(served.version)
         return served

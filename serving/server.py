@@ -22,6 +22,7 @@ from serving.core.admission import Admission
 from serving.core.batching import Observer
 from serving.core.dataplane import DataPlane, Limits
 from serving.core.repository import BatchingOptions, ModelRepository, State
+from serving.core.routing import Router
 from serving.core.run_process import RunProcess
 from serving.core.runtime import RuntimeOptions, default_concurrent_runs, default_intra_op_threads
 from serving.core.statistics import Statistics
@@ -108,6 +109,7 @@ class Server:
             observer_for=self._observer_for,
             on_state=self._on_state,
             runs=self.runs,
+            pinned=self._pinned,
         )
         images.configure(settings.max_image_pixels)  # Pillow's bomb check, the same limit
         self.trimmer = IdleTrimmer()  # gives a burst's memory back once the server is quiet
@@ -118,6 +120,8 @@ class Server:
             on_change=self._on_held,
         )
         self.metrics.watch_admission(self.admission.budget_bytes)
+        # Each model's rollout policy: which version answers, and the copies for comparison.
+        self.router = Router(self.repository, self.admission, self.metrics)
         self.plane = DataPlane(
             self.repository,
             Limits(
@@ -129,6 +133,7 @@ class Server:
             self.stats,
             self.admission,
             on_explain=self.metrics.count_explanation,
+            router=self.router,
         )
         self.streams = Streams(settings.max_stream_inflight)
         self.guard = Guard(self.metrics, self.admission, stop_streams=self.streams.stop_reading)
@@ -143,6 +148,11 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _pinned(self, model: str) -> tuple[int, ...]:
+        """The versions the model's rollout policy names (the router is made after the
+        repository, which asks for them)."""
+        return self.router.pinned(model)
 
     def _on_reject(self, model: str, reason: str) -> None:
         self.metrics.reject(model, reason)
@@ -344,7 +354,7 @@ class Server:
                 "http_port": self.http_port,
             },
         )
-        await self.repository.scan()  # each load waits for the run process to be up
+        await self._scan()  # each load waits for the run process to be up
         self._refresh_overall()
         if s.poll_seconds > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll(), name="poll"))
@@ -376,18 +386,25 @@ class Server:
             context = ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)
         self.http_port = await self.http.start(s.host, s.http_port, context, s.reuse_port)
 
+    async def _scan(self) -> None:
+        """The rollout policies are read first (the versions they name stay loaded), the
+        versions loaded, then the policies take effect (or are refused)."""
+        await self.router.read()
+        await self.repository.scan()
+        self.router.apply()
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_seconds)
             try:
-                await self.repository.scan()
+                await self._scan()
             except Exception:
                 log.exception("repository scan failed")
             self._refresh_overall()
 
     async def reload(self) -> None:
-        log.info("reloading the model repository")
-        await self.repository.scan()
+        log.info("reloading the model repository and its rollout policies")
+        await self._scan()
         self._refresh_overall()
 
     async def stop(self) -> None:
@@ -419,6 +436,7 @@ class Server:
             await self.grpc_server.stop(max(0.0, grace - (time.perf_counter() - started)))
         if http_stopped is not None:
             await http_stopped
+        await self.router.close()
         await self.repository.close()
         if self.runs is not None:
             await asyncio.to_thread(self.runs.stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,10 @@ from serving.core.repository import BatchingOptions as BatchingOptions  # noqa: 
 from serving.core.repository import ModelRepository
 from serving.core.repository import ServedVersion as ServedVersion  # noqa: PLC0414
 from serving.core.repository import State as State  # noqa: PLC0414
+from serving.core.rollout import Policy as Policy  # noqa: PLC0414
+from serving.core.routing import RolloutStatus as RolloutStatus  # noqa: PLC0414
+from serving.core.routing import Route as Route  # noqa: PLC0414
+from serving.core.routing import Router
 from serving.core.statistics import Duration as Duration  # noqa: PLC0414
 from serving.core.statistics import ModelCatalog as ModelCatalog  # noqa: PLC0414
 from serving.core.statistics import Statistics as Statistics  # noqa: PLC0414
@@ -111,13 +116,17 @@ class DataPlane:
         limits: Limits,
         stats: Statistics | None = None,
         admission: Admission | None = None,
+        *,
         on_explain: Callable[[str, str], None] | None = None,
+        router: Router | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
         self.stats = stats or Statistics()
         self.admission = admission or Admission(1 << 62, 1 << 62)
         self._on_explain = on_explain  # (model, method) of each explanation answered
+        # Which version answers a call without one (rollout policies), and the copies.
+        self.router = router or Router(repository, self.admission)
 
     def admit(self, served: ServedVersion, shape: tuple[int, ...], itemsize: int) -> Ticket:
         """Before a tensor's bytes are touched: its shape checked against the model, then its
@@ -179,9 +188,33 @@ class DataPlane:
         out = []
         for name, statuses in self.repository.statuses().items():
             ready = self.repository.ready_versions(name)
-            precision = self.repository.get(name).runtime.info.precision if ready else ""
-            out.append(ModelCatalog(name, statuses, ready, precision))
+            default = self.router.default_version(name)
+            precision = ""
+            if ready and (not default or default in ready):
+                precision = self.repository.get(name, default).runtime.info.precision
+            out.append(
+                ModelCatalog(name, statuses, ready, precision, default, self.router.status(name))
+            )
         return out
+
+    def rollout(self, model: str) -> RolloutStatus:
+        """A model's rollout: its policy, state, measurements and latest disagreements."""
+        if not model:
+            raise InvalidArgument("no model named in the request")
+        if model not in self.repository.model_names():
+            self.repository.get(model)  # NOT_FOUND, naming the models there are
+        status = self.router.status(model)
+        default = self.router.default_version(model)
+        if not self.repository.is_ready(model, default):
+            return status
+        names = self.repository.get(model, default).runtime.info.class_names
+        return dataclasses.replace(status, class_names=tuple(names))
+
+    def route(self, model: str, version: int = 0, client: str = "") -> Route:
+        """The version that answers an inference (the rollout policy's choice when `version`
+        is 0; `client`: the caller's key, for a sticky canary) and the one that gets a copy."""
+        self._check_names(model, version)
+        return self.router.route(model, version, client)
 
     def statistics(
         self, model: str = "", version: int | None = None
@@ -207,12 +240,16 @@ class DataPlane:
         return [(n, v, self.stats.get(n, v)) for n, v in wanted]
 
     def resolve(self, model: str, version: int = 0) -> ServedVersion:
+        """The version a call names; 0: the rollout policy's stable, or the newest."""
+        self._check_names(model, version)
+        return self.repository.get(model, version or self.router.default_version(model))
+
+    def _check_names(self, model: str, version: int) -> None:
         if not model:
             known = ", ".join(self.repository.model_names()) or "none"
             raise InvalidArgument(f"no model named in the request; available models: {known}")
         if version < 0:
             raise InvalidArgument(f"version must be >= 0 (0: newest), got {version}")
-        return self.repository.get(model, version)
 
     def check_batch(self, served: ServedVersion, pixels: npt.NDArray[np.generic]) -> None:
         if pixels.dtype not in ACCEPTED_DTYPES:
@@ -236,9 +273,14 @@ class DataPlane:
             )
 
     async def predict(
-        self, served: ServedVersion, pixels: npt.NDArray[np.generic], top: int = 0
+        self,
+        served: ServedVersion,
+        pixels: npt.NDArray[np.generic],
+        top: int = 0,
+        route: Route | None = None,
     ) -> Prediction:
-        """Probabilities of a batch, and (`top` >= 1) its `top` best classes per image."""
+        """Probabilities of a batch, and (`top` >= 1) its `top` best classes per image. `route`
+        (from `route`, for `served`): counted in the model's rollout, and its copy sent."""
         started = time.perf_counter()
         try:
             self.check_batch(served, pixels)
@@ -246,11 +288,19 @@ class DataPlane:
             # Scaled uint8 pixels are always finite: only float32 input needs the check.
             if pixels.dtype == np.float32 and not np.isfinite(x).all():
                 raise InvalidArgument("float32 images contain NaN or infinite values")
-            out = await served.infer(x)
+            try:
+                out = await served.infer(x)
+            except Exception:  # the version failed, not the caller's input
+                if route is not None and route.role:
+                    self.router.failed(route, time.perf_counter() - started)
+                raise
         except BaseException:  # counted as failed, whatever it was (cancellation included)
             self.stats.finished(served, 0, time.perf_counter() - started, ok=False)
             raise
-        self.stats.finished(served, len(out), time.perf_counter() - started, ok=True)
+        seconds = time.perf_counter() - started
+        self.stats.finished(served, len(out), seconds, ok=True)
+        if route is not None and route.role:
+            self.router.answered(route, x, pixels, out, seconds=seconds)
         return Prediction(out, top_k(out, top) if top > 0 else None)
 
     def decode_images(

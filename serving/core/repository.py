@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -162,6 +162,7 @@ class ModelRepository:
         observer_for: Callable[[str, int, str], Observer] | None = None,
         on_state: StateListener | None = None,
         runs: RunProcess | None = None,
+        pinned: Callable[[str], Sequence[int]] | None = None,
     ) -> None:
         self.root = root
         self.runs = runs  # batched runs go there when set (this process's threads otherwise)
@@ -171,6 +172,9 @@ class ModelRepository:
         self.max_versions = max_versions
         self._observer_for = observer_for
         self._on_state = on_state
+        # Versions a model's rollout policy names: loaded first, and kept whatever max_versions
+        # says.
+        self._pinned = pinned
         self._served: dict[str, dict[int, ServedVersion]] = {}
         self._status: dict[str, dict[int, VersionStatus]] = {}
         self._scan_lock = asyncio.Lock()
@@ -275,7 +279,7 @@ class ModelRepository:
             del statuses[version]
         signatures = {v: _signature(p) for v, p in versions.items()}
         # A version that failed stays refused until its file changes.
-        candidates = [
+        loadable = [
             v
             for v in sorted(versions, reverse=True)
             if not (
@@ -283,8 +287,15 @@ class ModelRepository:
                 and statuses[v].state is State.FAILED
                 and statuses[v].signature == signatures[v]
             )
-        ][: self.max_versions]
-        for version in sorted(candidates, reverse=True):
+        ]
+        pinned = list(self._pinned(name)) if self._pinned is not None else []
+        candidates = loadable[: self.max_versions] + [
+            v for v in loadable[self.max_versions :] if v in pinned
+        ]
+        # Pinned versions first, in their order: the version a policy makes serve is ready
+        # before the others.
+        first = {v: i for i, v in enumerate(pinned)}
+        for version in sorted(candidates, key=lambda v: (first.get(v, len(first)), -v)):
             if version not in served:
                 await self._load(name, version, versions[version], signatures[version])
         keep = set(candidates)

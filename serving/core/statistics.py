@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from serving.core.batching import Observer
 from serving.core.repository import ServedVersion, VersionStatus
+from serving.core.routing import RolloutStatus
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,17 @@ class ModelCatalog:
     statuses: list[VersionStatus]
     ready_versions: list[int]
     precision: str = ""  # the default version's ("fp32" | "int8"); empty when none is ready
+    stable: int = 0  # the rollout policy's stable version; 0: none (the newest answers)
+    rollout: RolloutStatus | None = None  # the policy in force, its state, each version's role
 
     @property
     def default_version(self) -> int:
+        if self.stable:
+            return self.stable if self.stable in self.ready_versions else 0
         return max(self.ready_versions) if self.ready_versions else 0
+
+    def role(self, version: int) -> str:
+        return self.rollout.roles.get(version, "") if self.rollout is not None else ""
 
 
 @dataclass
