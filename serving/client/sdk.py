@@ -271,6 +271,8 @@ def predict_request(
     version: int = 0,
     top_k: int = 1,
     omit_probabilities: bool = False,
+    *,
+    client_key: str = "",
 ) -> pb.PredictRequest:
     return pb.PredictRequest(
         model=model,
@@ -278,6 +280,7 @@ def predict_request(
         images=_tensor(np.ascontiguousarray(images)),
         top_k=top_k,
         omit_probabilities=omit_probabilities,
+        client_key=client_key,
     )
 
 
@@ -390,8 +393,12 @@ class Client:
         version: int = 0,
         top_k: int = 1,
         omit_probabilities: bool = False,
+        client_key: str = "",
     ) -> Prediction:
-        request = predict_request(model, images, version, top_k, omit_probabilities)
+        """`client_key`: the caller's key; under a canary rollout its calls stay on one side."""
+        request = predict_request(
+            model, images, version, top_k, omit_probabilities, client_key=client_key
+        )
         return _prediction(self.stub.Predict(request, timeout=self.timeout))
 
     def predict_stream(
@@ -429,15 +436,16 @@ class Client:
         *,
         version: int = 0,
         top_k: int = 1,
+        client_key: str = "",
     ) -> Prediction:
         items = [
             pb.Image(encoded=img if isinstance(img, bytes) else Path(img).read_bytes())
             for img in images
         ]
-        response = self.stub.Classify(
-            pb.ClassifyRequest(model=model, version=version, images=items, top_k=top_k),
-            timeout=self.timeout,
+        request = pb.ClassifyRequest(
+            model=model, version=version, images=items, top_k=top_k, client_key=client_key
         )
+        response = self.stub.Classify(request, timeout=self.timeout)
         labels, indices = _classifications(response.classifications)
         return Prediction(response.model, response.version, None, labels, indices)
 
@@ -530,6 +538,14 @@ class Client:
     def metadata(self, model: str, version: int = 0) -> pb.GetModelMetadataResponse:
         response: pb.GetModelMetadataResponse = self.stub.GetModelMetadata(
             pb.GetModelMetadataRequest(model=model, version=version), timeout=self.timeout
+        )
+        return response
+
+    def rollout(self, model: str) -> pb.GetRolloutResponse:
+        """The model's rollout: policy, state, agreement, each version's figures, the latest
+        disagreements."""
+        response: pb.GetRolloutResponse = self.stub.GetRollout(
+            pb.GetRolloutRequest(model=model), timeout=self.timeout
         )
         return response
 

@@ -41,11 +41,11 @@ class CnnServeServicer:
     async def _predict(
         self, request: pb.PredictRequest, call: Call, out: pb.PredictResponse | None = None
     ) -> pb.PredictResponse:
-        served = call.resolve(self.plane, request.model, request.version)
+        served = call.route_to(self.plane, request.model, request.version, request.client_key)
         # Held against the budget from its shape, before its bytes are touched.
         with self.plane.admit(served, *messages.tensor_extent(request.images)):
             pixels = messages.decode_tensor(request.images)
-            prediction = await self.plane.predict(served, pixels, request.top_k or 1)
+            prediction = await self.plane.predict(served, pixels, request.top_k or 1, call.route)
             return messages.predict_response(served, prediction, request.omit_probabilities, out)
 
     async def Predict(
@@ -61,12 +61,12 @@ class CnnServeServicer:
     async def Classify(
         self, request: pb.ClassifyRequest, context: Ctx, call: Call
     ) -> pb.ClassifyResponse:
-        served = call.resolve(self.plane, request.model, request.version)
+        served = call.route_to(self.plane, request.model, request.version, request.client_key)
         with self.plane.admit_images(served, *messages.classify_extent(request)):
             items = messages.decode_classify_images(request)
             # Decoding images is CPU work: keep it off the event loop.
             batch = await asyncio.to_thread(self.plane.decode_images, served, items)
-            prediction = await self.plane.predict(served, batch, request.top_k or 1)
+            prediction = await self.plane.predict(served, batch, request.top_k or 1, call.route)
             return messages.classify_response(served, prediction)
 
     async def GetParameterSummary(
@@ -118,4 +118,13 @@ class CnnServeServicer:
     ) -> pb.GetModelMetadataResponse:
         served = call.resolve(self.plane, request.model, request.version)
         ready = self.plane.ready_versions(served.name)
-        return messages.metadata_response(served, ready, self.plane.limits.max_request_batch)
+        return messages.metadata_response(
+            served, ready, self.plane.limits.max_request_batch, self.plane.rollout(served.name)
+        )
+
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: Ctx, call: Call
+    ) -> pb.GetRolloutResponse:
+        status = self.plane.rollout(request.model)
+        call.model = status.model
+        return messages.rollout_response(status)

@@ -18,7 +18,9 @@ from serving.core.dataplane import (
     Filters,
     ModelCatalog,
     ParameterSummary,
+    Policy,
     Prediction,
+    RolloutStatus,
     ServedVersion,
     TopK,
 )
@@ -259,7 +261,7 @@ def explain_response(served: ServedVersion, e: Explanation) -> pb.ExplainRespons
 
 
 def metadata_response(
-    served: ServedVersion, ready_versions: list[int], max_batch: int
+    served: ServedVersion, ready_versions: list[int], max_batch: int, rollout: RolloutStatus
 ) -> pb.GetModelMetadataResponse:
     info = served.runtime.info
     h, w, c = info.input_shape
@@ -285,6 +287,8 @@ def metadata_response(
         properties=info.properties,
         max_batch_size=max_batch,
         precision=info.precision,
+        role=rollout.roles.get(served.version, ""),
+        rollout=rollout_policy(rollout),
     )
 
 
@@ -295,11 +299,85 @@ def list_models_response(catalog: list[ModelCatalog]) -> pb.ListModelsResponse:
                 name=model.name,
                 default_version=model.default_version,
                 versions=[
-                    pb.ModelVersionStatus(version=s.version, state=s.state.value, reason=s.reason)
+                    pb.ModelVersionStatus(
+                        version=s.version,
+                        state=s.state.value,
+                        reason=s.reason,
+                        role=model.role(s.version),
+                    )
                     for s in model.statuses
                 ],
                 precision=model.precision,
+                rollout=rollout_policy(model.rollout) if model.rollout is not None else None,
             )
             for model in catalog
         ]
     )
+
+
+def _bounds(policy: Policy) -> pb.RollbackBounds:
+    b = policy.bounds
+    return pb.RollbackBounds(
+        after=b.after,
+        min_agreement=b.min_agreement,
+        max_error_rate=b.max_error_rate,
+        max_p99_ratio=b.max_p99_ratio,
+    )
+
+
+def rollout_policy(status: RolloutStatus) -> pb.RolloutPolicy:
+    out = pb.RolloutPolicy(
+        state=status.state,
+        reason=status.reason,
+        file=status.path,
+        file_error=status.file_error,
+        since=status.since,
+    )
+    policy = status.policy
+    if policy is not None:
+        out.stable = policy.stable
+        out.candidate = policy.candidate or 0
+        out.mode = policy.mode
+        out.canary_percent = policy.canary_percent
+        out.rollback.CopyFrom(_bounds(policy))
+    return out
+
+
+def _score(names: tuple[str, ...], probabilities: npt.NDArray[np.float32]) -> pb.ClassScore:
+    best = int(probabilities.argmax())
+    label = names[best] if best < len(names) else str(best)
+    return pb.ClassScore(index=best, label=label, score=float(probabilities[best]))
+
+
+def rollout_response(status: RolloutStatus) -> pb.GetRolloutResponse:
+    response = pb.GetRolloutResponse(model=status.model, policy=rollout_policy(status))
+    a = status.agreement
+    if a is None:
+        return response
+    response.compared = a.compared
+    response.agreed = a.agreed
+    response.agreement = a.agreement or 0.0
+    response.mean_abs_diff = a.mean_abs_diff or 0.0
+    response.shed = a.shed
+    for version, tally in ((a.stable_version, a.stable), (a.candidate_version, a.candidate)):
+        p50, p99 = tally.quantile(0.5), tally.quantile(0.99)
+        response.versions.append(
+            pb.VersionRollout(
+                version=version,
+                role=status.roles.get(version, ""),
+                calls=tally.calls,
+                errors=tally.errors,
+                error_rate=tally.error_rate,
+                p50_ms=(p50 or 0.0) * 1000,
+                p99_ms=(p99 or 0.0) * 1000,
+            )
+        )
+    names = status.class_names
+    for d in a.disagreements:
+        item = response.disagreements.add(
+            time=d.at, stable=_score(names, d.stable), candidate=_score(names, d.candidate)
+        )
+        encode_tensor(d.image, item.image)
+        encode_tensor(d.stable, item.stable_probabilities)
+        encode_tensor(d.candidate, item.candidate_probabilities)
+    return response

@@ -66,14 +66,14 @@ class GRPCInferenceServiceServicer:
     async def _infer(
         self, request: v2.ModelInferRequest, call: Call, out: v2.ModelInferResponse | None = None
     ) -> v2.ModelInferResponse:
-        served = call.resolve(
-            self.plane, request.model_name, messages.parse_v2_version(request.model_version)
-        )
+        version = messages.parse_v2_version(request.model_version)
+        key = messages.v2_client_key(request)
+        served = call.route_to(self.plane, request.model_name, version, key)
         # Held against the budget from its shape, before its bytes are touched.
         with self.plane.admit(served, *messages.v2_input_extent(request)):
             pixels = messages.decode_v2_input(request, served)
             top = messages.v2_requested_top(request, served)
-            prediction = await self.plane.predict(served, pixels, top)
+            prediction = await self.plane.predict(served, pixels, top, call.route)
             return messages.v2_infer_response(served, request.id, prediction, out)
 
     async def _infer_one(

@@ -51,6 +51,7 @@ V2_DTYPES = tensors.DATATYPES
 V2_CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 V2_ACCEPTED = tensors.ACCEPTED_DATATYPES
 CLASSIFICATION = "classification"  # Triton's parameter of a requested output: top-k classes
+CLIENT_KEY = "client_key"  # our request parameter: the caller's key, for a sticky canary
 TRITON_STATES = {
     State.LOADING: "LOADING",
     State.READY: "READY",
@@ -128,6 +129,17 @@ def decode_v2_input(
             raise InvalidArgument(f"{what}: UINT8 contents hold values above 255")
         return wide.astype(np.uint8).reshape(shape)
     return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
+
+
+def v2_client_key(request: v2.ModelInferRequest) -> str:
+    """The request parameter `client_key` (a string): the caller's key, which keeps its calls on
+    one side of a canary rollout. Request parameters are the protocol's own extension point."""
+    if CLIENT_KEY not in request.parameters:
+        return ""
+    param = request.parameters[CLIENT_KEY]
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"request parameter {CLIENT_KEY!r} must be a string")
+    return str(param.string_param)
 
 
 def v2_requested_top(request: v2.ModelInferRequest, served: ServedVersion) -> int:

@@ -173,6 +173,7 @@ class RestApi:
         add("POST", "/v1/models/{model}/feature-maps", self.feature_maps, name="GetFeatureMaps")
         add("GET", "/v1/models/{model}/filters", self.filters, name="GetFilters")
         add("POST", "/v1/models/{model}/explain", self.explain, name="Explain")
+        add("GET", "/v1/models/{model}/rollout", self.rollout, name="GetRollout")
         add("GET", "/", self.page, name="Page")
         add("GET", "/page/{file}", self.page, name="PageFile")
         add("GET", "/openapi.json", self.openapi, name="OpenAPI")
@@ -327,6 +328,12 @@ class RestApi:
         labels: Call = request["labels"]
         return labels.resolve(self.plane, request.match_info["model"], version)
 
+    def _route(self, request: web.Request, version_text: str, client_key: str) -> Any:
+        """An inference's version, as the model's rollout policy routes it (`_resolve`'s)."""
+        labels: Call = request["labels"]
+        model = request.match_info["model"]
+        return labels.route_to(self.plane, model, rc.parse_version(version_text), client_key)
+
     @staticmethod
     def _json(obj: Any) -> web.Response:
         return web.Response(body=rc.dumps(obj), content_type=rc.JSON)
@@ -371,14 +378,16 @@ class RestApi:
         return web.Response()
 
     async def infer(self, request: web.Request) -> web.Response:
-        served = self._resolve(request)
+        self._resolve(request)  # an unknown model or version is refused before the body is read
         body = await self._body(request)
         parsed = rc.parse_infer(body, request.headers.get(rc.HEADER_LENGTH))
+        served = self._route(request, request.match_info.get("v", ""), parsed.client_key)
         rc.check_names(parsed, served)
         # Held against the budget from its shape, before its data is decoded.
         with self.plane.admit(served, *rc.infer_extent(parsed)):
             pixels = rc.decode_input(parsed)
-            prediction = await self.plane.predict(served, pixels, parsed.top)
+            labels: Call = request["labels"]
+            prediction = await self.plane.predict(served, pixels, parsed.top, labels.route)
             out, headers = rc.infer_response(served, parsed, prediction)
         return web.Response(body=out, headers=headers)
 
@@ -392,7 +401,8 @@ class RestApi:
         return self._json(rc.summary_json(served, await self.plane.summary(served)))
 
     async def classify(self, request: web.Request) -> web.Response:
-        served = self._resolve(request, request.query.get("version", ""))
+        key = request.query.get("client_key", "")
+        served = self._route(request, request.query.get("version", ""), key)
         top = rc.parse_top_k(request.query.get("top_k"))
         if request.content_type.startswith("multipart/"):
             items = await self._form_images(request)
@@ -404,8 +414,14 @@ class RestApi:
         with self.plane.admit_images(served, len(items), sum(len(i) for i in items)):
             # Decoding images is CPU work: keep it off the event loop.
             batch = await asyncio.to_thread(self.plane.decode_images, served, list(items))
-            prediction = await self.plane.predict(served, batch, top)
+            route = request["labels"].route
+            prediction = await self.plane.predict(served, batch, top, route)
             return self._json(rc.classify_json(served, prediction))
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        status = self.plane.rollout(request.match_info["model"])
+        request["labels"].model = status.model
+        return self._json(rc.rollout_json(status))
 
     async def feature_maps(self, request: web.Request) -> web.Response:
         served = self._resolve(request, request.query.get("version", ""))

@@ -30,10 +30,12 @@ from serving.core.dataplane import (
     ModelCatalog,
     ParameterSummary,
     Prediction,
+    RolloutStatus,
     ServedVersion,
     VersionStats,
 )
 from serving.errors import InvalidArgument
+from serving.grpc import cnnserve_messages
 from serving.grpc import inference_messages as v2_messages
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
@@ -80,6 +82,7 @@ class InferRequest:
     output_name: str | None = None  # the output asked for by name, if any
     binary_output: bool = False
     extra_outputs: list[str] = field(default_factory=list)  # more outputs than the model has
+    client_key: str = ""  # the request parameter `client_key`: keeps a caller on one canary side
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -105,6 +108,13 @@ def _bool(params: dict[str, Any], key: str, what: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"{what}: parameter {key!r} must be true or false, got {value!r}")
     return value
+
+
+def _client_key(params: dict[str, Any]) -> str:
+    key = params.get(v2_messages.CLIENT_KEY, "")
+    if not isinstance(key, str):
+        raise InvalidArgument(f"request parameter {v2_messages.CLIENT_KEY!r} must be a string")
+    return key
 
 
 def _whole(value: Any) -> bool:
@@ -151,6 +161,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         datatype=datatype,
         shape=dims,
         binary_output=_bool(params, "binary_data_output", "the request"),
+        client_key=_client_key(params),
     )
     tparams = _object(tensor.get("parameters"), f"{what}: parameters")
     size = tparams.get("binary_data_size")
@@ -426,14 +437,46 @@ def models_json(catalog: list[ModelCatalog]) -> dict[str, Any]:
                 "name": m.name,
                 "default_version": m.default_version,
                 "versions": [
-                    {"version": s.version, "state": s.state.value, "reason": s.reason}
+                    {
+                        "version": s.version,
+                        "state": s.state.value,
+                        "reason": s.reason,
+                        "role": m.role(s.version),
+                    }
                     for s in m.statuses
                 ],
                 "precision": m.precision,
+                "rollout": _proto_json(cnnserve_messages.rollout_policy(m.rollout))
+                if m.rollout is not None
+                else None,
             }
             for m in catalog
         ]
     }
+
+
+def rollout_json(status: RolloutStatus) -> dict[str, Any]:
+    """GetRollout's answer in protobuf's JSON mapping, as our gRPC API's; tensors (the images
+    and probabilities of the disagreements) as `array_json` writes them."""
+    response = cnnserve_messages.rollout_response(status)
+    disagreements = response.disagreements
+    out = _proto_json(response)
+    out["disagreements"] = [
+        {
+            "time": d.time,
+            "image": array_json(cnnserve_messages.decode_tensor(d.image, "image")),
+            "stable": _proto_json(d.stable),
+            "candidate": _proto_json(d.candidate),
+            "stable_probabilities": array_json(
+                cnnserve_messages.decode_tensor(d.stable_probabilities, "probabilities")
+            ),
+            "candidate_probabilities": array_json(
+                cnnserve_messages.decode_tensor(d.candidate_probabilities, "probabilities")
+            ),
+        }
+        for d in disagreements
+    ]
+    return out
 
 
 # ------------------------------------------------------------------ inside the model

@@ -43,20 +43,22 @@ class Classification(_message.Message):
     def __init__(self, top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "top_k", "omit_probabilities", "id")
+    __slots__ = ("model", "version", "images", "top_k", "omit_probabilities", "id", "client_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     OMIT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     images: Tensor
     top_k: int
     omit_probabilities: bool
     id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., omit_probabilities: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
+    client_key: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., omit_probabilities: _Optional[bool] = ..., id: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "probabilities", "classifications")
@@ -97,16 +99,18 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "top_k")
+    __slots__ = ("model", "version", "images", "top_k", "client_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     images: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    client_key: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("model", "version", "classifications")
@@ -293,26 +297,128 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersionStatus(_message.Message):
-    __slots__ = ("version", "state", "reason")
+    __slots__ = ("version", "state", "reason", "role")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     version: int
     state: str
     reason: str
-    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    role: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "default_version", "versions", "precision")
+    __slots__ = ("name", "default_version", "versions", "precision", "rollout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     default_version: int
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
     precision: str
-    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., precision: _Optional[str] = ...) -> None: ...
+    rollout: RolloutPolicy
+    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., precision: _Optional[str] = ..., rollout: _Optional[_Union[RolloutPolicy, _Mapping]] = ...) -> None: ...
+
+class RollbackBounds(_message.Message):
+    __slots__ = ("after", "min_agreement", "max_error_rate", "max_p99_ratio")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    after: int
+    min_agreement: float
+    max_error_rate: float
+    max_p99_ratio: float
+    def __init__(self, after: _Optional[int] = ..., min_agreement: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ...) -> None: ...
+
+class RolloutPolicy(_message.Message):
+    __slots__ = ("state", "stable", "candidate", "mode", "canary_percent", "rollback", "reason", "file", "file_error", "since")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    FILE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    stable: int
+    candidate: int
+    mode: str
+    canary_percent: float
+    rollback: RollbackBounds
+    reason: str
+    file: str
+    file_error: str
+    since: float
+    def __init__(self, state: _Optional[str] = ..., stable: _Optional[int] = ..., candidate: _Optional[int] = ..., mode: _Optional[str] = ..., canary_percent: _Optional[float] = ..., rollback: _Optional[_Union[RollbackBounds, _Mapping]] = ..., reason: _Optional[str] = ..., file: _Optional[str] = ..., file_error: _Optional[str] = ..., since: _Optional[float] = ...) -> None: ...
+
+class VersionRollout(_message.Message):
+    __slots__ = ("version", "role", "calls", "errors", "error_rate", "p50_ms", "p99_ms")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    role: str
+    calls: int
+    errors: int
+    error_rate: float
+    p50_ms: float
+    p99_ms: float
+    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ...) -> None: ...
+
+class Disagreement(_message.Message):
+    __slots__ = ("time", "image", "stable", "candidate", "stable_probabilities", "candidate_probabilities")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    image: Tensor
+    stable: ClassScore
+    candidate: ClassScore
+    stable_probabilities: Tensor
+    candidate_probabilities: Tensor
+    def __init__(self, time: _Optional[float] = ..., image: _Optional[_Union[Tensor, _Mapping]] = ..., stable: _Optional[_Union[ClassScore, _Mapping]] = ..., candidate: _Optional[_Union[ClassScore, _Mapping]] = ..., stable_probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., candidate_probabilities: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class GetRolloutResponse(_message.Message):
+    __slots__ = ("model", "policy", "compared", "agreed", "agreement", "mean_abs_diff", "shed", "versions", "disagreements")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    policy: RolloutPolicy
+    compared: int
+    agreed: int
+    agreement: float
+    mean_abs_diff: float
+    shed: int
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRollout]
+    disagreements: _containers.RepeatedCompositeFieldContainer[Disagreement]
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[_Union[RolloutPolicy, _Mapping]] = ..., compared: _Optional[int] = ..., agreed: _Optional[int] = ..., agreement: _Optional[float] = ..., mean_abs_diff: _Optional[float] = ..., shed: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionRollout, _Mapping]]] = ..., disagreements: _Optional[_Iterable[_Union[Disagreement, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -339,7 +445,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("name", "version", "ready_versions", "inputs", "outputs", "accepted_dtypes", "input_layout", "input_scale", "class_names", "dataset", "test_accuracy", "execution_provider", "properties", "max_batch_size", "precision")
+    __slots__ = ("name", "version", "ready_versions", "inputs", "outputs", "accepted_dtypes", "input_layout", "input_scale", "class_names", "dataset", "test_accuracy", "execution_provider", "properties", "max_batch_size", "precision", "role", "rollout")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +468,8 @@ class GetModelMetadataResponse(_message.Message):
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ready_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -377,4 +485,6 @@ class GetModelMetadataResponse(_message.Message):
     properties: _containers.ScalarMap[str, str]
     max_batch_size: int
     precision: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., input_layout: _Optional[str] = ..., input_scale: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., max_batch_size: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
+    role: str
+    rollout: RolloutPolicy
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., input_layout: _Optional[str] = ..., input_scale: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., max_batch_size: _Optional[int] = ..., precision: _Optional[str] = ..., role: _Optional[str] = ..., rollout: _Optional[_Union[RolloutPolicy, _Mapping]] = ...) -> None: ...

@@ -79,6 +79,11 @@ class CnnServeStub:
                 request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataResponse.FromString,
                 _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/cnnserve.v1.CnnServe/GetRollout',
+                request_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class CnnServeServicer:
@@ -154,6 +159,15 @@ class CnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRollout(self, request, context):
+        """A model's rollout (models/<name>/rollout.yaml): the policy in force and its state, how far
+        the candidate's answers agree with stable's, each version's calls, errors and latency, and
+        the latest images the two answered differently.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CnnServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +215,11 @@ def add_CnnServeServicer_to_server(servicer, server):
                     servicer.GetModelMetadata,
                     request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +465,33 @@ class CnnServe:
             '/cnnserve.v1.CnnServe/GetModelMetadata',
             cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataRequest.SerializeToString,
             cnnserve_dot_v1_dot_cnnserve__pb2.GetModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.CnnServe/GetRollout',
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutRequest.SerializeToString,
+            cnnserve_dot_v1_dot_cnnserve__pb2.GetRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
