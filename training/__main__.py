@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ds = datasets.subset(ds, config.train_limit, config.test_limit, seed=config.seed)
     print(f"dataset: {ds.describe()}", flush=True)
+    if config.shuffle_labels:
+        ds = datasets.shuffle_labels(ds, seed=config.seed)
+        print("labels: the training labels are shuffled (--shuffle-labels)", flush=True)
     config = config.resolved(len(ds.x_train))  # the defaults that follow the data, decided
     print(
         f"settings: batch {config.batch_size}, validation split {config.validation_split:g}, "
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "augmentation": "on" if config.augmenting else "off",
         "workers": str(result.workers),
     }
+    if config.shuffle_labels:
+        metadata["labels"] = "shuffled"
     int8 = None
     if config.int8:
         from training.quantize import CALIBRATION_IMAGES

@@ -143,6 +143,14 @@ class TrainConfig:
         default=True,
         metadata=_meta("keep the training order", flag="--no-shuffle", action="store_false"),
     )
+    shuffle_labels: bool = field(
+        default=False,
+        metadata=_meta(
+            "train on the training labels shuffled: a deliberately useless model (about 10 %), "
+            "to rehearse a rollout's automatic rollback; the test labels are kept",
+            action="store_true",
+        ),
+    )
     seed: int = field(
         default=42, metadata=_meta("seed of weights, shuffling, subsets and augmentation", type=int)
     )

@@ -15,6 +15,7 @@ file, so read them only from a trusted source.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -584,3 +585,10 @@ def subset(ds: Dataset, train: int | None, test: int | None, seed: int = 0) -> D
     x_train, y_train = pick(ds.x_train, ds.y_train, train)
     x_test, y_test = pick(ds.x_test, ds.y_test, test)
     return Dataset(ds.name, x_train, y_train, x_test, y_test, ds.class_names, ds.source)
+
+
+def shuffle_labels(ds: Dataset, seed: int = 0) -> Dataset:
+    """The training labels permuted at random (the test labels kept): a model that learns
+    nothing true, on purpose, to rehearse a rollout's automatic rollback."""
+    y_train = np.random.default_rng(seed).permutation(ds.y_train)
+    return dataclasses.replace(ds, y_train=y_train)
