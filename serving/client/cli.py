@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from serving.client import rollout_cli
 from serving.client.sdk import DEFAULT_RETRY, DEFAULT_TARGET, TOKEN_ENV, Client
 from serving.config import program_name
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -170,7 +171,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="models and their versions")
     h = sub.add_parser("health", help="health of the server or one model; exit 0 when SERVING")
     h.add_argument("--service", default="", help="a model name, or empty for the whole server")
+    rollout_cli.add_parser(sub)
     args = p.parse_args(argv)
+    if args.command == "rollout" and args.action in rollout_cli.WRITING:
+        return rollout_cli.write(args)  # the repository's files: no server involved
 
     token = os.environ.get(TOKEN_ENV, "").strip() or None
     for f in (args.ca_cert, args.client_cert, args.client_key, args.token_file):
@@ -230,14 +234,25 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"  precision {md.precision or 'fp32'}, execution provider {md.execution_provider}"
                 )
+                if md.role:
+                    print(f"  rollout role {md.role} ({md.rollout.state})")
             elif args.command == "list":
                 for model in client.list_models().models:
                     versions = ", ".join(
-                        f"v{v.version} {v.state}" + (f" ({v.reason})" if v.reason else "")
+                        f"v{v.version} {v.state}"
+                        + (f" {v.role}" if v.role else "")
+                        + (f" ({v.reason})" if v.reason else "")
                         for v in model.versions
                     )
                     precision = f" ({model.precision})" if model.precision else ""
-                    print(f"{model.name}: default v{model.default_version}{precision}; {versions}")
+                    rollout = model.rollout.state
+                    how = f"; rollout {rollout}" if rollout not in ("", "none") else ""
+                    print(
+                        f"{model.name}: default v{model.default_version}{precision}{how}; "
+                        f"{versions}"
+                    )
+            elif args.command == "rollout":
+                return rollout_cli.status(client, args)
             elif args.command == "health":
                 status = client.health(args.service)
                 print(f"{args.service or 'server'}: {status}")

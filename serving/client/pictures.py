@@ -209,3 +209,24 @@ def explanation_picture(image: U8, heat: F32, lines: Sequence[str]) -> Image.Ima
     out.paste(shown, (0, top))
     out.paste(overlay, (shown.width + 16, top))
     return out
+
+
+def disagreements_picture(items: Sequence[tuple[U8, str, str]], title: str) -> Image.Image:
+    """A rollout's latest disagreements: each image [H, W, C] with both versions' answers below
+    it (two caption lines)."""
+    font = _font(13)
+    size, caption = 84, 34
+    width = max(1, min(len(items), 8)) * (size + 8) + 8
+    rows = max(1, -(-len(items) // 8))
+    out = Image.new("RGB", (max(width, 320), 28 + rows * (size + caption + 8)), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    draw.text((8, 6), title, fill=INK, font=font)
+    for i, (image, first, second) in enumerate(items):
+        x = 8 + (i % 8) * (size + 8)
+        y = 28 + (i // 8) * (size + caption + 8)
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        tile = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+        out.paste(tile.resize((size, size), Image.Resampling.NEAREST), (x, y))
+        draw.text((x, y + size + 2), first, fill=INK, font=font)
+        draw.text((x, y + size + 17), second, fill=(178, 24, 43), font=font)
+    return out
