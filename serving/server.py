@@ -388,10 +388,12 @@ class Server:
 
     async def _scan(self) -> None:
         """The rollout policies are read first (the versions they name stay loaded), the
-        versions loaded, then the policies take effect (or are refused)."""
+        versions loaded, then the policies take effect (or are refused); when one did, the
+        versions only the old one kept are let go."""
         await self.router.read()
         await self.repository.scan()
-        self.router.apply()
+        if self.router.apply():
+            await self.repository.scan()  # what only the old policy kept loaded goes now
 
     async def _poll(self) -> None:
         while True:

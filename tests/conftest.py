@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,21 @@ def mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "mnist",
         "--no-download",
     )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def rollout_models(mnist_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real versions of `mnist` for the rollout tests (tests copy it before writing a
+    policy into it): v1 is mnist_repo's (5,000 digits, 3 epochs), v2 was trained with other
+    settings (2,000 digits, 1 epoch, seed 7, no label smoothing: it disagrees with v1 on some
+    digits), v3 on shuffled labels (600 digits, 1 epoch: a candidate made worse)."""
+    repo = tmp_path_factory.mktemp("rollout") / "models"
+    shutil.copytree(mnist_repo / "mnist" / "1", repo / "mnist" / "1")
+    common = ["--dataset", "mnist", "--epochs", "1", "--test-limit", "500", "--name", "mnist"]
+    common += ["--no-download", "--no-int8"]
+    train_model(repo, *common, "--train-limit", "2000", "--seed", "7", "--label-smoothing", "0")
+    train_model(repo, *common, "--train-limit", "600", "--shuffle-labels")
     return repo
 
 

@@ -178,11 +178,13 @@ class Router:
                 pins += [v for v in (policy.stable, policy.candidate) if v is not None]
         return tuple(dict.fromkeys(pins))
 
-    def apply(self) -> None:
-        """After the repository's scan: what `read` found takes effect, model by model."""
+    def apply(self) -> bool:
+        """After the repository's scan: what `read` found takes effect, model by model.
+        Whether a policy changed (versions the old one kept loaded may go now)."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return False
+        before = {name: r.policy for name, r in self._rollouts.items()}
         for name in sorted(set(self._rollouts) | set(pending)):
             found = pending.get(name)
             if isinstance(found, PolicyError):
@@ -204,6 +206,7 @@ class Router:
                 else:
                     self._errors.pop(name, None)
                     self._take(name, found)
+        return before != {name: r.policy for name, r in self._rollouts.items()}
 
     def _failed(self, name: str, policy: Policy) -> str:
         statuses = {s.version: s for s in self.repository.statuses().get(name, [])}
