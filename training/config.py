@@ -146,8 +146,8 @@ class TrainConfig:
     shuffle_labels: bool = field(
         default=False,
         metadata=_meta(
-            "train on the training labels shuffled: a deliberately useless model (about 10 %), "
-            "to rehearse a rollout's automatic rollback; the test labels are kept",
+            "train on the training labels shuffled: a deliberately useless model (right about one "
+            "time in ten), to rehearse a rollout's automatic rollback; the test labels are kept",
             action="store_true",
         ),
     )
