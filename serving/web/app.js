@@ -400,11 +400,41 @@ async function showSummary(model) {
     `${s.input_shape.join("×")} input would need ${s.dense_neuron_formula} weights.`;
 }
 
+// A rollout (models/<name>/rollout.yaml): its state, agreement, and the latest digits the two
+// versions answered differently, each with both answers (stable's black, candidate's red).
+async function showRollout(model) {
+  const r = await api(`/v1/models/${encodeURIComponent(model)}/rollout`);
+  const p = r.policy;
+  $("rollout-section").hidden = !p.candidate;
+  if (!p.candidate) return;
+  const how = p.mode === "canary" ? `canary ${p.canary_percent}%` : "shadow";
+  $("rollout-state").textContent =
+    `${p.state}: stable v${p.stable}, candidate v${p.candidate} (${how})` + (p.reason ? `: ${p.reason}` : "");
+  $("rollout-figures").textContent = r.compared
+    ? `${r.compared.toLocaleString("en")} images compared: top-1 agreement ${(100 * r.agreement).toFixed(1)}%, ` +
+      `mean |difference| of the probabilities ${r.mean_abs_diff.toFixed(4)}; ` +
+      r.versions.map((v) => `v${v.version} ${v.role} p99 ${v.p99_ms.toFixed(2)} ms, errors ${(100 * v.error_rate).toFixed(2)}%`).join("; ")
+    : "no images compared yet";
+  $("disagreements").replaceChildren(...r.disagreements.map((d) => {
+    const cell = document.createElement("div");
+    cell.className = "disagreement";
+    const image = decode(d.image);
+    cell.append(channelCanvas(image, 0, (v) => [v, v, v]));
+    for (const [who, answer] of [["stable", d.stable], ["candidate", d.candidate]]) {
+      const line = document.createElement("div");
+      line.className = who;
+      line.textContent = `v${who === "stable" ? p.stable : p.candidate}: ${answer.label}`;
+      cell.append(line);
+    }
+    return cell;
+  }));
+}
+
 async function choose(model) {
   state.model = model;
   status(`loading ${model}...`);
   try {
-    await Promise.all([showSummary(model), showFilters(model)]);
+    await Promise.all([showSummary(model), showFilters(model), showRollout(model)]);
     status(`${model}: draw something`);
   } catch (error) {
     status(error.message, true);

@@ -28,6 +28,7 @@ from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 from serving.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.helpers import cpu_session, expected_probabilities, metric, wait_for
+from tests.integration.test_page import chromium, needs_chromium
 from training import datasets
 
 pytestmark = pytest.mark.slow
@@ -326,3 +327,30 @@ def test_an_unknown_model_has_no_rollout(repo: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             client.rollout("nope")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@needs_chromium
+def test_the_page_shows_the_rollout_and_its_disagreements(repo: Path, digits: np.ndarray) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    write(repo, Policy(1, 2, rollout.SHADOW))
+    with ServerProcess(repo, http=True) as proc, Client(proc.target) as client:
+        answers(proc, digits[:100])
+        r = settled(client, "100 compared", lambda r: r.compared == 100)
+        with chromium() as driver:
+            wait = WebDriverWait(driver, 60)
+            driver.get(f"{proc.http_url}/?model={MODEL}")
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+            cells = driver.find_elements(By.CSS_SELECTOR, "#disagreements .disagreement")
+            assert len(cells) == len(r.disagreements) > 0
+            d = r.disagreements[0]
+            assert cells[0].text.splitlines() == [
+                f"v1: {d.stable.label}",
+                f"v2: {d.candidate.label}",
+            ]
+            state = driver.find_element(By.ID, "rollout-state").text
+            assert state == "shadow: stable v1, candidate v2 (shadow)"
+            figures = driver.find_element(By.ID, "rollout-figures").text
+            assert f"top-1 agreement {100 * r.agreement:.1f}%" in figures
+            assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
