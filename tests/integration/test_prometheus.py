@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import ROOT, Scrape, ServerProcess, free_port
+from serving.core import rollout
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
 from tests.helpers import wait_for
@@ -259,7 +260,13 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin, promtool = ensure_prometheus()
-    server = ServerProcess(trained_repo, extra_args=["--max-batch-size", "16"])
+    # fashion v1 answers; a copy of it, v2, shadows it (the dashboard's rollout panels need a
+    # rollout to show). Copies run through v2's batcher only: v1's series count the calls.
+    repo = tmp_path_factory.mktemp("stack") / "models"
+    for version in ("1", "2"):
+        shutil.copytree(trained_repo / "fashion" / "1", repo / "fashion" / version)
+    rollout.write(repo / "fashion", rollout.Policy(1, 2, rollout.SHADOW))
+    server = ServerProcess(repo, extra_args=["--max-batch-size", "16"])
     server.start(wait_ready=False)  # picks its ports; Prometheus starts while models load
     prom = Prometheus(
         prometheus_bin, tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.metrics_port}"
@@ -415,6 +422,7 @@ def test_dashboard_shape() -> None:
         "Batch size",
         "In-flight requests",
         "Model versions by state",
+        "Rollout agreement (top-1)",
     ):
         assert wanted in titles
     for panel in dashboard["panels"]:
