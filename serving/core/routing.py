@@ -261,7 +261,9 @@ class Router:
         """The version a call without one gets, other than inference (metadata, summaries,
         explanations): the policy's stable, or 0 for the newest."""
         current = self._rollouts.get(name)
-        return current.policy.stable if current is not None else 0
+        if current is None or not self.repository.is_ready(name, current.policy.stable):
+            return 0  # no policy, or its stable is gone from disk: the newest answers
+        return current.policy.stable
 
     def route(self, name: str, version: int = 0, client: str = "") -> Route:
         """The version that answers an inference call, and the one that gets its copy."""
@@ -269,6 +271,8 @@ class Router:
         if current is None:
             return Route(self.repository.get(name, version))
         policy = current.policy
+        if not self.repository.is_ready(name, policy.stable):
+            return Route(self.repository.get(name))  # its stable is gone: the newest answers
         stable = self.repository.get(name, policy.stable)
         candidate = None
         if current.state in (SHADOW, CANARY) and policy.candidate is not None:
