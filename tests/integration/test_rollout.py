@@ -133,9 +133,19 @@ def test_canary_share_within_5_points_over_2000_calls(repo: Path, digits: np.nda
         assert {v.version: v.calls for v in r.versions}[1] == 2000  # its own + the copies
 
 
+def client_png(pixels: np.ndarray) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.fromarray(pixels[..., 0]).save(out, format="PNG")
+    return out.getvalue()
+
+
 def test_canary_is_sticky_per_client_key_on_every_protocol(repo: Path, digits: np.ndarray) -> None:
     write(repo, Policy(1, 2, rollout.CANARY, 50.0))
-    with ServerProcess(repo) as proc, Client(proc.target) as client:
+    with ServerProcess(repo, http=True) as proc, Client(proc.target) as client:
         sides = {}
         for k in range(40):
             key = f"client-{k}"
@@ -152,6 +162,21 @@ def test_canary_is_sticky_per_client_key_on_every_protocol(repo: Path, digits: n
                 request.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28, 1])
                 request.raw_input_contents.append(digits[:1].tobytes())
                 assert int(stub.ModelInfer(request).model_version) == sides[key]
+        # REST: the inference request's parameter, and classify's query.
+        for key in list(sides)[:10]:
+            body = {
+                "parameters": {"client_key": key},
+                "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28, 1],
+                            "data": digits[0].ravel().tolist()}],
+            }  # fmt: skip
+            url = f"{proc.http_url}/v2/models/{MODEL}/infer"
+            request_ = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+            with urllib.request.urlopen(request_) as answer:
+                assert int(json.load(answer)["model_version"]) == sides[key]
+            url = f"{proc.http_url}/v1/models/{MODEL}/classify?client_key={key}"
+            png = client_png(digits[0])
+            with urllib.request.urlopen(urllib.request.Request(url, png, method="POST")) as answer:
+                assert json.load(answer)["version"] == sides[key]
 
 
 def test_a_call_naming_a_version_bypasses_the_policy(repo: Path, digits: np.ndarray) -> None:
