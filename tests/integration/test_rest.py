@@ -282,10 +282,16 @@ def test_summary_and_models(rest: ServerProcess) -> None:
     assert [layer["name"] for layer in summary["layers"]][:2] == ["conv1", "pool1"]
     status, _, body = call(f"{rest.http_url}/v1/models")
     assert status == 200
-    assert json.loads(body)["models"] == [
+    models = json.loads(body)["models"]
+    rollout = models[0].pop("rollout")
+    assert models == [
         {"name": "fashion", "default_version": 1,
-         "versions": [{"version": 1, "state": "READY", "reason": ""}], "precision": "fp32"}
+         "versions": [{"version": 1, "state": "READY", "reason": "", "role": "stable"}],
+         "precision": "fp32"}
     ]  # fmt: skip
+    # No rollout.yaml: no policy, the newest ready version answers (README, Retrain without fear).
+    assert (rollout["state"], rollout["stable"], rollout["candidate"]) == ("none", 0, 0)
+    assert rollout["file"].endswith("/fashion/rollout.yaml")
     status, _, body = call(f"{rest.http_url}/v1/models/nope/summary")
     assert status == 404 and "available models: fashion" in error_of(body)
 
