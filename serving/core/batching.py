@@ -135,6 +135,14 @@ class RunCosts:
         return True
 
 
+def _never(n: int) -> bool:
+    """With a run process nothing runs on the loop's thread: it is the one thread every call
+    needs, and a hand-off there costs it a copy and a socket write, not a GIL round trip. (The
+    hand-off's latency, measured while the other core is busy, once sent batch-32 runs inline
+    and left one core idle: bench/PROFILE.md, round 5.)"""
+    return False
+
+
 class _Pending:
     """One request: its rows, how many of them have gone into runs, and where answers land."""
 
@@ -267,7 +275,7 @@ class Batcher:
                 len(self._running),
                 max_runs=self.max_runs,
                 max_batch_size=self.max_batch_size,
-                inline=self._inline,
+                inline=self._inline if self.remote is None else _never,
             )
             if not decision.images:
                 return
