@@ -192,3 +192,38 @@ def test_stop_ends_the_child(model: Path, loop: asyncio.AbstractEventLoop) -> No
     pid = loop.run_until_complete(main())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_with_a_run_process_no_run_goes_on_the_loop(
+    model: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Even where the measured costs say a run is cheaper than the hand-off, the run process
+    takes it: the loop's thread is the one every call needs."""
+
+    async def main() -> None:
+        runs = RunProcess(OPTIONS)
+        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+        here: list[int] = []
+
+        def run_here(x: np.ndarray) -> np.ndarray:
+            here.append(len(x))
+            return np.zeros((len(x), 3), np.float32)
+
+        try:
+            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            batcher = Batcher(run_here, ThreadPoolExecutor(1), max_batch_size=8, remote=remote)
+            for n in (1, 8):  # runs measured far cheaper than a hand-off
+                batcher.costs.observe_run(n, 1e-6)
+            batcher.costs.observe_hop(1.0)
+            assert batcher.costs.inline(8)
+            reference = cpu_session(model)
+            for n in (1, 8):
+                x = images(n, seed=n)
+                y = await batcher.submit(x)
+                np.testing.assert_allclose(y, reference.run(None, {"image": x})[0], atol=1e-6)
+            assert here == []
+            await batcher.close()
+        finally:
+            await asyncio.to_thread(runs.stop)
+
+    loop.run_until_complete(main())
