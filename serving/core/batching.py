@@ -136,10 +136,11 @@ class RunCosts:
 
 
 def _never(n: int) -> bool:
-    """With a run process nothing runs on the loop's thread: it is the one thread every call
-    needs, and a hand-off there costs it a copy and a socket write, not a GIL round trip. (The
-    hand-off's latency, measured while the other core is busy, once sent batch-32 runs inline
-    and left one core idle: bench/PROFILE.md, round 5.)"""
+    """With a run process and a run in it, nothing runs on the loop's thread: under load it is
+    the one thread every call needs, and a hand-off costs it a copy and a socket write, not a
+    GIL round trip. (The hand-off's latency, measured while the other core was busy, once sent
+    batch-32 runs inline under load and left a core idle; never inline at all cost a lone batch-1
+    call the run process's wake-up: bench/PROFILE.md, round 5.)"""
     return False
 
 
@@ -275,7 +276,7 @@ class Batcher:
                 len(self._running),
                 max_runs=self.max_runs,
                 max_batch_size=self.max_batch_size,
-                inline=self._inline if self.remote is None else _never,
+                inline=self._inline if self.remote is None or not self._running else _never,
             )
             if not decision.images:
                 return

@@ -194,34 +194,52 @@ def test_stop_ends_the_child(model: Path, loop: asyncio.AbstractEventLoop) -> No
         os.kill(pid, 0)
 
 
-def test_with_a_run_process_no_run_goes_on_the_loop(
+def test_with_a_run_in_the_run_process_no_run_goes_on_the_loop(
     model: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    """Even where the measured costs say a run is cheaper than the hand-off, the run process
-    takes it: the loop's thread is the one every call needs."""
+    """Where the measured costs say a run is cheaper than the hand-off, it runs on the loop only
+    while the run process has nothing of this model's: under load the loop's thread is the one
+    every call needs."""
 
     async def main() -> None:
         runs = RunProcess(OPTIONS)
         await asyncio.to_thread(runs.start, asyncio.get_running_loop())
         here: list[int] = []
+        reference = cpu_session(model)
 
         def run_here(x: np.ndarray) -> np.ndarray:
             here.append(len(x))
-            return np.zeros((len(x), 3), np.float32)
+            out: np.ndarray = reference.run(None, {"image": x})[0]
+            return out
 
         try:
             remote = await asyncio.to_thread(runs.open, model, (1,), 2)
-            batcher = Batcher(run_here, ThreadPoolExecutor(1), max_batch_size=8, remote=remote)
-            for n in (1, 8):  # runs measured far cheaper than a hand-off
-                batcher.costs.observe_run(n, 1e-6)
+            batcher = Batcher(
+                run_here, ThreadPoolExecutor(1), max_batch_size=8, max_runs=2, remote=remote
+            )
+            batcher.costs.observe_run(1, 10.0)  # dearer than a hand-off: the run process
+            batcher.costs.observe_run(2, 1e-6)  # far cheaper: the loop, when nothing runs
             batcher.costs.observe_hop(1.0)
-            assert batcher.costs.inline(8)
-            reference = cpu_session(model)
-            for n in (1, 8):
-                x = images(n, seed=n)
-                y = await batcher.submit(x)
+            big, small = images(1, seed=1), images(2, seed=2)  # one image cannot be split
+            pid = runs.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # runs sent there stay in flight
+            status = Path(f"/proc/{pid}/status")
+            await asyncio.to_thread(
+                wait_for, "the child stopped", lambda: "State:\tT" in status.read_text()
+            )
+            first = asyncio.ensure_future(batcher.submit(big))
+            await asyncio.sleep(0.05)
+            assert batcher.running_images == 1
+            second = asyncio.ensure_future(batcher.submit(small))
+            await asyncio.sleep(0.05)
+            assert batcher.running_images == 3
+            os.kill(pid, signal.SIGCONT)
+            for x, y in ((big, await first), (small, await second)):
                 np.testing.assert_allclose(y, reference.run(None, {"image": x})[0], atol=1e-6)
-            assert here == []
+            assert here == []  # the small one went over too: a run was in flight
+            await batcher.submit(small)
+            assert here == [2]  # alone, it is cheaper here
             await batcher.close()
         finally:
             await asyncio.to_thread(runs.stop)
