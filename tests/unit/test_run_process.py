@@ -5,9 +5,10 @@ with runs in it (each run answered again here, the child replaced), and the batc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+@contextlib.asynccontextmanager
+async def started() -> AsyncIterator[RunProcess]:
+    """A run process, started and, whatever the test does, stopped."""
+    runs = RunProcess(OPTIONS)
+    await asyncio.to_thread(runs.start, asyncio.get_running_loop())
+    try:
+        yield runs
+    finally:
+        await asyncio.to_thread(runs.stop)
+
+
+async def stop_child(pid: int) -> None:
+    """SIGSTOP the run process and wait until it is stopped: runs sent there stay in flight."""
+    os.kill(pid, signal.SIGSTOP)
+    status = Path(f"/proc/{pid}/status")
+    await asyncio.to_thread(
+        wait_for, "the child stopped", lambda: "State:\tT" in status.read_text()
+    )
+
+
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 4, 4, 1), dtype=np.float32)
 
@@ -49,9 +70,7 @@ def test_answers_equal_in_process_runtime_at_every_size(
     model: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
-        try:
+        async with started() as runs:
             remote = await asyncio.to_thread(runs.open, model, (1,), 2)
             assert remote.columns == 3
             reference = cpu_session(model)
@@ -71,8 +90,6 @@ def test_answers_equal_in_process_runtime_at_every_size(
             assert (a.shape, b.shape) == ((5, 3), (7, 3))
             remote.close()
             assert not remote.submit(images(1), lambda *_: None)
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
 
@@ -81,16 +98,12 @@ def test_a_failed_run_is_an_error_and_the_channel_goes_on(
     model: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
-        try:
+        async with started() as runs:
             remote = await asyncio.to_thread(runs.open, model, (1,), 1)
             result = await run_remote(remote, np.zeros((2, 4, 2, 1), np.float32))
             assert isinstance(result, RuntimeError)
             assert "images of 8 values sent, the model takes 4x4x1 = 16" in str(result)
             assert isinstance(await run_remote(remote, images(2)), np.ndarray)
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
 
@@ -102,14 +115,10 @@ def test_a_file_the_child_cannot_load_is_a_model_load_error(
     broken.write_bytes(b"not onnx")
 
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
-        try:
+        async with started() as runs:
             with pytest.raises(ModelLoadError, match="the run process cannot load it"):
                 await asyncio.to_thread(runs.open, broken, (1,), 1)
             assert runs.pid is not None  # the child lives on
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
 
@@ -121,10 +130,8 @@ def test_a_child_that_dies_is_replaced_and_its_runs_are_answered_here(
     runs go again in this process), and a new child takes the next runs."""
 
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
         runtime = ModelRuntime(model, OPTIONS)
-        try:
+        async with started() as runs:
             remote = await asyncio.to_thread(runs.open, model, (1,), 2)
             batcher = Batcher(
                 runtime.run, ThreadPoolExecutor(2), max_batch_size=16, max_runs=2, remote=remote
@@ -149,32 +156,22 @@ def test_a_child_that_dies_is_replaced_and_its_runs_are_answered_here(
             assert isinstance(again, np.ndarray)
             np.testing.assert_allclose(again, reference.run(None, {"image": x})[0], atol=1e-6)
             await batcher.close()
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
 
 
 def test_lost_runs_report_the_child_gone(model: Path, loop: asyncio.AbstractEventLoop) -> None:
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
-        try:
+        async with started() as runs:
             remote = await asyncio.to_thread(runs.open, model, (1,), 1)
             pid = runs.pid
             assert pid is not None
-            os.kill(pid, signal.SIGSTOP)  # the run cannot start before the kill
-            status = Path(f"/proc/{pid}/status")
-            await asyncio.to_thread(
-                wait_for, "the child stopped", lambda: "State:\tT" in status.read_text()
-            )
+            await stop_child(pid)  # the run cannot start before the kill
             pending = asyncio.ensure_future(run_remote(remote, images(4)))
             await asyncio.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
             result = await pending
             assert isinstance(result, RunProcessGone)
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
 
@@ -202,8 +199,6 @@ def test_with_a_run_in_the_run_process_no_run_goes_on_the_loop(
     every call needs."""
 
     async def main() -> None:
-        runs = RunProcess(OPTIONS)
-        await asyncio.to_thread(runs.start, asyncio.get_running_loop())
         here: list[int] = []
         reference = cpu_session(model)
 
@@ -212,7 +207,7 @@ def test_with_a_run_in_the_run_process_no_run_goes_on_the_loop(
             out: np.ndarray = reference.run(None, {"image": x})[0]
             return out
 
-        try:
+        async with started() as runs:
             remote = await asyncio.to_thread(runs.open, model, (1,), 2)
             batcher = Batcher(
                 run_here, ThreadPoolExecutor(1), max_batch_size=8, max_runs=2, remote=remote
@@ -223,11 +218,7 @@ def test_with_a_run_in_the_run_process_no_run_goes_on_the_loop(
             big, small = images(1, seed=1), images(2, seed=2)  # one image cannot be split
             pid = runs.pid
             assert pid is not None
-            os.kill(pid, signal.SIGSTOP)  # runs sent there stay in flight
-            status = Path(f"/proc/{pid}/status")
-            await asyncio.to_thread(
-                wait_for, "the child stopped", lambda: "State:\tT" in status.read_text()
-            )
+            await stop_child(pid)
             first = asyncio.ensure_future(batcher.submit(big))
             await asyncio.sleep(0.05)
             assert batcher.running_images == 1
@@ -241,7 +232,5 @@ def test_with_a_run_in_the_run_process_no_run_goes_on_the_loop(
             await batcher.submit(small)
             assert here == [2]  # alone, it is cheaper here
             await batcher.close()
-        finally:
-            await asyncio.to_thread(runs.stop)
 
     loop.run_until_complete(main())
