@@ -135,15 +135,6 @@ class RunCosts:
         return True
 
 
-def _never(n: int) -> bool:
-    """With a run process and a run in it, nothing runs on the loop's thread: under load it is
-    the one thread every call needs, and a hand-off costs it a copy and a socket write, not a
-    GIL round trip. (The hand-off's latency, measured while the other core was busy, once sent
-    batch-32 runs inline under load and left a core idle; never inline at all cost a lone batch-1
-    call the run process's wake-up: bench/PROFILE.md, round 5.)"""
-    return False
-
-
 class _Pending:
     """One request: its rows, how many of them have gone into runs, and where answers land."""
 
@@ -276,7 +267,7 @@ class Batcher:
                 len(self._running),
                 max_runs=self.max_runs,
                 max_batch_size=self.max_batch_size,
-                inline=self._inline if self.remote is None or not self._running else _never,
+                inline=self._inline,
             )
             if not decision.images:
                 return
