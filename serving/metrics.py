@@ -185,6 +185,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.run_process_up = Gauge(
+            f"{PREFIX}_run_process_up",
+            "1 while a run process takes the batched runs (--run-process), 0 while they run in "
+            "the server's own threads (none configured, or one that exited and is not back).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.run_process_restarts = Counter(
+            f"{PREFIX}_run_process_restarts",
+            "Run processes that exited (killed, out of memory) and were replaced.",
+            registry=r,
+        )
         self.connection_limit = Gauge(
             f"{PREFIX}_connection_limit",
             "Each port's share of the process's connection budget (--max-connections).",
@@ -337,6 +349,11 @@ class Metrics:
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()
+
+    def run_process_changed(self, up: bool, restarted: bool) -> None:
+        self.run_process_up.set(1 if up else 0)
+        if restarted:
+            self.run_process_restarts.inc()
 
     def set_held_bytes(self, held: int) -> None:
         """Called on every admission change: a plain store, read at scrape time (in a worker

@@ -91,7 +91,7 @@ class Server:
             and runs > 1
             and cores > 1
         ):
-            self.runs = RunProcess(runtime_options)
+            self.runs = RunProcess(runtime_options, self.metrics.run_process_changed)
         self.repository = ModelRepository(
             settings.model_repository,
             runtime_options=runtime_options,

@@ -231,8 +231,12 @@ class _Child:
 class RunProcess:
     """The one run process of this server and the model versions in it."""
 
-    def __init__(self, options: RuntimeOptions) -> None:
+    def __init__(
+        self, options: RuntimeOptions, on_change: Callable[[bool, bool], None] | None = None
+    ) -> None:
         self.options = options
+        # (a run process is up now, this is a restart): for metrics; called from any thread
+        self._on_change = on_change or (lambda up, restarted: None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # the child and its control socket
         self._child: _Child | None = None
@@ -257,6 +261,7 @@ class RunProcess:
                 if self._child is None and not self._stopped:
                     self._child = _Child()
                     log.info("run process %d started", self._child.pid)
+                    self._on_change(True, False)
         finally:
             self._started.set()
 
@@ -363,6 +368,7 @@ class RunProcess:
         if self._child is None or self._stopped:
             return
         child, self._child = self._child, None
+        self._on_change(False, False)
         lost = [done for model in self._models for done in model.detach(self.loop)]
         status = child.popen.poll()
         log.error(
@@ -398,7 +404,10 @@ class RunProcess:
             return
         finally:
             self._restarting = None
+        if self._stopped or self._child is None:
+            return
         self.restarts += 1
+        self._on_change(True, True)
         for model, key, columns, socks in opened:
             self._attached(model, key, columns, socks)
         log.info("run process %s started again with %d models", self.pid, len(opened))

@@ -17,7 +17,7 @@ import pytest
 from harness import ServerProcess
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
 from serving.pb.cnnserve.v1 import cnnserve_pb2_grpc as pb_grpc
-from tests.helpers import expected_probabilities, wait_for
+from tests.helpers import expected_probabilities, metric, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,8 @@ def test_a_killed_run_process_costs_no_call_and_is_replaced(
         server.running.wait_logged("up to 2 runs at once, in the run process", 30)
         first = wait_for("the run process", lambda: run_processes(server) or None)
         assert len(first) == 1
+        assert metric(server, "cnnserve_run_process_up") == 1
+        assert metric(server, "cnnserve_run_process_restarts_total") == 0
 
         def call(i: int) -> np.ndarray:
             if i == 60:
@@ -64,6 +66,8 @@ def test_a_killed_run_process_costs_no_call_and_is_replaced(
             np.testing.assert_allclose(y, expected_probabilities(reference, x), atol=1e-5)
         server.running.wait_logged(f"run process {first[0]} exited", 30)
         server.running.wait_logged("started again with 1 models", 30)
+        assert metric(server, "cnnserve_run_process_restarts_total") == 1
+        assert metric(server, "cnnserve_run_process_up") == 1
         second = wait_for("a new run process", lambda: run_processes(server) or None)
         assert second != first
         with grpc.insecure_channel(server.target) as channel:
@@ -80,6 +84,7 @@ def test_off_runs_in_threads(trained_repo: Path, reference: ort.InferenceSession
     with ServerProcess(trained_repo, extra_args=["--run-process", "off"]) as server:
         server.running.wait_logged("in worker threads", 30)
         assert run_processes(server) == []
+        assert metric(server, "cnnserve_run_process_up") == 0
         x = np.zeros((3, 28, 28, 1), np.uint8)
         np.testing.assert_allclose(
             predict(server.channel(), x), expected_probabilities(reference, x), atol=1e-5
