@@ -174,7 +174,8 @@ class Batcher:
         remote: Remote | None = None,
     ) -> None:
         self._run = run
-        self.remote = remote  # set (or dropped) by the repository as the run process comes and goes
+        # Runs that are not inline go there first (a Remote says no while it has no process).
+        self.remote = remote
         self._executor = executor
         self.max_batch_size = max(1, max_batch_size)
         self.max_delay_s = max_delay_s
@@ -310,9 +311,8 @@ class Batcher:
             future.add_done_callback(done)
 
     def _finished(self, parts: list[_Part], submitted: float, f: Future[list[_Run]]) -> None:
-        if self._closed or not any(r is parts for r in self._running):
-            return  # close() has answered every caller
-        self._running = [r for r in self._running if r is not parts]
+        if not self._release(parts):
+            return
         if f.cancelled():
             self._complete([(parts, RuntimeError("model unloaded"), 0.0, 0.0)])
         elif (exc := f.exception()) is not None:
@@ -325,6 +325,17 @@ class Batcher:
                 # The way there, twice: the way back waits on the loop's own work.
                 self.costs.observe_hop(2 * (runs[0][2] - submitted))
             self._complete(runs)
+        self._dispatch_soon()
+
+    def _release(self, parts: list[_Part]) -> bool:
+        """A run's slot is free again; False when close() has answered its callers already."""
+        if self._closed or not any(r is parts for r in self._running):
+            return False
+        self._running = [r for r in self._running if r is not parts]
+        return True
+
+    def _dispatch_soon(self) -> None:
+        """After a run: what queued meanwhile goes next (on the loop's next turn)."""
         if self._queue and self._scheduled is None and self._loop is not None:
             self._schedule(self._loop)
 
@@ -340,9 +351,8 @@ class Batcher:
         runs again here, as `_work` would have run it: its callers get what they would have got
         from a run in this process."""
         parts, x, submitted = sent
-        if self._closed or not any(r is parts for r in self._running):
+        if not self._release(parts):
             return
-        self._running = [r for r in self._running if r is not parts]
         if isinstance(y, Exception):
             runs = self._work(parts, x)
             self._learn(runs)
@@ -351,8 +361,7 @@ class Batcher:
             if self._learn(runs) and submitted:
                 self.costs.observe_hop(2 * (started - submitted))
         self._complete(runs)
-        if self._queue and self._scheduled is None and self._loop is not None:
-            self._schedule(self._loop)
+        self._dispatch_soon()
 
     def _learn(self, runs: list[_Run]) -> bool:
         """A run's time, when it ran as one and succeeded (a failure's 0 s would teach that runs

@@ -403,9 +403,7 @@ class ModelRepository:
         """The version in the run process too, loaded beside this process's own session; or
         why it cannot be there (it then runs in this process's threads)."""
         try:
-            return await asyncio.to_thread(
-                runs.open, path, self.runtime_options.warmup_batch_sizes, self.batching.max_runs
-            )
+            return await asyncio.to_thread(runs.open, path, self.batching.max_runs)
         except ModelLoadError as exc:
             return exc
 

@@ -91,10 +91,9 @@ class _Channel:
 class RemoteModel:
     """One model version in the run process: `submit` a batch, be called back on the loop."""
 
-    def __init__(self, process: RunProcess, path: Path, warmup: tuple[int, ...], runs: int):
+    def __init__(self, process: RunProcess, path: Path, runs: int):
         self.process = process
         self.path = path
-        self.warmup = warmup
         self.runs = runs
         self.key = 0
         self.columns = 0  # the output's, as the run process read them from the file
@@ -278,10 +277,10 @@ class RunProcess:
 
         threading.Thread(target=start, name="run-process-start", daemon=True).start()
 
-    def open(self, path: Path, warmup: tuple[int, ...], runs: int) -> RemoteModel:
+    def open(self, path: Path, runs: int) -> RemoteModel:
         """Blocking (call it off the loop): load a model version there with `runs` channels.
         ModelLoadError when it cannot (this process then runs it in its own threads)."""
-        model = RemoteModel(self, path, warmup, runs)
+        model = RemoteModel(self, path, runs)
         self._started.wait(START_TIMEOUT_S)
         with self._lock:
             if self._child is None:
@@ -302,7 +301,7 @@ class RunProcess:
                     "op": "open",
                     "key": key,
                     "path": str(model.path),
-                    "warmup": list(model.warmup),
+                    "warmup": list(self.options.warmup_batch_sizes),
                     "provider": self.options.provider,
                     "cuda_fixed_batch": self.options.cuda_fixed_batch,
                     "intra_op_threads": 1,

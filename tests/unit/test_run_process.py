@@ -71,7 +71,7 @@ def test_answers_equal_in_process_runtime_at_every_size(
 ) -> None:
     async def main() -> None:
         async with started() as runs:
-            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            remote = await asyncio.to_thread(runs.open, model, 2)
             assert remote.columns == 3
             reference = cpu_session(model)
             # 1 image, then sizes that outgrow the shared buffer (a page) several times
@@ -99,7 +99,7 @@ def test_a_failed_run_is_an_error_and_the_channel_goes_on(
 ) -> None:
     async def main() -> None:
         async with started() as runs:
-            remote = await asyncio.to_thread(runs.open, model, (1,), 1)
+            remote = await asyncio.to_thread(runs.open, model, 1)
             result = await run_remote(remote, np.zeros((2, 4, 2, 1), np.float32))
             assert isinstance(result, RuntimeError)
             assert "images of 8 values sent, the model takes 4x4x1 = 16" in str(result)
@@ -117,7 +117,7 @@ def test_a_file_the_child_cannot_load_is_a_model_load_error(
     async def main() -> None:
         async with started() as runs:
             with pytest.raises(ModelLoadError, match="the run process cannot load it"):
-                await asyncio.to_thread(runs.open, broken, (1,), 1)
+                await asyncio.to_thread(runs.open, broken, 1)
             assert runs.pid is not None  # the child lives on
 
     loop.run_until_complete(main())
@@ -132,7 +132,7 @@ def test_a_child_that_dies_is_replaced_and_its_runs_are_answered_here(
     async def main() -> None:
         runtime = ModelRuntime(model, OPTIONS)
         async with started() as runs:
-            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            remote = await asyncio.to_thread(runs.open, model, 2)
             batcher = Batcher(
                 runtime.run, ThreadPoolExecutor(2), max_batch_size=16, max_runs=2, remote=remote
             )
@@ -163,7 +163,7 @@ def test_a_child_that_dies_is_replaced_and_its_runs_are_answered_here(
 def test_lost_runs_report_the_child_gone(model: Path, loop: asyncio.AbstractEventLoop) -> None:
     async def main() -> None:
         async with started() as runs:
-            remote = await asyncio.to_thread(runs.open, model, (1,), 1)
+            remote = await asyncio.to_thread(runs.open, model, 1)
             pid = runs.pid
             assert pid is not None
             await stop_child(pid)  # the run cannot start before the kill
@@ -180,7 +180,7 @@ def test_stop_ends_the_child(model: Path, loop: asyncio.AbstractEventLoop) -> No
     async def main() -> int:
         runs = RunProcess(OPTIONS)
         await asyncio.to_thread(runs.start, asyncio.get_running_loop())
-        await asyncio.to_thread(runs.open, model, (1,), 1)
+        await asyncio.to_thread(runs.open, model, 1)
         pid = runs.pid
         assert pid is not None
         await asyncio.to_thread(runs.stop)
@@ -207,7 +207,7 @@ def test_with_a_run_process_the_measured_costs_say_where_a_run_goes(
             return out
 
         async with started() as runs:
-            remote = await asyncio.to_thread(runs.open, model, (1,), 2)
+            remote = await asyncio.to_thread(runs.open, model, 2)
             batcher = Batcher(
                 run_here, ThreadPoolExecutor(1), max_batch_size=8, max_runs=2, remote=remote
             )
