@@ -30,6 +30,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,24 @@ def output_offset(input_bytes: int) -> int:
     return -(-input_bytes // ALIGN) * ALIGN
 
 
+def messages(sock: socket.socket, max_fds: int) -> Iterator[tuple[bytes, list[int]]]:
+    """Each message and the descriptors it carries, until the serving process closes its end."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, max_fds)
+        except OSError:
+            return
+        if not data:
+            return
+        yield data, fds
+
+
 def serve_channel(sock: socket.socket, runtime: ModelRuntime) -> None:
     """One run at a time from one channel, until the serving process closes its end."""
     h, w, c = runtime.info.input_shape
     buffer: mmap.mmap | None = None
     with sock:
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
-            except OSError:
-                break
-            if not data:
-                break
+        for data, fds in messages(sock, 1):
             op, n, size = RUN.unpack_from(data)
             if op == OP_MAP:
                 if buffer is not None:
@@ -133,13 +140,7 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
     models: dict[int, ModelRuntime] = {}
     control.send(json.dumps({"ok": True, "pid": os.getpid()}).encode())
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 64)
-        except OSError:
-            break
-        if not data:
-            break
+    for data, fds in messages(control, 64):
         message = json.loads(data)
         reply: dict[str, Any] = {"ok": True}
         try:
