@@ -30,8 +30,12 @@ trap 'kill $pid_a $pid_b 2>/dev/null' EXIT
 for port in "$port_a" "$port_b"; do
   until .venv/bin/python -m serving.client --target "127.0.0.1:$port" health >/dev/null 2>&1; do sleep 0.2; done
 done
-ticks() {  # pid -> utime + stime in clock ticks
-  awk '{print $14 + $15}' "/proc/$1/stat"
+ticks() {  # pid -> utime + stime in clock ticks, of it and its children (the run process)
+  local p total=0
+  for p in "$1" $(pgrep -P "$1"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
 }
 load() {  # port, concurrency, seconds, pid -> "calls/s@cores"
   local before after rate

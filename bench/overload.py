@@ -10,7 +10,8 @@ afterwards. Here the real server (`python -m serving`, a subprocess) runs with t
 budget a pod limited to 1 GiB would get (`--max-inflight-mb` from
 `serving.memory.default_inflight_budget_bytes(1 GiB)`), and, one after the other:
 
-1. three warm calls, then its idle resident memory (VmRSS) for a few seconds: the baseline;
+1. three warm calls, then its idle resident memory for a few seconds: the baseline. Memory
+   is VmRSS summed over the server's processes (it and its run process);
 2. the burst: `--calls` concurrent calls over `--channels` grpc.aio channels (one TCP
    connection each), every one sent at once; VmRSS is sampled every 50 ms and VmHWM read at
    the end. Every call must end OK (with the right answer) or UNAVAILABLE naming the limit
@@ -72,7 +73,7 @@ from bench.overload_traffic import (
     predict_stubs,
 )
 from harness import ServerProcess, newest_version, pick_model
-from harness.process import proc_status_kib
+from harness.process import tree_status_kib
 from serving.config import MiB
 from serving.memory import GiB, default_inflight_budget_bytes
 
@@ -188,7 +189,7 @@ class Report:
             ("server budget (--max-inflight-mb)", fmt_mib(self.budget_bytes)),
             ("idle RSS before the burst", fmt_mib(m.idle_before)),
             (
-                "peak RSS: VmHWM / highest 50 ms sample",
+                "peak RSS: sum of VmHWM / highest 50 ms sample",
                 f"{fmt_mib(m.vmhwm)} / {fmt_mib(m.peak_sampled)}",
             ),
             (
@@ -270,7 +271,7 @@ async def measure(
                 progress=progress,
             )
         b.cpu_s = cpu
-        vmhwm = (proc_status_kib(pid, "VmHWM") or 0) * 1024
+        vmhwm = tree_status_kib(pid, "VmHWM") * 1024
         peak_sampled = max(sampler.between(t_burst) or [0])
 
         async with predict_stubs(target, 1) as stubs:

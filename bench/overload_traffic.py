@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from harness.process import cpu_seconds, proc_status_kib
+from harness.process import tree_cpu_seconds, tree_status_kib
 from serving.config import MiB
 from serving.grpc.cnnserve_messages import encode_tensor
 from serving.pb.cnnserve.v1 import cnnserve_pb2 as pb
@@ -35,18 +35,20 @@ Code = grpc.StatusCode
 
 @contextlib.contextmanager
 def cpu_used(pid: int, into: dict[str, float]) -> Iterator[None]:
-    """CPU seconds the server (`pid`) and this client process spend inside the `with`."""
-    server, client = cpu_seconds(pid), sum(os.times()[:2])
+    """CPU seconds the server (`pid` and its run process or workers) and this client process
+    spend inside the `with`."""
+    server, client = tree_cpu_seconds(pid), sum(os.times()[:2])
     try:
         yield
     finally:
-        into["server"] = round(cpu_seconds(pid) - server, 2)
+        into["server"] = round(tree_cpu_seconds(pid) - server, 2)
         into["client"] = round(sum(os.times()[:2]) - client, 2)
 
 
 class RssSampler:
-    """VmRSS of a process every `interval_s`, from a thread of its own (the client's event loop
-    may be too busy to keep time during a burst)."""
+    """VmRSS of a process and its descendants (the server and its run process) every
+    `interval_s`, from a thread of its own (the client's event loop may be too busy to keep
+    time during a burst)."""
 
     def __init__(self, pid: int, interval_s: float = 0.05) -> None:
         self.pid = pid
@@ -57,8 +59,8 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            kib = proc_status_kib(self.pid, "VmRSS")
-            if kib is not None:
+            kib = tree_status_kib(self.pid, "VmRSS")
+            if kib:
                 self.samples.append((time.monotonic(), kib * 1024))
             self._stop.wait(self.interval_s)
 

@@ -21,7 +21,7 @@ core by default) that runs one single-threaded ONNX Runtime session over every r
 LD_LIBRARY_PATH and its site-packages (numpy, onnxruntime) in PYTHONPATH.
 
 Server CPU is counted over the process tree (Triton and its stubs): utime + stime of each
-process, from psutil when it is installed, else /proc/<pid>/stat.
+process, from /proc/<pid>/stat (harness.process, as for cnnserve).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from harness import NoModel, free_port, newest_version, scrape
-from harness.process import cpu_seconds, proc_status_kib, process_tree
+from harness.process import process_tree, tree_cpu_seconds, tree_status_kib
 
 PYTRITON_VERSION = "0.7.0"
 PYTHON = sys.executable
@@ -375,24 +375,6 @@ def write_repository(
 # ================================================================================== server
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and its descendants (every thread), in seconds."""
-    try:
-        import psutil  # type: ignore[import-untyped, import-not-found, unused-ignore]
-    except ImportError:
-        psutil = None
-    total = 0.0
-    if psutil is not None:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-        return total
-    return sum(cpu_seconds(each) for each in process_tree(pid))
-
-
 @dataclass
 class TritonServer:
     """tritonserver over a model repository, on free loopback ports."""
@@ -517,7 +499,7 @@ class TritonServer:
 
     def memory_mb(self, key: str = "VmRSS") -> float:
         """VmRSS (or another /proc/<pid>/status figure) of Triton and its stubs, summed."""
-        return sum(proc_status_kib(pid, key) or 0 for pid in process_tree(self.pid)) / 1024
+        return tree_status_kib(self.pid, key) / 1024
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL to the whole process group after `timeout` seconds."""

@@ -74,6 +74,18 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its descendants (every thread), in seconds."""
+    return sum(cpu_seconds(each) for each in process_tree(pid))
+
+
+def tree_status_kib(pid: int, key: str = "VmRSS") -> int:
+    """A /proc/<pid>/status figure summed over `pid` and its descendants (the server and its
+    run process or workers); 0 once they are gone. For VmHWM the sum is an upper bound on the
+    tree's peak: each process's own peak, not necessarily at the same moment."""
+    return sum(proc_status_kib(each, key) or 0 for each in process_tree(pid))
+
+
 class Child:
     """A child process writing to a log file, measured through /proc with its descendants."""
 
@@ -106,11 +118,11 @@ class Child:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the process and its descendants (every thread), in seconds."""
-        return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
+        return tree_cpu_seconds(self.pid)
 
     def memory_mb(self, key: str = "VmRSS") -> float:
         """VmRSS (or another /proc/<pid>/status figure) of the process and its descendants."""
-        total = sum(proc_status_kib(pid, key) or 0 for pid in process_tree(self.pid))
+        total = tree_status_kib(self.pid, key)
         return total / 1024 if total else float("nan")
 
     def check_alive(self) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -105,9 +106,26 @@ def configure_malloc() -> None:
         log.warning("mallopt(M_ARENA_MAX, %d) failed", ARENAS)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), 0 where /proc cannot tell."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def trim() -> bool:
     """Give glibc's free heap memory back to the system (`malloc_trim(0)`); True when it ran
-    (on glibc), False elsewhere. Can take milliseconds on a large heap: not on the event loop."""
+    (on glibc), False elsewhere. Can take milliseconds on a large heap: not on the event loop.
+
+    A full garbage collection first: a call that ended in an exception (every refusal does)
+    leaves its frames, and with them its request's bytes, in a reference cycle that only the
+    cyclic collector frees, and the oldest generation is collected rarely. Until then the
+    heap under them cannot be given back."""
+    freed = gc.collect()
+    if freed:
+        log.debug("the collector freed %d objects held in reference cycles", freed)
     libc = _glibc()
     if libc is None:
         return False
@@ -171,11 +189,17 @@ class IdleTrimmer:
         self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
+        before = resident_bytes()
         try:
             await asyncio.to_thread(self._trim)
         except Exception:
             log.exception("malloc_trim failed")
         self.trims += 1
+        log.debug(
+            "quiet after a burst: heap trimmed, resident %.0f -> %.0f MiB",
+            before / MiB,
+            resident_bytes() / MiB,
+        )
 
     async def close(self) -> None:
         """Cancel a pending trim and wait for one that is running."""

@@ -63,23 +63,43 @@ class Ticket:
     """Bytes held for one admitted request (or reserved for one not yet read), given back once
     (on exit of the `with`, or `release`)."""
 
-    __slots__ = ("_admission", "key", "nbytes")
+    __slots__ = ("_admission", "_blocked", "key", "nbytes")
 
-    def __init__(self, admission: Admission, nbytes: int, key: str = "") -> None:
+    def __init__(
+        self, admission: Admission, nbytes: int, key: str = "", blocked: _Blocked | None = None
+    ) -> None:
         self._admission = admission
         self.nbytes = nbytes
         self.key = key  # what the reservation was for (its method); "" for an admission
+        self._blocked = blocked  # the blocked queue that counts this reservation's images
 
     def release(self) -> None:
         if self.nbytes:
             self._admission._release(self.nbytes)
             self.nbytes = 0
+        if self._blocked is not None:
+            self._admission._unpromise(self.key, self._blocked)
+            self._blocked = None
 
     def __enter__(self) -> Ticket:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class _Blocked:
+    """A method whose last call was refused for its model's full queue: that model, its queue,
+    the call's images, and the images of the reservations let through since, not yet
+    admitted (each expected to be as large): what the queue will hold once they are."""
+
+    __slots__ = ("images", "model", "promised", "queue")
+
+    def __init__(self, model: str, queue: Queue, images: int) -> None:
+        self.model = model
+        self.queue = queue
+        self.images = images
+        self.promised = 0
 
 
 class Admission:
@@ -99,8 +119,8 @@ class Admission:
         self.held_bytes = 0
         self.admitted = 0  # requests (and reservations) holding a ticket now
         self._expected: dict[str, float] = {}  # method -> moving average of real costs
-        # method -> (model, its queue, images) of its last call refused for a full queue
-        self._blocked: dict[str, tuple[str, Queue, int]] = {}
+        # method -> its last call refused for a full queue, while that queue is refilling
+        self._blocked: dict[str, _Blocked] = {}
         self._on_reject = on_reject  # (model, reason)
         self._on_change = on_change  # held bytes, after each change
 
@@ -109,18 +129,29 @@ class Admission:
         read (`at_least`: what its declared size says it will cost, over HTTP where the body's
         length is known first), or raise `Unavailable` (the caller refuses the call unread):
         when the budget is taken, or when the last call of this method was refused for its
-        model's full queue and that queue has not drained since (reading more such calls would only be to refuse them)."""
+        model's full queue and that queue has no room yet for one more such call, counting the
+        calls already let through to fill it (reading more would only be to refuse them: under
+        overload many calls arrive while the queue has room for one)."""
         blocked = self._blocked.get(key)
         if blocked is not None:
-            model, queue, images = blocked
-            if self._overflows(queue.queued_images, images):
-                self._refuse_queue(model, queue.queued_images, images)
-            del self._blocked[key]
+            ahead = blocked.queue.queued_images + blocked.promised
+            if ahead and ahead + blocked.images > self.max_queue_images:
+                self._refuse_queue(blocked.model, ahead, blocked.images)
         nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES, at_least)
         if self._over_budget(nbytes):
             self._refuse_memory(UNREAD, "")
         self._hold(nbytes)
-        return Ticket(self, nbytes, key)
+        if blocked is not None:
+            blocked.promised += blocked.images
+        return Ticket(self, nbytes, key, blocked)
+
+    def _unpromise(self, key: str, blocked: _Blocked) -> None:
+        """A reservation let through a blocked queue was admitted or ended: once none is
+        pending, the method is no longer blocked (its next refusal, after reading, blocks it
+        again), so that it never stays judged by one model's queue for long."""
+        blocked.promised -= blocked.images
+        if blocked.promised <= 0 and self._blocked.get(key) is blocked:
+            del self._blocked[key]
 
     def _overflows(self, queued: int, images: int) -> bool:
         """Whether `images` more would pass the queue bound. A request larger than the bound
@@ -162,7 +193,7 @@ class Admission:
             )
         if queue is not None and self._overflows(queue.queued_images, images):
             if reservation is not None:  # its method's next calls are refused unread for now
-                self._blocked[reservation.key] = (model, queue, images)
+                self._blocked[reservation.key] = _Blocked(model, queue, images)
             self._refuse_queue(model, queue.queued_images, images)
         if self._over_budget(nbytes):
             self._refuse_memory(model, f"this request needs {nbytes / MiB:.1f} MiB and ")

@@ -382,6 +382,7 @@ class Guard(grpc.GenericRpcHandler):
             if type(request) is Undecodable:
                 await refuse(context, request)
             if self.draining:
+                del request  # (see the abort below)
                 await refuse_draining(context)
             self.active += 1
             call = Call()
@@ -391,22 +392,30 @@ class Guard(grpc.GenericRpcHandler):
                 inflight.inc()
             counted = False
             try:
-                return await handler(request, context, call)
-            except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                code, message = failure(exc, method, call.model)
-                # Counted before the status leaves: whoever reads /metrics after the answer
-                # finds the call there.
+                try:
+                    return await handler(request, context, call)
+                except asyncio.CancelledError:
+                    remaining = context.time_remaining()
+                    expired = remaining is not None and remaining <= 0
+                    code = (
+                        grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                    )
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    code, message = failure(exc, method, call.model)
+                # grpc.aio keeps an abort's exception in a reference cycle with the frames it
+                # passed, freed only by the cyclic collector: the abort is raised outside the
+                # except block (inside it, it would carry the handler's exception and its
+                # frames as context) and this frame lets go of the request first, so that no
+                # request's bytes wait for the collector. Counted before the status leaves:
+                # whoever reads /metrics after the answer finds the call there.
+                del request
                 counted = True
                 self._count_call(inflight, call, method, code, started)
                 await context.abort(code, message)
-                raise  # unreachable: abort raises
+                raise AssertionError("unreachable: abort raises")
             finally:
                 if not counted:
                     self._count_call(inflight, call, method, code, started)

@@ -131,3 +131,30 @@ def test_after_a_full_queue_calls_are_refused_unread_until_it_drains() -> None:
     queue.queued_images = 990
     a.reserve("Predict").release()  # no longer blocked: the next refusal is after reading again
     a.reserve("Classify").release()  # other methods were never blocked
+
+
+def test_a_refilling_queue_lets_through_only_the_calls_it_has_room_for() -> None:
+    """Under overload many calls arrive while a blocked queue has room for a few: only as many
+    as fit are read; the rest are refused unread, not read and then refused."""
+    a, rejected = admission(queue=1000)
+    queue = Queue(990)
+
+    def call() -> None:
+        RESERVATION.set(a.reserve("Predict"))
+        a.admit("m", queue, 100, MiB).release()
+
+    with pytest.raises(Unavailable):
+        in_call(call)  # blocks the method
+    queue.queued_images = 800  # room for two more calls of 100
+    let_through = [a.reserve("Predict"), a.reserve("Predict")]
+    with pytest.raises(Unavailable, match=r"'m' has 1,000 images queued; 100 more"):
+        a.reserve("Predict")  # 800 queued and 200 on their way: unread
+    assert rejected == [("m", "queue"), ("m", "queue")]
+    let_through[0].release()  # admitted (its rows go into the queue) or ended
+    queue.queued_images = 900
+    with pytest.raises(Unavailable, match="1,000 images queued"):
+        a.reserve("Predict")
+    let_through[1].release()
+    queue.queued_images = 1000
+    a.reserve("Predict").release()  # none pending: no longer blocked, the next is read
+    assert a.held_bytes == 0 and a.admitted == 0
