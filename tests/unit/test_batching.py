@@ -180,6 +180,36 @@ async def test_inline_runs_stay_on_the_loop_thread_and_coalesce() -> None:
     assert threads == [threading.current_thread().name]
 
 
+async def test_a_lone_request_on_an_idle_loop_runs_in_its_own_call() -> None:
+    """Nothing else ready on the loop and nothing queued: no request can join the run, so it
+    runs in `submit` itself, without suspending the caller; with other work ready on the loop
+    (here a second caller's task), requests still queue and coalesce."""
+    threads: list[str] = []
+    sizes: list[int] = []
+    observed: list[tuple[int, list[float]]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+        batcher = Batcher(
+            _recording_run(threads, sizes),
+            pool,
+            max_batch_size=8,
+            inline=True,
+            observer=lambda n, waits, s: observed.append((n, waits)),
+        )
+        await asyncio.sleep(0)  # let the test's own start-up callbacks run
+        coro = batcher.submit(np.full((1, 3), 3, np.float32))
+        with pytest.raises(StopIteration) as ran:
+            coro.send(None)  # completes at once: it never waited on a future
+        assert ran.value.value.tolist() == [[6.0]]
+        assert sizes == [1] and observed == [(1, [0.0])]
+        outs = await asyncio.gather(
+            *(batcher.submit(np.ones((1, 3), np.float32)) for _ in range(3))
+        )
+        await batcher.close()
+    assert [o.tolist() for o in outs] == [[[2.0]]] * 3
+    assert sizes == [1, 3]  # the three queued together: one run
+    assert set(threads) == {threading.current_thread().name}
+
+
 async def test_several_runs_go_at_once_and_share_the_queue() -> None:
     """max_runs=2: two batches are in the executor together (a barrier of two parties
     only opens then: with one run at a time it would time out), and what is queued while
