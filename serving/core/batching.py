@@ -9,7 +9,9 @@ any machine and for any model size:
   over all of them; a request is cut wherever a share ends (rows of this kind of model do not
   depend on each other), and its caller is answered when its last rows are back;
 - requests that arrive while every run is busy queue up and form the next, larger runs: batches
-  grow with load and cost no waiting when idle (unless `max_delay_s` asks to wait for them);
+  grow with load and cost no waiting when idle (unless `max_delay_s` asks to wait for them); a
+  lone request on an idle batcher, with nothing else ready on the loop, runs in its own call
+  when it would run inline anyway: no other request could join it;
 - a run goes to a worker thread, so that the event loop goes on reading and answering calls
   while ONNX Runtime computes (it releases the GIL), unless it is cheaper than the hand-off to a
   worker (a thread's wake-up, the GIL passed back and forth, the loop's wake-up): then it runs
