@@ -105,9 +105,11 @@ from bench.report import (
     Point,
     Report,
     add_ratios,
+    cpu_times,
     loadavg,
     ordered,
     plot,
+    stolen_share,
     write_csv,
     write_report,
 )
@@ -115,6 +117,10 @@ from harness import ROOT, Child, NoModel, ProcessFailed, free_port, newest_versi
 from serving import config
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
+
+# Above this share of stolen CPU time a run is published with a warning (bench/PROFILE.md,
+# round 6: 15-32 % under load cut the parsing echo's rate by more than half).
+STEAL_WARNING = 0.05
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,6 +375,7 @@ def run(argv: Sequence[str] | None) -> int:
         },
         loadavg_start=loadavg(),
     )  # fmt: skip
+    cpu_start = cpu_times()
     logs = runner.logs
     print(f"model {model} ({model_path}); results in {out}; load average {loadavg()}", flush=True)
 
@@ -682,6 +689,15 @@ def run(argv: Sequence[str] | None) -> int:
                                                 name="in-process int8 1t"))  # fmt: skip
 
     report.loadavg_end = loadavg()
+    report.stolen = stolen_share(cpu_start, cpu_times())
+    if report.stolen > STEAL_WARNING:
+        warning = (
+            f"{report.stolen:.0%} of the CPU time during the run was stolen by the hypervisor: "
+            "the figures are lower than this machine's own, and not by the same amount for "
+            "every server; take it again on a quiet host before comparing with other runs"
+        )
+        print(f"warning: {warning}", flush=True)
+        report.notes.append(warning)
     report.notes.append(
         f"the whole benchmark took {time.perf_counter() - bench_started:.0f} s "
         f"({args.duration} s per point)"

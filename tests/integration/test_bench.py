@@ -17,6 +17,7 @@ import pytest
 from bench import echo_server, loadgen
 from bench.loadgen import BenchError, RestAnswer, setup_perf_analyzer, start_echo
 from bench.measure import Runner
+from bench.report import cpu_times, stolen_share
 from harness import PYTHON, ROOT, free_port, write_tiny_model
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
@@ -96,8 +97,17 @@ def test_bench_smoke_writes_csv_table_and_plot(
     report = (out / "report.md").read_text()
     assert "| target | load gen. | batch |" in report and "## Targets" in report
     assert "start-up to SERVING" in report and "VmRSS" in report
+    assert "CPU time stolen by the hypervisor during the run: " in report
     assert "## REST (KServe v2 over HTTP/1.1)" in report and "| rest | h2load --h1 | 1 |" in report
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_stolen_share_is_steal_over_all_cpu_time() -> None:
+    before = [100, 0, 50, 800, 0, 0, 10, 40]
+    after = [200, 0, 100, 900, 0, 0, 20, 120]  # 340 ticks, 80 of them stolen
+    assert stolen_share(before, after) == pytest.approx(80 / 340)
+    assert stolen_share(before, before) == 0.0
+    assert len(cpu_times()) == 8
 
 
 def test_echo_copies_the_request_id_into_each_stream_answer() -> None:
