@@ -73,7 +73,7 @@ from bench.overload_traffic import (
     predict_stubs,
 )
 from harness import ServerProcess, newest_version, pick_model
-from harness.process import tree_status_kib
+from harness.process import cpu_times, stolen_share, tree_status_kib
 from serving.config import MiB
 from serving.memory import GiB, default_inflight_budget_bytes
 
@@ -396,10 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     started = datetime.datetime.now(datetime.UTC)
+    cpu_start = cpu_times()
     log_path = args.out / "overload-server.log"
     with ServerProcess(args.models, server_args, env=env, log_path=log_path) as proc:
         report = asyncio.run(measure(args, proc, work, budget))
         exit_code = proc.stop()
+    stolen = stolen_share(cpu_start, cpu_times())
     command = " ".join(["bench/overload.py", *(sys.argv[1:] if argv is None else argv)])
     targets = report.targets()
     passed = all(targets.values())
@@ -407,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "when": started.isoformat(timespec="seconds"),
         "command": command,
         "machine": machine(),
+        "cpu_time_stolen": round(stolen, 3),
         "model": str(model_file),
         "server_args": server_args,
         "server_env": env,
@@ -434,8 +437,9 @@ def publish(
 
 `make overload` (`.venv/bin/python {data["command"]}`), {data["when"]}: {m["cpu"]},
 {m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, Python {m["python"]}, grpcio
-{m["grpcio"]}; load average {m["load_average_at_start"]} at the start (a shared
-machine: figures move from run to run). The client runs on the same cores as the server.
+{m["grpcio"]}; load average {m["load_average_at_start"]} at the start; CPU time stolen by the
+hypervisor during the run {data["cpu_time_stolen"]:.1%} (/proc/stat; a shared machine: figures move
+from run to run). The client runs on the same cores as the server.
 
 Server: `{envs + " " if envs else ""}python -m serving {" ".join(server_args)}`; its
 `--max-inflight-mb` is `serving.memory.default_inflight_budget_bytes(1 GiB)`, the default

@@ -85,21 +85,6 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def cpu_times() -> list[int]:
-    """The machine's CPU time counters, /proc/stat's first line: user, nice, system, idle,
-    iowait, irq, softirq, steal (then guest time, already counted in user)."""
-    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-
-
-def stolen_share(before: list[int], after: list[int]) -> float:
-    """Of the CPU time between two `cpu_times` readings, the share that was steal: time this
-    virtual machine's CPUs wanted to run and the hypervisor ran another guest instead. Above a
-    few percent, a run measures the neighbours as much as the servers."""
-    deltas = [b - a for a, b in zip(before, after, strict=True)]
-    total = sum(deltas)
-    return deltas[7] / total if total > 0 and len(deltas) == 8 else 0.0
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else math.nan
 

@@ -105,15 +105,14 @@ from bench.report import (
     Point,
     Report,
     add_ratios,
-    cpu_times,
     loadavg,
     ordered,
     plot,
-    stolen_share,
     write_csv,
     write_report,
 )
 from harness import ROOT, Child, NoModel, ProcessFailed, free_port, newest_version, pick_model
+from harness.process import cpu_times, stolen_share
 from serving import config
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.inference import grpc_predict_v2_pb2 as v2

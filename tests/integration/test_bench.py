@@ -17,8 +17,8 @@ import pytest
 from bench import echo_server, loadgen
 from bench.loadgen import BenchError, RestAnswer, setup_perf_analyzer, start_echo
 from bench.measure import Runner
-from bench.report import cpu_times, stolen_share
 from harness import PYTHON, ROOT, free_port, write_tiny_model
+from harness.process import cpu_times, stolen_share
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
 pytestmark = pytest.mark.slow
