@@ -135,7 +135,7 @@ class Admission:
         blocked = self._blocked.get(key)
         if blocked is not None:
             ahead = blocked.queue.queued_images + blocked.promised
-            if ahead and ahead + blocked.images > self.max_queue_images:
+            if self._overflows(ahead, blocked.images):
                 self._refuse_queue(blocked.model, ahead, blocked.images)
         nbytes = max(int(self._expected.get(key, 0)), PER_CALL_BYTES, at_least)
         if self._over_budget(nbytes):
