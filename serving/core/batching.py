@@ -10,8 +10,10 @@ any machine and for any model size:
   depend on each other), and its caller is answered when its last rows are back;
 - requests that arrive while every run is busy queue up and form the next, larger runs: batches
   grow with load and cost no waiting when idle (unless `max_delay_s` asks to wait for them); a
-  lone request on an idle batcher, with nothing else ready on the loop, runs in its own call
-  when it would run inline anyway: no other request could join it;
+  lone request on an idle batcher runs in its own call when it would run inline anyway and no
+  other request is expected to join it: nothing else is ready on the loop, or `Joins` has seen
+  that requests held back for a turn of a busy loop are almost never joined (unary calls:
+  gRPC reads them one loop turn apart) while they are on streams (read in the same turn);
 - a run goes to a worker thread, so that the event loop goes on reading and answering calls
   while ONNX Runtime computes (it releases the GIL), unless it is cheaper than the hand-off to a
   worker (a thread's wake-up, the GIL passed back and forth, the loop's wake-up): then it runs
@@ -22,7 +24,7 @@ any machine and for any model size:
   calls in). With a single core every run is inline (a worker could only take turns with the
   loop).
 
-`decide` and `RunCosts` hold the rule, as pure code unit-tested on its decisions.
+`decide`, `RunCosts` and `Joins` hold the rule, as pure code unit-tested on its decisions.
 Knows nothing of gRPC.
 """
 
@@ -137,6 +139,35 @@ class RunCosts:
         return True
 
 
+class Joins:
+    """Whether a lone request on a busy loop is worth holding back for one turn: how often, of
+    late, such a request was joined by another before its run started (a moving average of
+    0 or 1). Holding back costs a future, a scheduled dispatch and the caller's wake-up; it pays
+    only when the ready callbacks are other requests on their way to the queue. Below `MIN`,
+    lone requests run at once, except every `PROBE`-th, held back to follow the load."""
+
+    ALPHA = 0.1
+    MIN = 0.1
+    PROBE = 16
+
+    def __init__(self) -> None:
+        self.rate = 1.0  # held back until measured
+        self._skipped = 0
+
+    def observe(self, joined: bool) -> None:
+        self.rate += self.ALPHA * (float(joined) - self.rate)
+
+    def hold(self) -> bool:
+        """Whether the next lone request on a busy loop waits a turn for company."""
+        if self.rate >= self.MIN:
+            return True
+        self._skipped += 1
+        if self._skipped >= self.PROBE:
+            self._skipped = 0
+            return True
+        return False
+
+
 class _Pending:
     """One request: its rows, how many of them have gone into runs, and where answers land."""
 
@@ -183,6 +214,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_runs = max(1, max_runs)
         self.costs = RunCosts()
+        self.joins = Joins()
+        self._held = False  # the scheduled dispatch started from a lone request held back
         self._inline: Callable[[int], bool] = (lambda n: True) if inline else self.costs.inline
         self._observer = observer
         self._queue: deque[_Pending] = deque()
@@ -208,11 +241,12 @@ class Batcher:
             not self._queue
             and not self._running
             and not self.max_delay_s
-            and not loop_has_work(loop)
             and len(x) <= self.max_batch_size
             and self._inline(len(x))
         ):
-            return self._run_now(x)
+            if not loop_has_work(loop) or not self.joins.hold():
+                return self._run_now(x)
+            self._held = True
         future: asyncio.Future[F32] = loop.create_future()
         self._queue.append(_Pending(x, future, time.perf_counter()))
         self.queued_images += len(x)
@@ -225,9 +259,9 @@ class Batcher:
         return await future
 
     def _run_now(self, x: F32) -> F32:
-        """A lone request on an idle batcher, with nothing else ready to run on the loop: no
-        request can join its run (one that arrives now is read on a later turn, after the
-        run `_dispatch` would start), so it runs here, as `_dispatch` would run it inline,
+        """A lone request on an idle batcher that no other is expected to join (with nothing
+        else ready on the loop, none can: one that arrives now is read on a later turn, after
+        the run `_dispatch` would start): it runs here, as `_dispatch` would run it inline,
         without a future, a scheduled dispatch and the caller's wake-up."""
         started = time.perf_counter()
         y = self._run(x)  # an exception is the caller's, as from a failed run of its rows alone
@@ -286,6 +320,9 @@ class Batcher:
         loop = self._loop
         if self._closed or loop is None:
             return
+        if self._held:
+            self._held = False
+            self.joins.observe(len(self._queue) > 1)
         while True:
             decision = decide(
                 self.queued_images,

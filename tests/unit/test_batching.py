@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.core.batching import Batcher, Decision, RunCosts, decide, run_unbatched
+from serving.core.batching import Batcher, Decision, Joins, RunCosts, decide, run_unbatched
 
 
 def _recording_run(threads: list[str], sizes: list[int]):  # type: ignore[no-untyped-def]
@@ -208,6 +208,51 @@ async def test_a_lone_request_on_an_idle_loop_runs_in_its_own_call() -> None:
     assert [o.tolist() for o in outs] == [[[2.0]]] * 3
     assert sizes == [1, 3]  # the three queued together: one run
     assert set(threads) == {threading.current_thread().name}
+
+
+def test_joins_hold_lone_requests_back_only_while_they_get_company() -> None:
+    """Held back until measured; once held-back requests go unjoined, lone requests run at
+    once but every PROBE-th, which keeps measuring; joins seen again bring the holding back."""
+    joins = Joins()
+    assert joins.hold()
+    for _ in range(40):
+        joins.observe(False)
+    assert joins.rate < Joins.MIN
+    holds = [joins.hold() for _ in range(2 * Joins.PROBE)]
+    assert holds.count(True) == 2 and holds[Joins.PROBE - 1] and holds[-1]
+    joins.observe(True)
+    assert joins.hold()
+
+
+async def test_a_lone_request_on_a_busy_loop_runs_at_once_when_none_would_join_it() -> None:
+    """Other callbacks ready on the loop: a lone request is held back a turn for company, and
+    its dispatch tells `Joins` whether any came. Unary-like traffic (requests one turn apart)
+    teaches it that none come, and lone requests then run in `submit`; requests that arrive
+    together (as a stream's) are still queued and run as one batch."""
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+        batcher = Batcher(_recording_run([], sizes), pool, max_batch_size=8, inline=True)
+        loop = asyncio.get_running_loop()
+        for _ in range(40):  # one request a turn, with an unrelated callback ready beside it
+            loop.call_soon(lambda: None)
+            await batcher.submit(np.ones((1, 3), np.float32))
+        assert batcher.joins.rate < Joins.MIN and sizes == [1] * 40
+        loop.call_soon(lambda: None)
+        coro = batcher.submit(np.full((1, 3), 5, np.float32))
+        with pytest.raises(StopIteration) as ran:
+            coro.send(None)  # ran in its own call: it never waited on a future
+        assert ran.value.value.tolist() == [[10.0]]
+        for _ in range(3 * Joins.PROBE):  # bursts: every PROBE-th held back, and joined
+            loop.call_soon(lambda: None)
+            await asyncio.gather(*(batcher.submit(np.ones((1, 3), np.float32)) for _ in "ab"))
+            if batcher.joins.rate >= Joins.MIN:
+                break
+        assert batcher.joins.rate >= Joins.MIN
+        del sizes[:]
+        loop.call_soon(lambda: None)
+        await asyncio.gather(*(batcher.submit(np.ones((1, 3), np.float32)) for _ in "abc"))
+        await batcher.close()
+    assert sizes == [3]
 
 
 async def test_several_runs_go_at_once_and_share_the_queue() -> None:
