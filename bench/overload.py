@@ -73,7 +73,7 @@ from bench.overload_traffic import (
     predict_stubs,
 )
 from harness import ServerProcess, newest_version, pick_model
-from harness.process import cpu_times, stolen_share, tree_status_kib
+from harness.process import STEAL_WARNING, cpu_times, stolen_share, tree_status_kib
 from serving.config import MiB
 from serving.memory import GiB, default_inflight_budget_bytes
 
@@ -368,7 +368,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--env", action="append", default=[], metavar="NAME=VALUE", help="for the server"
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--publish", action="store_true", help="also write bench/OVERLOAD.md")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write bench/OVERLOAD.md (not when more than --max-steal of the CPU time was "
+        "stolen during the run)",
+    )
+    p.add_argument(
+        "--max-steal",
+        type=float,
+        default=STEAL_WARNING,
+        help="the largest share of CPU time stolen by the hypervisor for --publish (default "
+        "%(default)s)",
+    )
     args = p.parse_args(argv)
 
     model = pick_model(args.models, args.model, prefer="fashion")
@@ -423,6 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "overload.json").write_text(json.dumps(data, indent=2) + "\n")
     table = report.table()
     print(f"\n{table}\n\n{'PASS' if passed else 'FAIL'}; wrote {args.out / 'overload.json'}")
+    if args.publish and stolen > args.max_steal:
+        print(
+            f"not published: {stolen:.1%} of the CPU time was stolen by the hypervisor, above "
+            f"--max-steal {args.max_steal:.1%}; the figures stay in {args.out / 'overload.json'}"
+        )
+        return 3
     if args.publish:
         publish(data, table, server_args, env)
     return 0 if passed else 1

@@ -112,14 +112,24 @@ from bench.report import (
     write_report,
 )
 from harness import ROOT, Child, NoModel, ProcessFailed, free_port, newest_version, pick_model
-from harness.process import cpu_times, stolen_share
+from harness.process import STEAL_WARNING, cpu_times, stolen_share
 from serving import config
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
-# Above this share of stolen CPU time a run is published with a warning (bench/PROFILE.md,
-# round 6: 15-32 % under load cut the parsing echo's rate by more than half).
-STEAL_WARNING = 0.05
+
+def publish(out: Path, dest: Path, stolen: float, max_steal: float) -> str:
+    """Copy the run's report.md and report.png into `dest`, unless more than `max_steal` of the
+    CPU time was stolen during it; what was done, in a line."""
+    if stolen > max_steal:
+        return (
+            f"not published: {stolen:.1%} of the CPU time was stolen by the hypervisor, above "
+            f"--max-steal {max_steal:.1%}; the report stays in {out}"
+        )
+    shutil.copy(out / "report.md", dest / "REPORT.md")
+    if (out / "report.png").exists():
+        shutil.copy(out / "report.png", dest / "report.png")
+    return f"published {dest / 'REPORT.md'} and {dest / 'report.png'}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,7 +282,15 @@ def run(argv: Sequence[str] | None) -> int:
     p.add_argument(
         "--publish",
         action="store_true",
-        help="copy report.md and report.png to bench/REPORT.md and bench/report.png",
+        help="copy report.md and report.png to bench/REPORT.md and bench/report.png (not when "
+        "more than --max-steal of the CPU time was stolen during the run)",
+    )
+    p.add_argument(
+        "--max-steal",
+        type=float,
+        default=STEAL_WARNING,
+        help="the largest share of CPU time stolen by the hypervisor for --publish (default "
+        "%(default)s)",
     )
     p.add_argument(
         "--quiet-load",
@@ -714,10 +732,10 @@ def run(argv: Sequence[str] | None) -> int:
     markdown = write_report(report, apis, command, out / "report.md")
     print("\n" + markdown)
     if args.publish:
-        shutil.copy(out / "report.md", BENCH / "REPORT.md")
-        if (out / "report.png").exists():
-            shutil.copy(out / "report.png", BENCH / "report.png")
-        print("published bench/REPORT.md and bench/report.png")
+        done = publish(out, BENCH, report.stolen, args.max_steal)
+        print(done)
+        if done.startswith("not published"):
+            return 3
     return 0
 
 

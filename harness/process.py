@@ -92,6 +92,12 @@ def cpu_times() -> list[int]:
     return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
+# Above this share of stolen CPU time a benchmark run carries a warning and is not published
+# unless asked (bench/PROFILE.md, round 6: 15-32 % under load cut the parsing echo's rate by more
+# than half).
+STEAL_WARNING = 0.05
+
+
 def stolen_share(before: list[int], after: list[int]) -> float:
     """Of the CPU time between two `cpu_times` readings, the share that was steal: time this
     virtual machine's CPUs wanted to run and the hypervisor ran another guest instead. Above a

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import echo_server, loadgen
+from bench import echo_server, loadgen, serving_bench
 from bench.loadgen import BenchError, RestAnswer, setup_perf_analyzer, start_echo
 from bench.measure import Runner
 from harness import PYTHON, ROOT, free_port, write_tiny_model
@@ -100,6 +100,21 @@ def test_bench_smoke_writes_csv_table_and_plot(
     assert "CPU time stolen by the hypervisor during the run: " in report
     assert "## REST (KServe v2 over HTTP/1.1)" in report and "| rest | h2load --h1 | 1 |" in report
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_publish_refuses_a_run_the_hypervisor_took_too_much_of(tmp_path: Path) -> None:
+    out, dest = tmp_path / "results", tmp_path / "bench"
+    out.mkdir()
+    dest.mkdir()
+    (out / "report.md").write_text("# run 6")
+    (out / "report.png").write_bytes(b"png")
+    (dest / "REPORT.md").write_text("# run 5")
+    said = serving_bench.publish(out, dest, stolen=0.213, max_steal=0.05)
+    assert said.startswith("not published: 21.3% ") and "--max-steal 5.0%" in said
+    assert (dest / "REPORT.md").read_text() == "# run 5" and not (dest / "report.png").exists()
+    said = serving_bench.publish(out, dest, stolen=0.031, max_steal=0.05)
+    assert said.startswith("published") and (dest / "REPORT.md").read_text() == "# run 6"
+    assert (dest / "report.png").read_bytes() == b"png"
 
 
 def test_stolen_share_is_steal_over_all_cpu_time() -> None:
