@@ -112,24 +112,21 @@ from bench.report import (
     write_report,
 )
 from harness import ROOT, Child, NoModel, ProcessFailed, free_port, newest_version, pick_model
-from harness.process import STEAL_WARNING, cpu_times, stolen_share
+from harness.process import STEAL_WARNING, cpu_times, stolen_share, too_stolen
 from serving import config
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
 
 
-def publish(out: Path, dest: Path, stolen: float, max_steal: float) -> str:
+def publish(out: Path, dest: Path, stolen: float, max_steal: float) -> tuple[bool, str]:
     """Copy the run's report.md and report.png into `dest`, unless more than `max_steal` of the
-    CPU time was stolen during it; what was done, in a line."""
-    if stolen > max_steal:
-        return (
-            f"not published: {stolen:.1%} of the CPU time was stolen by the hypervisor, above "
-            f"--max-steal {max_steal:.1%}; the report stays in {out}"
-        )
+    CPU time was stolen during it; whether it did, and what was done in a line."""
+    if why := too_stolen(stolen, max_steal):
+        return False, f"not published: {why}; the report stays in {out}"
     shutil.copy(out / "report.md", dest / "REPORT.md")
     if (out / "report.png").exists():
         shutil.copy(out / "report.png", dest / "report.png")
-    return f"published {dest / 'REPORT.md'} and {dest / 'report.png'}"
+    return True, f"published {dest / 'REPORT.md'} and {dest / 'report.png'}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -732,9 +729,9 @@ def run(argv: Sequence[str] | None) -> int:
     markdown = write_report(report, apis, command, out / "report.md")
     print("\n" + markdown)
     if args.publish:
-        done = publish(out, BENCH, report.stolen, args.max_steal)
-        print(done)
-        if done.startswith("not published"):
+        published, said = publish(out, BENCH, report.stolen, args.max_steal)
+        print(said)
+        if not published:
             return 3
     return 0
 

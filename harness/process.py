@@ -98,6 +98,16 @@ def cpu_times() -> list[int]:
 STEAL_WARNING = 0.05
 
 
+def too_stolen(stolen: float, max_steal: float) -> str | None:
+    """Why a run is not to be published (its stolen share above `--max-steal`), or None."""
+    if stolen <= max_steal:
+        return None
+    return (
+        f"{stolen:.1%} of the CPU time was stolen by the hypervisor, above --max-steal "
+        f"{max_steal:.1%}"
+    )
+
+
 def stolen_share(before: list[int], after: list[int]) -> float:
     """Of the CPU time between two `cpu_times` readings, the share that was steal: time this
     virtual machine's CPUs wanted to run and the hypervisor ran another guest instead. Above a

@@ -109,11 +109,11 @@ def test_publish_refuses_a_run_the_hypervisor_took_too_much_of(tmp_path: Path) -
     (out / "report.md").write_text("# run 6")
     (out / "report.png").write_bytes(b"png")
     (dest / "REPORT.md").write_text("# run 5")
-    said = serving_bench.publish(out, dest, stolen=0.213, max_steal=0.05)
-    assert said.startswith("not published: 21.3% ") and "--max-steal 5.0%" in said
+    published, said = serving_bench.publish(out, dest, stolen=0.213, max_steal=0.05)
+    assert not published and said.startswith("not published: 21.3% ") and "5.0%" in said
     assert (dest / "REPORT.md").read_text() == "# run 5" and not (dest / "report.png").exists()
-    said = serving_bench.publish(out, dest, stolen=0.031, max_steal=0.05)
-    assert said.startswith("published") and (dest / "REPORT.md").read_text() == "# run 6"
+    published, said = serving_bench.publish(out, dest, stolen=0.031, max_steal=0.05)
+    assert published and (dest / "REPORT.md").read_text() == "# run 6"
     assert (dest / "report.png").read_bytes() == b"png"
 
 
