@@ -73,7 +73,13 @@ from bench.overload_traffic import (
     predict_stubs,
 )
 from harness import ServerProcess, newest_version, pick_model
-from harness.process import STEAL_WARNING, cpu_times, stolen_share, too_stolen, tree_status_kib
+from harness.process import (
+    add_max_steal,
+    cpu_times,
+    stolen_share,
+    too_stolen,
+    tree_status_kib,
+)
 from serving.config import MiB
 from serving.memory import GiB, default_inflight_budget_bytes
 
@@ -374,13 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write bench/OVERLOAD.md (not when more than --max-steal of the CPU time was "
         "stolen during the run)",
     )
-    p.add_argument(
-        "--max-steal",
-        type=float,
-        default=STEAL_WARNING,
-        help="the largest share of CPU time stolen by the hypervisor for --publish (default "
-        "%(default)s)",
-    )
+    add_max_steal(p)
     args = p.parse_args(argv)
 
     model = pick_model(args.models, args.model, prefer="fashion")

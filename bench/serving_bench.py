@@ -112,7 +112,7 @@ from bench.report import (
     write_report,
 )
 from harness import ROOT, Child, NoModel, ProcessFailed, free_port, newest_version, pick_model
-from harness.process import STEAL_WARNING, cpu_times, stolen_share, too_stolen
+from harness.process import STEAL_WARNING, add_max_steal, cpu_times, stolen_share, too_stolen
 from serving import config
 from serving.core.runtime import ModelRuntime, RuntimeOptions
 from serving.pb.inference import grpc_predict_v2_pb2 as v2
@@ -282,13 +282,7 @@ def run(argv: Sequence[str] | None) -> int:
         help="copy report.md and report.png to bench/REPORT.md and bench/report.png (not when "
         "more than --max-steal of the CPU time was stolen during the run)",
     )
-    p.add_argument(
-        "--max-steal",
-        type=float,
-        default=STEAL_WARNING,
-        help="the largest share of CPU time stolen by the hypervisor for --publish (default "
-        "%(default)s)",
-    )
+    add_max_steal(p)
     p.add_argument(
         "--quiet-load",
         type=float,

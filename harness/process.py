@@ -6,6 +6,7 @@ through `Child`, so that a process is logged, measured through /proc and stopped
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -96,6 +97,17 @@ def cpu_times() -> list[int]:
 # unless asked (bench/PROFILE.md, round 6: 15-32 % under load cut the parsing echo's rate by more
 # than half).
 STEAL_WARNING = 0.05
+
+
+def add_max_steal(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's `--max-steal` flag, for its `--publish`."""
+    parser.add_argument(
+        "--max-steal",
+        type=float,
+        default=STEAL_WARNING,
+        help="the largest share of CPU time stolen by the hypervisor for --publish (default "
+        "%(default)s)",
+    )
 
 
 def too_stolen(stolen: float, max_steal: float) -> str | None:
