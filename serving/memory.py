@@ -189,17 +189,19 @@ class IdleTrimmer:
         self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
-        before = resident_bytes()
+        debug = log.isEnabledFor(logging.DEBUG)  # /proc is read only for the debug line
+        before = resident_bytes() if debug else 0
         try:
             await asyncio.to_thread(self._trim)
         except Exception:
             log.exception("malloc_trim failed")
         self.trims += 1
-        log.debug(
-            "quiet after a burst: heap trimmed, resident %.0f -> %.0f MiB",
-            before / MiB,
-            resident_bytes() / MiB,
-        )
+        if debug:
+            log.debug(
+                "quiet after a burst: heap trimmed, resident %.0f -> %.0f MiB",
+                before / MiB,
+                resident_bytes() / MiB,
+            )
 
     async def close(self) -> None:
         """Cancel a pending trim and wait for one that is running."""
