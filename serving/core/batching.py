@@ -103,8 +103,10 @@ class RunCosts:
     (twice the time from `submit` to the run starting in the worker: a thread's wake-up and the
     GIL; the way back is as long, but measured it would include whatever the loop does
     meanwhile, a run of its own included, and feed back on itself). `inline(n)` is True when
-    a run of n is expected to take less than the hand-off. Every `RECHECK`-th run that would go inline goes to a worker instead, so the
-    hand-off's figure follows the load."""
+    a run of n is expected to take less than the hand-off. After every `RECHECK` runs inline,
+    the next goes to a worker, so that the hand-off's figure follows the load: `inline` says no
+    until `handed_off` tells that a run went (the batcher may ask about one request twice: in
+    `submit`, then in `_dispatch`)."""
 
     ALPHA = 0.1  # weight of a new sample: about the last 10-20 runs count
     RECHECK = 32
@@ -113,6 +115,7 @@ class RunCosts:
         self.run_s: dict[int, float] = {}  # size class -> seconds per run
         self.hop_s: float | None = None
         self._inline_streak = 0
+        self._recheck_due = False
 
     @staticmethod
     def size_class(n: int) -> int:
@@ -132,11 +135,18 @@ class RunCosts:
         run = self.run_s.get(self.size_class(n))
         if run is None or self.hop_s is None or run >= self.hop_s:
             return False  # unknown or worth a worker: measure it there
+        if self._recheck_due:
+            return False
         self._inline_streak += 1
         if self._inline_streak >= self.RECHECK:
             self._inline_streak = 0
+            self._recheck_due = True
             return False
         return True
+
+    def handed_off(self) -> None:
+        """A run went to a worker (or the run process): a recheck that was due is done."""
+        self._recheck_due = False
 
 
 class Joins:
@@ -349,6 +359,7 @@ class Batcher:
             # Only a lone run's hand-off measures the hand-off itself: with others in
             # flight it would also measure the wait for a busy loop or core.
             lone = not self._running
+            self.costs.handed_off()
             self._running.append(parts)
             submitted = time.perf_counter() if lone else 0.0
             remote = self.remote

@@ -74,8 +74,30 @@ def test_run_costs_recheck_the_hand_off_now_and_then() -> None:
     costs = RunCosts()
     costs.observe_run(1, 1e-6)
     costs.observe_hop(1.0)
-    choices = [costs.inline(1) for _ in range(RunCosts.RECHECK * 3)]
+    choices = []
+    for _ in range(RunCosts.RECHECK * 3):
+        choices.append(costs.inline(1))
+        if not choices[-1]:
+            assert not costs.inline(1)  # asked again before the run went: still a worker's
+            costs.handed_off()
     assert choices.count(False) == 3
+
+
+async def test_a_due_recheck_survives_the_fast_path_asking_first() -> None:
+    """Lone requests on an idle loop ask the rule in `submit`; the one that draws the recheck
+    is queued, and `_dispatch` asks again: the recheck stays due, so that run goes to a worker
+    and the hand-off is measured again."""
+    threads: list[str] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+        batcher = Batcher(_recording_run(threads, []), pool, max_batch_size=8)
+        batcher.costs.observe_run(1, 1e-6)
+        batcher.costs.observe_hop(1.0)
+        for _ in range(RunCosts.RECHECK + 8):
+            await asyncio.sleep(0)
+            await batcher.submit(np.ones((1, 1), np.float32))
+        await batcher.close()
+    workers = [i for i, t in enumerate(threads) if t.startswith("worker")]
+    assert workers == [RunCosts.RECHECK - 1]
 
 
 async def test_batcher_coalesces_concurrent_requests() -> None:
