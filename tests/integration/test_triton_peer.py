@@ -83,15 +83,28 @@ def test_bench_smoke_puts_triton_beside_ours(tmp_path: Path) -> None:
         pytest.skip("Triton crashed during the run: " + " | ".join(warnings)[-500:])
     with (out / "results.csv").open() as f:
         rows = {(r["target"], int(r["batch"]), int(r["concurrency"])): r for r in csv.DictReader(f)}
+    report = (out / "report.md").read_text()
+    refused: list[str] = []
     for ours, batch, conc in (("v2 pa", 1, 16), ("v2 pa", 32, 4), ("v2 stream", 1, 16),
                               ("rest pa", 1, 16), ("rest pa", 32, 4)):  # fmt: skip
         peer = {"v2 pa": "triton pa", "v2 stream": "triton stream", "rest pa": "triton http"}[ours]
-        assert (peer, batch, conc) in rows, warnings
+        assert (ours, batch, conc) in rows, "\n".join(warnings)
+        if (peer, batch, conc) not in rows:
+            # Triton's Python backend now and then fails a point twice on a loaded machine (a
+            # perf_analyzer error, or a traceback from its own stub). Not ours to fix: what the
+            # bench owes is to go on and say so in the report.
+            assert f"{peer} batch {batch} at {conc} failed twice" in report, "\n".join(warnings)
+            refused.append(f"{peer} b{batch} c{conc}")
+            continue
         mine, theirs = rows[ours, batch, conc], rows[peer, batch, conc]
         assert float(theirs["images_per_s"]) > 0 and float(theirs["server_cpu_us_per_image"]) > 0
         assert float(theirs["mean_batch"]) >= 1, theirs
         ratio = float(mine["images_per_s"]) / float(theirs["images_per_s"])
         assert float(mine["vs_triton"]) == pytest.approx(ratio, rel=1e-3)
-    report = (out / "report.md").read_text()
+    if len(refused) == 5:
+        triton_log = (out / "logs" / "triton.log").read_text(errors="replace")[-2000:]
+        pytest.skip(f"Triton failed every point: {warnings}\n{triton_log}")
     assert "## Against Triton" in report and "Triton 2.51" in report
-    assert "≥ 0.8x Triton's" in report and "| triton pa | perf_analyzer | 1 | 16 |" in report
+    assert "≥ 0.8x Triton's" in report
+    if "triton pa b1 c16" not in refused:
+        assert "| triton pa | perf_analyzer | 1 | 16 |" in report
