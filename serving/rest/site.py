@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,28 @@ from aiohttp.web_protocol import RequestHandler
 from serving.connections import Acceptor, Lease, Share, close_now, listen
 
 log = logging.getLogger(__name__)
+
+# What a TLS connection reads into. asyncio's own buffer is 256 KiB, zeroed when the connection
+# is accepted: above glibc's mmap threshold, so each is fresh pages to fault in, and a flood of
+# half-open handshakes cost the loop 1-3 ms and the process 200-300 KiB for every connection
+# (bench/REST.md). A handshake reads into a page; once it is done, reads take up to 64 KiB
+# (four full TLS records), which still comes from malloc's heap.
+HANDSHAKE_READ_BUFFER = 4 * 1024
+TLS_READ_BUFFER = 64 * 1024
+
+
+class _TLS(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, whose read buffer (`max_size`) starts at a page."""
+
+    max_size = HANDSHAKE_READ_BUFFER
+
+
+def _close(conn: socket.socket, transport: asyncio.Transport | None) -> None:
+    """Close with a reset; the transport (when there is one yet) first lets go of the socket,
+    so that the loop watches no closed descriptor."""
+    if transport is not None:
+        transport.abort()
+    close_now(conn)
 
 
 class HeadTimedHandler(RequestHandler):
@@ -188,23 +211,33 @@ class BudgetedSite(web.BaseSite):
         task = asyncio.current_task()
         assert task is not None
         lease.evict = task.cancel  # from here on, the except clauses below close the socket
-        tls: dict[str, Any] = {}
-        if self._ssl_context is not None:
-            tls = {
-                "ssl": self._ssl_context,
-                "ssl_handshake_timeout": self._head_timeout_s,
-                "ssl_shutdown_timeout": self._head_timeout_s,
-            }
+        transport: asyncio.Transport | None = None
         try:
-            await loop.connect_accepted_socket(lambda: handler, conn, **tls)
+            if self._ssl_context is None:
+                await loop.connect_accepted_socket(lambda: handler, conn)
+                return
+            # What `connect_accepted_socket(ssl=...)` does, with `_TLS` in place of asyncio's.
+            handshake = loop.create_future()
+            tls = _TLS(
+                loop,
+                handler,
+                self._ssl_context,
+                handshake,
+                server_side=True,
+                ssl_handshake_timeout=self._head_timeout_s,  # type: ignore[arg-type]  # a float works
+                ssl_shutdown_timeout=self._head_timeout_s,
+            )
+            transport, _ = await loop.connect_accepted_socket(lambda: tls, conn)
+            await handshake
+            tls.max_size = TLS_READ_BUFFER  # type: ignore[misc]  # read by each get_buffer()
         except (OSError, ssl.SSLError, EOFError, TimeoutError) as exc:
             lease.release()
-            close_now(conn)
+            _close(conn, transport)
             self._on_closed("handshake")
             log.debug("REST connection closed during its TLS handshake: %r", exc)
         except asyncio.CancelledError:  # evicted, or the site stopped
             lease.release()
-            close_now(conn)
+            _close(conn, transport)
             raise
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ import ast
 import datetime
 import http.client
 import ipaddress
+import json
 import os
 import ssl
 import subprocess
@@ -197,6 +198,38 @@ def test_tls_client_with_the_ca_gets_answers(tls_server: ServerProcess, pki: Pki
         assert result.version == 1 and len(result.indices) == 2
         assert client.health() == "SERVING"
     assert "(gRPC, TLS, token auth off)" in tls_server.logs()
+
+
+def test_large_https_bodies_on_one_connection(tls_server: ServerProcess, pki: Pki) -> None:
+    """Requests of hundreds of KiB, one after the other on a kept-alive HTTPS connection (the
+    server reads a handshake into a small buffer, then the bodies into a larger one), answer
+    what gRPC over TLS answers."""
+    images = np.random.default_rng(3).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    with Client(tls_server.target, root_certificates=pki.ca, timeout=30) as client:
+        expected = client.predict("fashion", images).probabilities
+    assert expected is not None
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", tls_server.http_port, context=context)
+    try:
+        conn.request("GET", "/v2/models/fashion")
+        metadata = json.loads(conn.getresponse().read())
+        name = metadata["inputs"][0]["name"]
+        for batch in (64, 1, 64):
+            x = images[:batch]
+            tensor = {"name": name, "datatype": "UINT8", "shape": list(x.shape)}
+            body = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+            assert len(body) > 100_000 or batch == 1
+            conn.request(
+                "POST", "/v2/models/fashion/infer", body, {"Content-Type": "application/json"}
+            )
+            response = conn.getresponse()
+            answer = response.read()
+            assert response.status == 200, answer
+            out = json.loads(answer)["outputs"][0]
+            got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+            np.testing.assert_allclose(got, expected[:batch], atol=1e-5)
+    finally:
+        conn.close()
 
 
 def test_tls_refuses_clients_that_do_not_trust_it(tls_server: ServerProcess, pki: Pki) -> None:
