@@ -191,12 +191,14 @@ def rest_call(
     proc: ServerProcess, ca: Path | None, method: str, path: str, body: bytes | None = None
 ) -> tuple[int, bytes]:
     host, port = "127.0.0.1", proc.http_port
+    # A new connection waits behind the flood's backlog (1-3 s on a quiet 2-core machine, over
+    # 5 s on a loaded one): the floods' own watch bounds it.
     conn: http.client.HTTPConnection
     if ca is None:
-        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn = http.client.HTTPConnection(host, port, timeout=WATCH_S)
     else:
         context = ssl.create_default_context(cafile=str(ca))
-        conn = http.client.HTTPSConnection(host, port, timeout=5, context=context)
+        conn = http.client.HTTPSConnection(host, port, timeout=WATCH_S, context=context)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
