@@ -30,13 +30,13 @@ from serving.connections import Acceptor, Lease, Share, close_now, listen
 
 log = logging.getLogger(__name__)
 
-# What a TLS connection reads into. asyncio's own buffer is 256 KiB, zeroed when the connection
-# is accepted: above glibc's mmap threshold, so each is fresh pages to fault in, and a flood of
-# half-open handshakes cost the loop 1-3 ms and the process 200-300 KiB for every connection
-# (bench/REST.md). A handshake reads into a page; once it is done, reads take up to 64 KiB
-# (four full TLS records), which still comes from malloc's heap.
+# asyncio's TLS protocol zeroes a 256 KiB read buffer for each connection it is handed, before a
+# byte of the handshake is read: above glibc's mmap threshold, so fresh pages every time, which
+# made a flood of half-open handshakes costly in loop time and memory (bench/REST.md). A
+# handshake reads into a page; once it is done, the connection gets asyncio's size back (a
+# smaller one slowed large bodies down).
 HANDSHAKE_READ_BUFFER = 4 * 1024
-TLS_READ_BUFFER = 64 * 1024
+TLS_READ_BUFFER = sslproto.SSLProtocol.max_size
 
 
 class _TLS(sslproto.SSLProtocol):
